@@ -1,0 +1,131 @@
+//! The record a kernel program writes to the ring buffer for every OOM victim.
+
+use crate::layout::LRU_COUNT;
+
+/// How many memory cgroups, from the victim's own up towards the root, a snapshot carries.
+pub const MAX_CGROUP_DEPTH: usize = 8;
+/// Length of the kernfs leaf name kept per cgroup (longer names are truncated).
+pub const CGROUP_NAME_LEN: usize = 64;
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Which program produced the event (`u32` tag, decoded with `TryFrom` in userspace).
+pub mod hook {
+    pub const TP_BTF_MARK_VICTIM: u32 = 1;
+    pub const TRACEPOINT_MARK_VICTIM: u32 = 2;
+}
+
+/// `OomKillEvent::flags` bits.
+pub mod flags {
+    /// The `oom_control` of the kill was captured (fentry/kprobe on `oom_kill_process`).
+    pub const HAS_OOM_CONTROL: u32 = 1 << 0;
+    /// The victim's `task_struct` was found; otherwise the cgroup chain is the triggering
+    /// task's and the victim fields other than the pid are unknown.
+    pub const VICTIM_TASK: u32 = 1 << 1;
+    /// `rss_*` are valid (the victim still had an `mm`).
+    pub const RSS_VALID: u32 = 1 << 2;
+    /// `oom_score_adj` is valid.
+    pub const OOM_SCORE_ADJ_VALID: u32 = 1 << 3;
+    /// `failcnt` of each cgroup is valid (the kernel keeps it).
+    pub const FAILCNT_VALID: u32 = 1 << 4;
+    /// The cgroup chain stopped early because a pointer could not be read.
+    pub const CHAIN_TRUNCATED: u32 = 1 << 5;
+}
+
+/// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the
+/// page size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MemcgSnapshot {
+    /// `css.cgroup->kn->id`: the inode number of the cgroup's directory.
+    pub cgroup_id: u64,
+    pub usage_pages: u64,
+    pub limit_pages: u64,
+    pub watermark_pages: u64,
+    pub failcnt: u64,
+    /// Hierarchical LRU page counts, indexed by [`crate::layout::LRU_INACTIVE_ANON`]...
+    pub lru_pages: [u64; LRU_COUNT],
+    /// Kernfs leaf name, NUL-terminated unless truncated.
+    pub name: [u8; CGROUP_NAME_LEN],
+}
+
+const _: () = assert!(size_of::<MemcgSnapshot>() == 10 * 8 + CGROUP_NAME_LEN);
+
+/// `oom_control::constraint`, `enum oom_constraint`.
+pub mod constraint {
+    pub const NONE: u32 = 0;
+    pub const CPUSET: u32 = 1;
+    pub const MEMORY_POLICY: u32 = 2;
+    pub const MEMCG: u32 = 3;
+}
+
+/// A victim of the OOM killer and its memory cgroups, as read in the kernel at the kill.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OomKillEvent {
+    /// `bpf_ktime_get_boot_ns()` at the kill.
+    pub boot_ns: u64,
+    /// One of [`hook`].
+    pub hook: u32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+    pub victim_pid: u32,
+    pub victim_tgid: u32,
+    pub victim_comm: [u8; TASK_COMM_LEN],
+    pub victim_oom_score_adj: i32,
+    pub _pad0: u32,
+    pub rss_anon_pages: u64,
+    pub rss_file_pages: u64,
+    pub rss_shmem_pages: u64,
+    /// The task that ran the OOM killer (the one whose allocation failed).
+    pub trigger_pid: u32,
+    pub trigger_tgid: u32,
+    pub trigger_comm: [u8; TASK_COMM_LEN],
+    // oom_control, valid with flags::HAS_OOM_CONTROL
+    pub oc_totalpages: u64,
+    pub oc_chosen_points: i64,
+    /// cgroup id of `oc->memcg`, 0 for a global OOM.
+    pub oc_memcg_cgroup_id: u64,
+    pub oc_constraint: u32,
+    pub oc_gfp_mask: u32,
+    pub oc_order: i32,
+    /// How many entries of `cgroups` are filled.
+    pub depth: u32,
+    /// Victim's memory cgroup first, then its ancestors.
+    pub cgroups: [MemcgSnapshot; MAX_CGROUP_DEPTH],
+}
+
+const _: () = assert!(
+    size_of::<OomKillEvent>()
+        == 8 + 4 * 6 + TASK_COMM_LEN + 8 * 3 + 8 + TASK_COMM_LEN + 8 * 3 + 4 * 4
+            + MAX_CGROUP_DEPTH * size_of::<MemcgSnapshot>()
+);
+
+/// What `oom_kill_process` entry records for the `oom:mark_victim` programs that follow it on
+/// the same thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OomContext {
+    pub memcg: u64,
+    pub chosen: u64,
+    pub totalpages: u64,
+    pub chosen_points: i64,
+    pub constraint: u32,
+    pub gfp_mask: u32,
+    pub order: i32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<OomContext>() == 48);
+
+/// Index of each counter in the `COUNTERS` per-CPU array.
+pub mod counter {
+    /// Events dropped because the ring buffer was full.
+    pub const LOST_EVENTS: u32 = 0;
+    /// Kernel reads that failed (a pointer chain broke mid-way).
+    pub const READ_ERRORS: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, integers only, padding explicit, every bit pattern valid.
+unsafe impl aya::Pod for OomContext {}

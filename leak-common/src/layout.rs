@@ -1,0 +1,110 @@
+//! The kernel struct layout, resolved from BTF in userspace and handed to the programs as a
+//! read-only global before load (Rust eBPF has no CO-RE relocations).
+
+/// Number of LRU lists the snapshot carries, in the kernel's `enum lru_list` order.
+pub const LRU_COUNT: usize = 5;
+pub const LRU_INACTIVE_ANON: usize = 0;
+pub const LRU_ACTIVE_ANON: usize = 1;
+pub const LRU_INACTIVE_FILE: usize = 2;
+pub const LRU_ACTIVE_FILE: usize = 3;
+pub const LRU_UNEVICTABLE: usize = 4;
+
+/// How a `struct mem_cgroup` stores its hierarchical page-state counters.
+pub mod stats_scheme {
+    /// `atomic_long_t vmstats[MEMCG_NR_STAT]` directly in `mem_cgroup` (up to 5.12).
+    pub const INLINE_ARRAY: u32 = 1;
+    /// `struct memcg_vmstats vmstats` embedded in `mem_cgroup` (5.13 to 6.0).
+    pub const EMBEDDED_STRUCT: u32 = 2;
+    /// `struct memcg_vmstats *vmstats` (6.1 on).
+    pub const POINTER: u32 = 3;
+}
+
+/// How `mm_struct::rss_stat` is laid out.
+pub mod rss_scheme {
+    /// `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }` (before 6.2).
+    pub const ATOMIC_ARRAY: u32 = 1;
+    /// `struct percpu_counter rss_stat[NR_MM_COUNTERS]` (6.2 on); the shared `count` is read,
+    /// which is exactly what the kernel's own OOM report (`get_mm_counter`) prints.
+    pub const PERCPU_COUNTER_ARRAY: u32 = 2;
+}
+
+/// Byte offsets (and a few facts) about the running kernel's structures.
+///
+/// A value of [`Layout::ABSENT`] means the member does not exist on this kernel and the program
+/// must not read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    // struct task_struct
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub task_mm: u32,
+    pub task_signal: u32,
+    pub task_cgroups: u32,
+    // struct signal_struct
+    pub signal_oom_score_adj: u32,
+    // struct mm_struct
+    pub mm_rss_stat: u32,
+    /// One of [`rss_scheme`].
+    pub rss_scheme: u32,
+    /// Size of one counter in the `rss_stat` array.
+    pub rss_stride: u32,
+    /// Offset of the value inside one counter (0 for `atomic_long_t`, `count` for
+    /// `percpu_counter`).
+    pub rss_value: u32,
+    pub rss_file_index: u32,
+    pub rss_anon_index: u32,
+    pub rss_shmem_index: u32,
+    // struct css_set
+    pub css_set_subsys: u32,
+    /// `memory_cgrp_id` of `enum cgroup_subsys_id`.
+    pub memory_subsys_id: u32,
+    // struct cgroup_subsys_state
+    pub css_cgroup: u32,
+    pub css_parent: u32,
+    // struct cgroup / struct kernfs_node
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+    pub kn_name: u32,
+    // struct mem_cgroup
+    pub memcg_css: u32,
+    pub memcg_memory: u32,
+    /// One of [`stats_scheme`].
+    pub stats_scheme: u32,
+    pub memcg_vmstats: u32,
+    /// Offset of `state[]` inside `struct memcg_vmstats` (0 for [`stats_scheme::INLINE_ARRAY`]).
+    pub vmstats_state: u32,
+    /// Index of each LRU item in the state array, in [`LRU_INACTIVE_ANON`].. order.
+    pub lru_stat_index: [u32; LRU_COUNT],
+    // struct page_counter
+    pub counter_usage: u32,
+    pub counter_max: u32,
+    pub counter_watermark: u32,
+    pub counter_failcnt: u32,
+    // struct oom_control
+    pub oc_memcg: u32,
+    pub oc_chosen: u32,
+    pub oc_chosen_points: u32,
+    pub oc_totalpages: u32,
+    pub oc_constraint: u32,
+    pub oc_gfp_mask: u32,
+    pub oc_order: u32,
+    /// 1 when `oom:mark_victim` passes `struct task_struct *` (6.9+ and backports), 0 when it
+    /// passes `int pid`.
+    pub mark_victim_has_task: u32,
+    /// Offset of `pid` in the classic `oom:mark_victim` trace record (from its `format` file).
+    pub tp_mark_victim_pid: u32,
+    pub _pad: u32,
+}
+
+impl Layout {
+    pub const ABSENT: u32 = u32::MAX;
+}
+
+const _: () = assert!(size_of::<Layout>() == 45 * 4);
+
+#[cfg(feature = "user")]
+// SAFETY: `Layout` is `#[repr(C)]`, made only of `u32`s, with no padding and no invalid bit
+// patterns.
+unsafe impl aya::Pod for Layout {}

@@ -1,0 +1,100 @@
+//! Reads of kernel memory through the layout table userspace resolved from BTF.
+
+use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str};
+use leak_common::layout::Layout;
+
+/// Filled in by userspace before load (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+pub(crate) static LAYOUT: Layout = Layout {
+    task_pid: 0,
+    task_tgid: 0,
+    task_comm: 0,
+    task_mm: 0,
+    task_signal: 0,
+    task_cgroups: 0,
+    signal_oom_score_adj: 0,
+    mm_rss_stat: 0,
+    rss_scheme: 0,
+    rss_stride: 0,
+    rss_value: 0,
+    rss_file_index: 0,
+    rss_anon_index: 0,
+    rss_shmem_index: 0,
+    css_set_subsys: 0,
+    memory_subsys_id: 0,
+    css_cgroup: 0,
+    css_parent: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
+    kn_name: 0,
+    memcg_css: 0,
+    memcg_memory: 0,
+    stats_scheme: 0,
+    memcg_vmstats: 0,
+    vmstats_state: 0,
+    lru_stat_index: [0; 5],
+    counter_usage: 0,
+    counter_max: 0,
+    counter_watermark: 0,
+    counter_failcnt: 0,
+    oc_memcg: 0,
+    oc_chosen: 0,
+    oc_chosen_points: 0,
+    oc_totalpages: 0,
+    oc_constraint: 0,
+    oc_gfp_mask: 0,
+    oc_order: 0,
+    mark_victim_has_task: 0,
+    tp_mark_victim_pid: 0,
+    _pad: 0,
+};
+
+/// Reads one layout value. Volatile, so the compiler cannot fold the zero initialiser.
+macro_rules! layout {
+    ($($field:tt)+) => {
+        // SAFETY: LAYOUT is a plain static; the read is in bounds and aligned.
+        unsafe { core::ptr::read_volatile(&raw const $crate::kernel::LAYOUT.$($field)+) }
+    };
+}
+pub(crate) use layout;
+
+/// Reads a `T` at `base + offset` in kernel memory.
+#[inline(always)]
+pub fn read<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
+    if base == 0 || offset == Layout::ABSENT {
+        return Err(-1);
+    }
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: bpf_probe_read_kernel checks the source address and writes exactly
+    // size_of::<T>() bytes into `value`, which is only read once the helper succeeded.
+    let result = unsafe {
+        bpf_probe_read_kernel(
+            value.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+            (base + offset as u64) as *const core::ffi::c_void,
+        )
+    };
+    if result < 0 {
+        return Err(result);
+    }
+    // SAFETY: the helper succeeded, so all bytes were written.
+    Ok(unsafe { value.assume_init() })
+}
+
+/// Copies `len` bytes of kernel memory at `src` into `dst`.
+#[inline(always)]
+pub fn read_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
+    // SAFETY: `dst` points to at least `len` writable bytes (callers pass fields of a ring
+    // buffer reservation); the helper validates `src`.
+    let result = unsafe { bpf_probe_read_kernel(dst.cast(), len, src as *const core::ffi::c_void) };
+    if result < 0 { Err(result) } else { Ok(()) }
+}
+
+/// Copies a NUL-terminated kernel string at `src` into `dst` (at most `len` bytes).
+#[inline(always)]
+pub fn read_str_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
+    // SAFETY: as for `read_into`; the helper always NUL-terminates within `len`.
+    let result =
+        unsafe { bpf_probe_read_kernel_str(dst.cast(), len, src as *const core::ffi::c_void) };
+    if result < 0 { Err(result) } else { Ok(()) }
+}

@@ -1,0 +1,19 @@
+//! Kernel programs of `leak`: the OOM hooks and the reads of kernel memory they need.
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod maps;
+mod oom;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: no panic is reachable in these programs (the verifier would reject the loop);
+    // this only satisfies `no_std`.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,28 @@
+//! Every map the programs share with userspace.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use leak_common::event::{counter, OomContext};
+
+/// OOM victims, one `OomKillEvent` each. Userspace may resize it before load.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// The `oom_control` of a running `oom_kill_process`, keyed by the thread running it, for the
+/// `mark_victim` programs that fire inside it.
+#[map]
+pub static OOM_CONTEXT: HashMap<u32, OomContext> = HashMap::with_max_entries(1024, 0);
+
+/// Counters indexed by `leak_common::event::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(value) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot.
+        unsafe { *value += 1 };
+    }
+}

@@ -1,0 +1,312 @@
+//! The OOM hooks.
+//!
+//! Every victim is reported from `oom:mark_victim` (BTF or classic tracepoint), which the kernel
+//! fires once per victim, group kills (`memory.oom.group`) included. Where the kernel lets us
+//! hook `oom_kill_process` itself (fentry or kprobe), its entry records the `oom_control` for
+//! the thread and the victim report picks it up; its exit forgets it.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_task, bpf_ktime_get_boot_ns},
+    },
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
+};
+use leak_common::{
+    event::{
+        counter, flags, hook, MemcgSnapshot, OomContext, OomKillEvent, CGROUP_NAME_LEN,
+        MAX_CGROUP_DEPTH, TASK_COMM_LEN,
+    },
+    layout::{rss_scheme, stats_scheme, Layout, LRU_COUNT},
+};
+
+use crate::{
+    kernel::{layout, read, read_into, read_str_into},
+    maps::{count, EVENTS, OOM_CONTEXT},
+};
+
+#[fentry(function = "oom_kill_process")]
+pub fn oom_kill_process_fentry(ctx: FEntryContext) -> i32 {
+    remember_oom_control(ctx.arg(0));
+    0
+}
+
+#[fexit(function = "oom_kill_process")]
+pub fn oom_kill_process_fexit(_ctx: FExitContext) -> i32 {
+    forget_oom_control();
+    0
+}
+
+#[kprobe]
+pub fn oom_kill_process_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(oc) = ctx.arg::<u64>(0) {
+        remember_oom_control(oc);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn oom_kill_process_kretprobe(_ctx: RetProbeContext) -> u32 {
+    forget_oom_control();
+    0
+}
+
+#[btf_tracepoint(function = "mark_victim")]
+pub fn mark_victim_btf(ctx: BtfTracePointContext) -> i32 {
+    if layout!(mark_victim_has_task) == 1 {
+        let task: u64 = ctx.arg(0);
+        let pid = read::<i32>(task, layout!(task_pid)).unwrap_or(0);
+        report_victim(hook::TP_BTF_MARK_VICTIM, task, pid as u32);
+    } else {
+        let pid = ctx.arg::<u64>(0) as u32;
+        report_victim(hook::TP_BTF_MARK_VICTIM, find_victim_task(pid), pid);
+    }
+    0
+}
+
+#[tracepoint(category = "oom", name = "mark_victim")]
+pub fn mark_victim_tracepoint(ctx: TracePointContext) -> u32 {
+    let offset = layout!(tp_mark_victim_pid) as usize;
+    // SAFETY: the offset comes from the tracepoint's own format file and points at an `int`.
+    let pid = unsafe { ctx.read_at::<i32>(offset) }.unwrap_or(0);
+    let pid = pid as u32;
+    report_victim(hook::TRACEPOINT_MARK_VICTIM, find_victim_task(pid), pid);
+    0
+}
+
+#[inline(always)]
+fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+#[inline(always)]
+fn current_task() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_get_current_task() }
+}
+
+fn remember_oom_control(oc: u64) {
+    let context = OomContext {
+        memcg: read::<u64>(oc, layout!(oc_memcg)).unwrap_or(0),
+        chosen: read::<u64>(oc, layout!(oc_chosen)).unwrap_or(0),
+        totalpages: read::<u64>(oc, layout!(oc_totalpages)).unwrap_or(0),
+        chosen_points: read::<i64>(oc, layout!(oc_chosen_points)).unwrap_or(0),
+        constraint: read::<u32>(oc, layout!(oc_constraint)).unwrap_or(u32::MAX),
+        gfp_mask: read::<u32>(oc, layout!(oc_gfp_mask)).unwrap_or(0),
+        order: read::<i32>(oc, layout!(oc_order)).unwrap_or(0),
+        _pad: 0,
+    };
+    if OOM_CONTEXT.insert(&current_tid(), &context, 0).is_err() {
+        count(counter::READ_ERRORS);
+    }
+}
+
+fn forget_oom_control() {
+    let _ = OOM_CONTEXT.remove(&current_tid());
+}
+
+/// Finds the victim's `task_struct` when the hook only gives its pid: the OOM killer often
+/// kills the very task that failed to allocate, and `oom_kill_process` told us its choice.
+#[inline(always)]
+fn find_victim_task(pid: u32) -> u64 {
+    let current = current_task();
+    if read::<u32>(current, layout!(task_pid)) == Ok(pid) {
+        return current;
+    }
+    // SAFETY: the value is plain data, copied out before the map can change.
+    if let Some(context) = unsafe { OOM_CONTEXT.get(&current_tid()) } {
+        let chosen = context.chosen;
+        if read::<u32>(chosen, layout!(task_pid)) == Ok(pid) {
+            return chosen;
+        }
+    }
+    0
+}
+
+/// The memory cgroup of `task`, through `task->cgroups->subsys[memory_cgrp_id]`.
+#[inline(always)]
+fn task_memcg(task: u64) -> u64 {
+    let Ok(css_set) = read::<u64>(task, layout!(task_cgroups)) else {
+        return 0;
+    };
+    let slot = layout!(css_set_subsys) + layout!(memory_subsys_id) * 8;
+    match read::<u64>(css_set, slot) {
+        Ok(css) if css != 0 => css - layout!(memcg_css) as u64,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn memcg_cgroup_id(memcg: u64) -> u64 {
+    let Ok(cgroup) = read::<u64>(memcg, layout!(memcg_css) + layout!(css_cgroup)) else {
+        return 0;
+    };
+    let Ok(kn) = read::<u64>(cgroup, layout!(cgroup_kn)) else {
+        return 0;
+    };
+    read::<u64>(kn, layout!(kn_id)).unwrap_or(0)
+}
+
+#[inline(always)]
+fn parent_memcg(memcg: u64) -> u64 {
+    match read::<u64>(memcg, layout!(memcg_css) + layout!(css_parent)) {
+        Ok(css) if css != 0 => css - layout!(memcg_css) as u64,
+        _ => 0,
+    }
+}
+
+fn report_victim(hook: u32, victim: u64, victim_pid: u32) {
+    let Some(mut entry) = EVENTS.reserve::<OomKillEvent>(0) else {
+        count(counter::LOST_EVENTS);
+        return;
+    };
+    let event: *mut OomKillEvent = entry.as_mut_ptr();
+    // SAFETY: `event` points at a ring buffer reservation of exactly one OomKillEvent, which we
+    // own until submit; every field is written before submit (zeroing first, so nothing of the
+    // kernel's previous ring contents leaks to userspace).
+    unsafe {
+        core::ptr::write_bytes(event, 0, 1);
+        fill_event(&mut *event, hook, victim, victim_pid);
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32) {
+    // SAFETY: the helper has no preconditions.
+    event.boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+    event.hook = hook;
+    event.victim_pid = victim_pid;
+
+    let pid_tgid = bpf_get_current_pid_tgid();
+    event.trigger_pid = pid_tgid as u32;
+    event.trigger_tgid = (pid_tgid >> 32) as u32;
+    if let Ok(comm) = bpf_get_current_comm() {
+        event.trigger_comm = comm;
+    }
+
+    let mut event_flags = 0;
+    let chain_start = if victim != 0 {
+        event_flags |= flags::VICTIM_TASK;
+        fill_victim(event, victim, &mut event_flags);
+        task_memcg(victim)
+    } else {
+        // Without the victim's task the best we have is the task that ran out of memory: for a
+        // memcg OOM it sits below the cgroup that hit its limit.
+        task_memcg(current_task())
+    };
+
+    // SAFETY: the value is plain data, copied out before the map can change.
+    if let Some(context) = unsafe { OOM_CONTEXT.get(&current_tid()) } {
+        event_flags |= flags::HAS_OOM_CONTROL;
+        event.oc_totalpages = context.totalpages;
+        event.oc_chosen_points = context.chosen_points;
+        event.oc_constraint = context.constraint;
+        event.oc_gfp_mask = context.gfp_mask;
+        event.oc_order = context.order;
+        if context.memcg != 0 {
+            event.oc_memcg_cgroup_id = memcg_cgroup_id(context.memcg);
+        }
+    }
+
+    if layout!(counter_failcnt) != Layout::ABSENT {
+        event_flags |= flags::FAILCNT_VALID;
+    }
+
+    let mut memcg = chain_start;
+    let mut depth = 0u32;
+    let cgroups = event.cgroups.as_mut_ptr();
+    for level in 0..MAX_CGROUP_DEPTH {
+        if memcg == 0 {
+            break;
+        }
+        // SAFETY: level < MAX_CGROUP_DEPTH, the array's length.
+        let snapshot = unsafe { &mut *cgroups.add(level) };
+        if fill_memcg(snapshot, memcg).is_err() {
+            event_flags |= flags::CHAIN_TRUNCATED;
+            count(counter::READ_ERRORS);
+            break;
+        }
+        depth += 1;
+        memcg = parent_memcg(memcg);
+    }
+    event.depth = depth;
+    event.flags = event_flags;
+}
+
+#[inline(always)]
+fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
+    event.victim_pid = read::<u32>(task, layout!(task_pid)).unwrap_or(event.victim_pid);
+    event.victim_tgid = read::<u32>(task, layout!(task_tgid)).unwrap_or(0);
+    let _ = read_into(
+        event.victim_comm.as_mut_ptr(),
+        TASK_COMM_LEN as u32,
+        task + layout!(task_comm) as u64,
+    );
+    if let Ok(signal) = read::<u64>(task, layout!(task_signal)) {
+        if let Ok(adj) = read::<i16>(signal, layout!(signal_oom_score_adj)) {
+            event.victim_oom_score_adj = adj as i32;
+            *event_flags |= flags::OOM_SCORE_ADJ_VALID;
+        }
+    }
+    let Ok(mm) = read::<u64>(task, layout!(task_mm)) else {
+        return;
+    };
+    if mm == 0 {
+        return;
+    }
+    let scheme = layout!(rss_scheme);
+    if scheme != rss_scheme::ATOMIC_ARRAY && scheme != rss_scheme::PERCPU_COUNTER_ARRAY {
+        return;
+    }
+    let base = layout!(mm_rss_stat) + layout!(rss_value);
+    let stride = layout!(rss_stride);
+    let rss = |index: u32| read::<i64>(mm, base + index * stride).map(|pages| pages.max(0) as u64);
+    if let (Ok(anon), Ok(file), Ok(shmem)) = (
+        rss(layout!(rss_anon_index)),
+        rss(layout!(rss_file_index)),
+        rss(layout!(rss_shmem_index)),
+    ) {
+        event.rss_anon_pages = anon;
+        event.rss_file_pages = file;
+        event.rss_shmem_pages = shmem;
+        *event_flags |= flags::RSS_VALID;
+    }
+}
+
+#[inline(always)]
+fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
+    let counter = layout!(memcg_memory);
+    snapshot.usage_pages = read::<u64>(memcg, counter + layout!(counter_usage))?;
+    snapshot.limit_pages = read::<u64>(memcg, counter + layout!(counter_max))?;
+    snapshot.watermark_pages = read::<u64>(memcg, counter + layout!(counter_watermark)).unwrap_or(0);
+    let failcnt = layout!(counter_failcnt);
+    if failcnt != Layout::ABSENT {
+        snapshot.failcnt = read::<u64>(memcg, counter + failcnt).unwrap_or(0);
+    }
+
+    let state = match layout!(stats_scheme) {
+        stats_scheme::POINTER => {
+            read::<u64>(memcg, layout!(memcg_vmstats))? + layout!(vmstats_state) as u64
+        }
+        stats_scheme::EMBEDDED_STRUCT => {
+            memcg + layout!(memcg_vmstats) as u64 + layout!(vmstats_state) as u64
+        }
+        _ => memcg + layout!(memcg_vmstats) as u64,
+    };
+    for lru in 0..LRU_COUNT {
+        let index = layout!(lru_stat_index[lru]);
+        // Per-CPU batching can leave a hierarchical counter briefly negative.
+        let pages = read::<i64>(state, index * 8).unwrap_or(0);
+        snapshot.lru_pages[lru] = pages.max(0) as u64;
+    }
+
+    let cgroup = read::<u64>(memcg, layout!(memcg_css) + layout!(css_cgroup))?;
+    let kn = read::<u64>(cgroup, layout!(cgroup_kn))?;
+    snapshot.cgroup_id = read::<u64>(kn, layout!(kn_id))?;
+    if let Ok(name) = read::<u64>(kn, layout!(kn_name)) {
+        let _ = read_str_into(snapshot.name.as_mut_ptr(), CGROUP_NAME_LEN as u32, name);
+    }
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! The running kernel's struct layout, resolved from BTF into the table the kernel programs
+//! read (`leak_common::layout::Layout`). Rust eBPF has no CO-RE, so this is where kernel
+//! version differences are absorbed; anything not understood is an error naming the type or
+//! member, never a guessed offset.
+
+pub mod btf;
+
+use std::path::Path;
+
+use leak_common::layout::{rss_scheme, stats_scheme, Layout, LRU_COUNT};
+
+pub use self::btf::{Btf, BtfError, Kind};
+
+/// Where the kernel publishes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "cannot read kernel BTF at {path}: {source}; leak needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.4)"
+    )]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot parse BTF: {0}")]
+    Parse(#[from] BtfError),
+    #[error("kernel BTF has no type `{0}`")]
+    MissingType(String),
+    #[error("kernel BTF: `{ty}` has no member `{member}`")]
+    MissingMember { ty: String, member: String },
+    #[error("kernel BTF has no enumerator `{0}`")]
+    MissingEnumerator(String),
+    #[error("kernel layout not understood: {0}")]
+    Unsupported(String),
+}
+
+/// A member found inside a struct, anonymous sub-structs and unions included.
+#[derive(Clone, Copy, Debug)]
+pub struct Found {
+    /// Byte offset from the start of the outer struct.
+    pub offset: u32,
+    pub type_id: u32,
+}
+
+/// Resolves struct layouts against one BTF.
+pub struct Resolver {
+    btf: Btf,
+}
+
+impl Resolver {
+    pub fn new(btf: Btf) -> Self {
+        Self { btf }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, LayoutError> {
+        let data = std::fs::read(path).map_err(|source| LayoutError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self::new(Btf::parse(&data)?))
+    }
+
+    pub fn btf(&self) -> &Btf {
+        &self.btf
+    }
+
+    /// The id of the complete definition of `struct name`.
+    pub fn struct_id(&self, name: &str) -> Result<u32, LayoutError> {
+        self.btf
+            .find(name, Kind::Struct)
+            .max_by_key(|&id| self.btf.get(id).map(|ty| ty.members.len()).unwrap_or(0))
+            .ok_or_else(|| LayoutError::MissingType(format!("struct {name}")))
+    }
+
+    /// Finds `member` in `struct_id`, looking through anonymous structs and unions.
+    pub fn member_in(&self, struct_id: u32, member: &str) -> Result<Option<Found>, LayoutError> {
+        let (_, ty) = self.btf.resolve(struct_id)?;
+        for candidate in &ty.members {
+            if candidate.bitfield_size != 0 || candidate.bit_offset % 8 != 0 {
+                if candidate.name == member {
+                    return Err(LayoutError::Unsupported(format!(
+                        "`{}.{member}` is a bitfield",
+                        ty.name
+                    )));
+                }
+                continue;
+            }
+            let offset = candidate.bit_offset / 8;
+            if candidate.name == member {
+                return Ok(Some(Found {
+                    offset,
+                    type_id: candidate.type_id,
+                }));
+            }
+            if candidate.name.is_empty() {
+                let (inner, inner_ty) = self.btf.resolve(candidate.type_id)?;
+                if matches!(inner_ty.kind, Kind::Struct | Kind::Union) {
+                    if let Some(found) = self.member_in(inner, member)? {
+                        return Ok(Some(Found {
+                            offset: offset + found.offset,
+                            type_id: found.type_id,
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// `offsetof(struct ty, member)`, an error when absent.
+    pub fn member(&self, ty: &str, member: &str) -> Result<Found, LayoutError> {
+        self.member_in(self.struct_id(ty)?, member)?
+            .ok_or_else(|| LayoutError::MissingMember {
+                ty: format!("struct {ty}"),
+                member: member.into(),
+            })
+    }
+
+    pub fn offset(&self, ty: &str, member: &str) -> Result<u32, LayoutError> {
+        Ok(self.member(ty, member)?.offset)
+    }
+
+    /// `offsetof(struct ty, member)`, or [`Layout::ABSENT`] when this kernel has no such member.
+    pub fn optional_offset(&self, ty: &str, member: &str) -> Result<u32, LayoutError> {
+        Ok(self
+            .member_in(self.struct_id(ty)?, member)?
+            .map_or(Layout::ABSENT, |found| found.offset))
+    }
+
+    pub fn enumerator(&self, name: &str) -> Result<i64, LayoutError> {
+        self.btf
+            .enumerator(name)
+            .ok_or_else(|| LayoutError::MissingEnumerator(name.into()))
+    }
+
+    /// Whether `name` is a function with its own BTF entry (so not inlined away).
+    pub fn has_function(&self, name: &str) -> bool {
+        self.btf.find(name, Kind::Func).next().is_some()
+    }
+
+    /// Whether the BTF-enabled tracepoint `name` exists (`btf_trace_<name>` typedef).
+    pub fn has_btf_tracepoint(&self, name: &str) -> bool {
+        self.btf
+            .find(&format!("btf_trace_{name}"), Kind::Typedef)
+            .next()
+            .is_some()
+    }
+
+    /// The parameter types of tracepoint `name` (the leading `void *` context dropped).
+    fn tracepoint_params(&self, name: &str) -> Result<Vec<u32>, LayoutError> {
+        let typedef = format!("btf_trace_{name}");
+        let id = self
+            .btf
+            .find(&typedef, Kind::Typedef)
+            .next()
+            .ok_or(LayoutError::MissingType(typedef))?;
+        let (_, pointer) = self.btf.resolve(self.btf.get(id)?.referenced)?;
+        let (_, proto) = self.btf.resolve(pointer.referenced)?;
+        if pointer.kind != Kind::Ptr || proto.kind != Kind::FuncProto {
+            return Err(LayoutError::Unsupported(format!(
+                "btf_trace_{name} is not a pointer to a function prototype"
+            )));
+        }
+        Ok(proto.params.iter().skip(1).copied().collect())
+    }
+
+    /// Whether `oom:mark_victim` passes the victim's `struct task_struct *` (6.9+ and its
+    /// backports) rather than its pid.
+    pub fn mark_victim_passes_task(&self) -> Result<bool, LayoutError> {
+        let params = self.tracepoint_params("mark_victim")?;
+        let first = params.first().ok_or_else(|| {
+            LayoutError::Unsupported("btf_trace_mark_victim has no arguments".into())
+        })?;
+        let (_, ty) = self.btf.resolve(*first)?;
+        match ty.kind {
+            Kind::Ptr => {
+                let (_, pointee) = self.btf.resolve(ty.referenced)?;
+                if pointee.name == "task_struct" {
+                    Ok(true)
+                } else {
+                    Err(LayoutError::Unsupported(format!(
+                        "mark_victim's first argument points to `{}`, not task_struct",
+                        pointee.name
+                    )))
+                }
+            }
+            Kind::Int => Ok(false),
+            other => Err(LayoutError::Unsupported(format!(
+                "mark_victim's first argument is a {other:?}"
+            ))),
+        }
+    }
+
+    /// The whole table the kernel programs need. `tracepoint_pid_offset` comes from the classic
+    /// tracepoint's format file when that mode is used.
+    pub fn layout(&self) -> Result<Layout, LayoutError> {
+        let mut layout = Layout {
+            task_pid: self.offset("task_struct", "pid")?,
+            task_tgid: self.offset("task_struct", "tgid")?,
+            task_comm: self.offset("task_struct", "comm")?,
+            task_mm: self.offset("task_struct", "mm")?,
+            task_signal: self.offset("task_struct", "signal")?,
+            task_cgroups: self.offset("task_struct", "cgroups")?,
+            signal_oom_score_adj: self.offset("signal_struct", "oom_score_adj")?,
+            css_set_subsys: self.offset("css_set", "subsys")?,
+            memory_subsys_id: self.memory_subsys_id()?,
+            css_cgroup: self.offset("cgroup_subsys_state", "cgroup")?,
+            css_parent: self.offset("cgroup_subsys_state", "parent")?,
+            cgroup_kn: self.offset("cgroup", "kn")?,
+            kn_id: self.kernfs_id_offset()?,
+            kn_name: self.offset("kernfs_node", "name")?,
+            memcg_css: self.offset("mem_cgroup", "css")?,
+            memcg_memory: self.page_counter_member()?,
+            counter_usage: self.offset("page_counter", "usage")?,
+            counter_max: self.offset("page_counter", "max")?,
+            counter_watermark: self.offset("page_counter", "watermark")?,
+            counter_failcnt: self.optional_offset("page_counter", "failcnt")?,
+            oc_memcg: self.offset("oom_control", "memcg")?,
+            oc_chosen: self.offset("oom_control", "chosen")?,
+            oc_chosen_points: self.offset("oom_control", "chosen_points")?,
+            oc_totalpages: self.offset("oom_control", "totalpages")?,
+            oc_constraint: self.offset("oom_control", "constraint")?,
+            oc_gfp_mask: self.offset("oom_control", "gfp_mask")?,
+            oc_order: self.offset("oom_control", "order")?,
+            mark_victim_has_task: u32::from(self.mark_victim_passes_task()?),
+            tp_mark_victim_pid: Layout::ABSENT,
+            ..Layout::default()
+        };
+        self.resolve_rss(&mut layout)?;
+        self.resolve_stats(&mut layout)?;
+        Ok(layout)
+    }
+
+    fn memory_subsys_id(&self) -> Result<u32, LayoutError> {
+        let id = self.enumerator("memory_cgrp_id").map_err(|_| {
+            LayoutError::Unsupported(
+                "enum cgroup_subsys_id has no memory_cgrp_id: this kernel has no memory \
+                 controller (CONFIG_MEMCG)"
+                    .into(),
+            )
+        })?;
+        let subsys = self.member("css_set", "subsys")?;
+        let (_, array) = self.btf.resolve(subsys.type_id)?;
+        let slots = array.array.map_or(0, |(_, count)| count as i64);
+        if !(0..slots).contains(&id) {
+            return Err(LayoutError::Unsupported(format!(
+                "memory_cgrp_id {id} is outside css_set.subsys[{slots}]"
+            )));
+        }
+        Ok(id as u32)
+    }
+
+    /// `kernfs_node.id` is a `u64` holding the inode number since 5.5.
+    fn kernfs_id_offset(&self) -> Result<u32, LayoutError> {
+        let found = self.member("kernfs_node", "id")?;
+        let (_, ty) = self.btf.resolve(found.type_id)?;
+        if ty.kind != Kind::Int || ty.size != 8 {
+            return Err(LayoutError::Unsupported(
+                "kernfs_node.id is not a u64 (kernels before 5.5 are not supported)".into(),
+            ));
+        }
+        Ok(found.offset)
+    }
+
+    fn page_counter_member(&self) -> Result<u32, LayoutError> {
+        let found = self.member("mem_cgroup", "memory")?;
+        let (_, ty) = self.btf.resolve(found.type_id)?;
+        if ty.kind != Kind::Struct || ty.name != "page_counter" {
+            return Err(LayoutError::Unsupported(
+                "mem_cgroup.memory is not an embedded struct page_counter".into(),
+            ));
+        }
+        Ok(found.offset)
+    }
+
+    /// `mm_struct.rss_stat`: `struct mm_rss_stat { atomic_long_t count[]; }` before 6.2,
+    /// `struct percpu_counter rss_stat[]` since.
+    fn resolve_rss(&self, layout: &mut Layout) -> Result<(), LayoutError> {
+        let found = self.member("mm_struct", "rss_stat")?;
+        layout.mm_rss_stat = found.offset;
+        let (id, ty) = self.btf.resolve(found.type_id)?;
+        match ty.kind {
+            Kind::Struct if ty.name == "mm_rss_stat" => {
+                let count = self
+                    .member_in(id, "count")?
+                    .ok_or_else(|| LayoutError::MissingMember {
+                        ty: "struct mm_rss_stat".into(),
+                        member: "count".into(),
+                    })?;
+                let (_, array) = self.btf.resolve(count.type_id)?;
+                let (element, _) = array.array.ok_or_else(|| {
+                    LayoutError::Unsupported("mm_rss_stat.count is not an array".into())
+                })?;
+                layout.rss_scheme = rss_scheme::ATOMIC_ARRAY;
+                layout.rss_stride = self.btf.size_of(element)? as u32;
+                layout.rss_value = count.offset;
+            }
+            Kind::Array => {
+                let (element, _) = ty.array.unwrap_or((0, 0));
+                let (element_id, element_ty) = self.btf.resolve(element)?;
+                if element_ty.name != "percpu_counter" {
+                    return Err(LayoutError::Unsupported(format!(
+                        "mm_struct.rss_stat is an array of `{}`",
+                        element_ty.name
+                    )));
+                }
+                let count = self.member_in(element_id, "count")?.ok_or_else(|| {
+                    LayoutError::MissingMember {
+                        ty: "struct percpu_counter".into(),
+                        member: "count".into(),
+                    }
+                })?;
+                layout.rss_scheme = rss_scheme::PERCPU_COUNTER_ARRAY;
+                layout.rss_stride = element_ty.size;
+                layout.rss_value = count.offset;
+            }
+            _ => {
+                return Err(LayoutError::Unsupported(
+                    "mm_struct.rss_stat has an unknown shape".into(),
+                ))
+            }
+        }
+        layout.rss_file_index = self.enumerator("MM_FILEPAGES")? as u32;
+        layout.rss_anon_index = self.enumerator("MM_ANONPAGES")? as u32;
+        layout.rss_shmem_index = self.enumerator("MM_SHMEMPAGES")? as u32;
+        Ok(())
+    }
+
+    /// `mem_cgroup.vmstats`: an inline `atomic_long_t[]` up to 5.12, an embedded
+    /// `struct memcg_vmstats` 5.13 to 6.0, a pointer to one since 6.1.
+    fn resolve_stats(&self, layout: &mut Layout) -> Result<(), LayoutError> {
+        let found = self.member("mem_cgroup", "vmstats")?;
+        layout.memcg_vmstats = found.offset;
+        let (_, ty) = self.btf.resolve(found.type_id)?;
+        let (scheme, state) = match ty.kind {
+            Kind::Array => (stats_scheme::INLINE_ARRAY, 0),
+            Kind::Struct if ty.name == "memcg_vmstats" => (
+                stats_scheme::EMBEDDED_STRUCT,
+                self.offset("memcg_vmstats", "state")?,
+            ),
+            Kind::Ptr => {
+                let (_, pointee) = self.btf.resolve(ty.referenced)?;
+                if pointee.name != "memcg_vmstats" {
+                    return Err(LayoutError::Unsupported(format!(
+                        "mem_cgroup.vmstats points to `{}`",
+                        pointee.name
+                    )));
+                }
+                (stats_scheme::POINTER, self.offset("memcg_vmstats", "state")?)
+            }
+            _ => {
+                return Err(LayoutError::Unsupported(
+                    "mem_cgroup.vmstats has an unknown shape".into(),
+                ))
+            }
+        };
+        layout.stats_scheme = scheme;
+        layout.vmstats_state = state;
+        // The LRU items lead `enum node_stat_item` and, since 6.10, the compact memcg index
+        // too, so both schemes index them alike; insist on that rather than assume it.
+        let names = [
+            "NR_INACTIVE_ANON",
+            "NR_ACTIVE_ANON",
+            "NR_INACTIVE_FILE",
+            "NR_ACTIVE_FILE",
+            "NR_UNEVICTABLE",
+        ];
+        for (lru, name) in names.iter().enumerate().take(LRU_COUNT) {
+            let value = self.enumerator(name)?;
+            if value != lru as i64 {
+                return Err(LayoutError::Unsupported(format!(
+                    "{name} is {value}, expected {lru}: memcg stat indexing changed"
+                )));
+            }
+            layout.lru_stat_index[lru] = value as u32;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the offset of `field` from a classic tracepoint's `format` file text.
+pub fn tracepoint_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut declaration = None;
+        let mut offset = None;
+        for part in line.trim().split(';') {
+            let part = part.trim();
+            if let Some(rest) = part.strip_prefix("field:") {
+                declaration = rest.split_whitespace().last().map(str::to_owned);
+            } else if let Some(rest) = part.strip_prefix("offset:") {
+                offset = rest.trim().parse().ok();
+            }
+        }
+        (declaration.as_deref() == Some(field)).then_some(offset).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests;
