@@ -5,7 +5,7 @@ use crate::layout::LRU_COUNT;
 /// How many memory cgroups, from the victim's own up towards the root, a snapshot carries.
 pub const MAX_CGROUP_DEPTH: usize = 8;
 /// Length of the kernfs leaf name kept per cgroup (longer names are truncated).
-pub const CGROUP_NAME_LEN: usize = 64;
+pub const CGROUP_NAME_LEN: usize = 128;
 pub const TASK_COMM_LEN: usize = 16;
 
 /// Which program produced the event (`u32` tag, decoded with `TryFrom` in userspace).

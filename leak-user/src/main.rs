@@ -1,4 +1,124 @@
-fn main() {
-    let bytes = include_bytes!(concat!(env!("OUT_DIR"), "/leak"));
-    println!("{}", bytes.len());
+//! `leak`: an eBPF OOM-kill tracer. Parses the command line and hands over to the library.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use leak_user::{
+    layout::VMLINUX_BTF,
+    probes::AttachMode,
+    trace::{self, TraceOptions},
+    workload::{self, parse_bytes, parse_duration, WorkloadOptions},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "leak",
+    version,
+    about = "eBPF OOM-kill tracer: every OOM kill with its cgroup's working set at the moment of death",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// `trace` is the default subcommand; its options work without naming it.
+    #[command(flatten)]
+    trace: TraceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Trace OOM kills and serve them on /metrics and /kills (the default).
+    Trace(TraceArgs),
+    /// The leaking program of the original experiment.
+    Workload(WorkloadArgs),
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// Address to serve /metrics, /kills and /healthz on.
+    #[arg(long, default_value = "0.0.0.0:9750", env = "LEAK_LISTEN")]
+    listen: SocketAddr,
+    /// How to attach the OOM hook: auto walks fentry, kprobe, tp_btf, tracepoint.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto, env = "LEAK_ATTACH")]
+    attach: AttachMode,
+    /// How many recent kills /kills keeps.
+    #[arg(long, default_value_t = 1000)]
+    max_kills: usize,
+    /// Size of the kernel's event ring buffer (a power of two, multiple of the page size).
+    #[arg(long, default_value = "256KiB", value_parser = parse_ring_size)]
+    ring_buffer: u32,
+    /// Kernel BTF to resolve struct layouts from.
+    #[arg(long, default_value = VMLINUX_BTF)]
+    btf: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct WorkloadArgs {
+    /// How often to leak a chunk (e.g. 5ms, 1ms, 100us).
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    interval: Duration,
+    /// Bytes leaked (and written, with --file) per interval (e.g. 1KiB, 1MiB).
+    #[arg(long, default_value = "1KiB", value_parser = parse_bytes)]
+    chunk: u64,
+    /// Also append each chunk to this file and fsync it, growing page cache.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Address for the workload's own /metrics; `off` to disable.
+    #[arg(long, default_value = "0.0.0.0:8081", value_parser = parse_listen)]
+    listen: OptionalAddr,
+    /// Stop leaking after this many bytes and keep running (default: leak until killed).
+    #[arg(long, value_parser = parse_bytes)]
+    max_bytes: Option<u64>,
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    let page = trace::page_size();
+    if !bytes.is_power_of_two() || bytes < page || bytes > u64::from(u32::MAX) {
+        return Err(format!(
+            "{bytes} bytes: the ring buffer must be a power of two of at least {page} bytes"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+/// A listen address, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct OptionalAddr(Option<SocketAddr>);
+
+fn parse_listen(text: &str) -> Result<OptionalAddr, String> {
+    if text == "off" {
+        return Ok(OptionalAddr(None));
+    }
+    text.parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|err| format!("`{text}`: {err} (use HOST:PORT or off)"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Trace(cli.trace)) {
+        Command::Trace(args) => trace::run(TraceOptions {
+            listen: args.listen,
+            attach: args.attach,
+            max_kills: args.max_kills,
+            ring_buffer_bytes: args.ring_buffer,
+            btf: args.btf,
+        })
+        .await
+        .context("leak trace")?,
+        Command::Workload(args) => workload::run(WorkloadOptions {
+            interval: args.interval,
+            chunk: usize::try_from(args.chunk).context("--chunk is too large")?,
+            file: args.file,
+            listen: args.listen.0,
+            max_bytes: args.max_bytes,
+        })
+        .await
+        .context("leak workload")?,
+    }
+    Ok(())
 }

@@ -1,0 +1,12 @@
+//! The `leak` agent: loads the kernel programs, decodes OOM-kill snapshots, names their cgroups
+//! and serves them as Prometheus metrics and JSON.
+
+pub mod cgroup;
+pub mod events;
+pub mod http;
+pub mod kmsg;
+pub mod layout;
+pub mod metrics;
+pub mod probes;
+pub mod trace;
+pub mod workload;

@@ -1,0 +1,191 @@
+//! The agent's Prometheus registry (its own, not the global default).
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::{events::Kill, probes::Attachment};
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+pub struct Metrics {
+    registry: Registry,
+    kills: IntCounterVec,
+    usage: GaugeVec,
+    limit: GaugeVec,
+    working_set: GaugeVec,
+    inactive_file: GaugeVec,
+    timestamp: GaugeVec,
+    working_set_ratio: Histogram,
+    lost_events: IntCounter,
+    read_errors: IntCounter,
+    decode_errors: IntCounter,
+    attach_info: IntGaugeVec,
+    last_kill: Gauge,
+}
+
+/// Labels of the per-cgroup gauges: the victim's cgroup and the one that hit its limit.
+const KILL_LABELS: &[&str] = &["cgroup", "oom_cgroup"];
+
+impl Metrics {
+    pub fn new(kernel_release: &str) -> Result<Self, MetricsError> {
+        let registry = Registry::new_custom(Some("leak".into()), None)?;
+        let gauge = |name: &str, help: &str| -> Result<GaugeVec, MetricsError> {
+            let gauge = GaugeVec::new(Opts::new(name, help), KILL_LABELS)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let kills = IntCounterVec::new(
+            Opts::new(
+                "oom_kills_total",
+                "OOM-killer victims, by the victim's memory cgroup, the cgroup that hit its \
+                 limit (empty for a global OOM) and the constraint",
+            ),
+            &["cgroup", "oom_cgroup", "constraint"],
+        )?;
+        registry.register(Box::new(kills.clone()))?;
+        let usage = gauge(
+            "oom_kill_usage_bytes",
+            "Memory usage of oom_cgroup (else the victim's cgroup) at the last kill",
+        )?;
+        let limit = gauge(
+            "oom_kill_limit_bytes",
+            "Memory limit of oom_cgroup at the last kill (+Inf when unlimited)",
+        )?;
+        let working_set = gauge(
+            "oom_kill_working_set_bytes",
+            "Working set (usage - inactive_file) of oom_cgroup at the last kill",
+        )?;
+        let inactive_file = gauge(
+            "oom_kill_inactive_file_bytes",
+            "Inactive page cache of oom_cgroup at the last kill",
+        )?;
+        let timestamp = gauge(
+            "oom_kill_timestamp_seconds",
+            "Unix time of the last kill in this cgroup",
+        )?;
+        let working_set_ratio = Histogram::with_opts(
+            HistogramOpts::new(
+                "oom_kill_working_set_ratio",
+                "Working set over limit of oom_cgroup at each memcg kill",
+            )
+            .buckets(vec![0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 1.0, 1.01]),
+        )?;
+        registry.register(Box::new(working_set_ratio.clone()))?;
+        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
+            let counter = IntCounter::new(name, help)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let lost_events = counter(
+            "events_lost_total",
+            "Kill events dropped in the kernel because the ring buffer was full",
+        )?;
+        let read_errors = counter(
+            "kernel_read_errors_total",
+            "Kernel memory reads that failed while taking a snapshot",
+        )?;
+        let decode_errors = counter(
+            "events_malformed_total",
+            "Ring buffer records that could not be decoded",
+        )?;
+        let attach_info = IntGaugeVec::new(
+            Opts::new("attach_info", "Kernel hooks in use and how they are attached"),
+            &["hook", "mode"],
+        )?;
+        registry.register(Box::new(attach_info.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Version of leak and the kernel it runs on"),
+            &["version", "kernel"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), kernel_release])
+            .set(1);
+        let last_kill = Gauge::new(
+            "last_oom_kill_timestamp_seconds",
+            "Unix time of the most recent kill seen (0 before the first)",
+        )?;
+        registry.register(Box::new(last_kill.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            kills,
+            usage,
+            limit,
+            working_set,
+            inactive_file,
+            timestamp,
+            working_set_ratio,
+            lost_events,
+            read_errors,
+            decode_errors,
+            attach_info,
+            last_kill,
+        })
+    }
+
+    pub fn set_attachments(&self, attachments: &[Attachment]) {
+        for attachment in attachments {
+            self.attach_info
+                .with_label_values(&[attachment.hook, attachment.mode.as_str()])
+                .set(1);
+        }
+    }
+
+    pub fn record_kill(&self, kill: &Kill) {
+        let oom_cgroup = kill.oom_cgroup.as_deref().unwrap_or("");
+        self.kills
+            .with_label_values(&[kill.cgroup.as_str(), oom_cgroup, kill.constraint])
+            .inc();
+        let labels = [kill.cgroup.as_str(), oom_cgroup];
+        self.usage.with_label_values(&labels).set(kill.usage_bytes as f64);
+        self.limit
+            .with_label_values(&labels)
+            .set(kill.limit_bytes.map_or(f64::INFINITY, |limit| limit as f64));
+        self.working_set
+            .with_label_values(&labels)
+            .set(kill.working_set_bytes as f64);
+        self.inactive_file
+            .with_label_values(&labels)
+            .set(kill.inactive_file_bytes as f64);
+        let seconds = kill.timestamp_unix_ns as f64 / 1e9;
+        self.timestamp.with_label_values(&labels).set(seconds);
+        self.last_kill.set(seconds);
+        if let (Some(limit), Some(_)) = (kill.limit_bytes, &kill.oom_cgroup) {
+            if limit > 0 {
+                self.working_set_ratio
+                    .observe(kill.working_set_bytes as f64 / limit as f64);
+            }
+        }
+    }
+
+    /// Brings the lost-event and read-error counters up to the kernel's totals.
+    pub fn set_kernel_counters(&self, lost_events: u64, read_errors: u64) {
+        let catch_up = |counter: &IntCounter, total: u64| {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        };
+        catch_up(&self.lost_events, lost_events);
+        catch_up(&self.read_errors, read_errors);
+    }
+
+    pub fn count_decode_error(&self) {
+        self.decode_errors.inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        Ok(String::from_utf8_lossy(&buffer).into_owned())
+    }
+}

@@ -1,0 +1,513 @@
+//! Loading the kernel programs and attaching the OOM hook through its fallback chain.
+//!
+//! Kernel compatibility lives in one table, [`OOM_HOOK_CHAIN`]: the attach modes in priority
+//! order, each with how support is detected. `auto` walks it; a forced mode tries only itself
+//! and fails with the reason the kernel gave.
+
+use std::{fmt, fs, path::Path};
+
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, TracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use leak_common::{event::counter, layout::Layout};
+use log::{info, warn};
+
+use crate::layout::{self, LayoutError, Resolver};
+
+/// The compiled kernel programs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leak"));
+
+/// How the OOM hook is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    /// Walk the fallback chain and take the first mode the kernel supports.
+    Auto,
+    /// fentry/fexit on `oom_kill_process` (BTF trampolines), victims from `oom:mark_victim`.
+    Fentry,
+    /// kprobe/kretprobe on `oom_kill_process`, victims from `oom:mark_victim`.
+    Kprobe,
+    /// BTF-enabled raw tracepoint `oom:mark_victim`.
+    TpBtf,
+    /// Classic tracepoint `oom:mark_victim` (needs tracefs).
+    Tracepoint,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::TpBtf => "tp_btf",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The OOM hook's attach modes in priority order, and what each needs from the kernel.
+pub const OOM_HOOK_CHAIN: &[(AttachMode, &str)] = &[
+    (
+        AttachMode::Fentry,
+        "oom_kill_process in BTF (not inlined) and BPF trampolines (fentry) allowed",
+    ),
+    (
+        AttachMode::Kprobe,
+        "CONFIG_KPROBES and oom_kill_process in /proc/kallsyms (not inlined)",
+    ),
+    (AttachMode::TpBtf, "btf_trace_mark_victim in BTF (5.5+)"),
+    (AttachMode::Tracepoint, "tracefs with events/oom/mark_victim"),
+];
+
+/// One attached program: which kernel hook, in which mode.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    pub hook: &'static str,
+    pub mode: AttachMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "leak must run as root (it loads BPF programs: CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); \
+         try `sudo leak` or `cargo xtask run`"
+    )]
+    NotRoot,
+    #[error(
+        "kernel lockdown is in `confidentiality` mode, which forbids reading kernel memory \
+         from BPF; boot with lockdown=integrity or none"
+    )]
+    Lockdown,
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("cannot load kernel BTF for attaching: {0}")]
+    Btf(#[from] aya::BtfError),
+    #[error("cannot load the BPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the BPF object has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("attach mode `{mode}` is not available on this kernel: {reason} (needs {needs})")]
+    ModeUnavailable {
+        mode: AttachMode,
+        reason: String,
+        needs: &'static str,
+    },
+    #[error("no OOM hook could be attached:\n{0}")]
+    NoHook(String),
+}
+
+/// The loaded programs. Dropping it detaches every probe.
+pub struct Probes {
+    ebpf: Ebpf,
+    mode: AttachMode,
+    attachments: Vec<Attachment>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Options for [`Probes::load`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub attach: AttachMode,
+    pub ring_buffer_bytes: u32,
+    pub btf_path: std::path::PathBuf,
+}
+
+impl Probes {
+    /// Resolves the kernel layout, loads the programs and attaches the OOM hook.
+    pub fn load(options: &LoadOptions) -> Result<Self, ProbeError> {
+        preflight()?;
+        raise_memlock_rlimit();
+
+        let resolver = Resolver::from_file(&options.btf_path)?;
+        let mut kernel_layout = resolver.layout()?;
+        if let Some(offset) = tracefs_event_format("oom", "mark_victim")
+            .and_then(|format| layout::tracepoint_field_offset(&format, "pid"))
+        {
+            kernel_layout.tp_mark_victim_pid = offset;
+        }
+        info!("kernel layout resolved from {}", options.btf_path.display());
+        log::debug!("{kernel_layout:?}");
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &kernel_layout, true)
+            .map_max_entries("EVENTS", options.ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|err| match permission_denied(&err) {
+                true => ProbeError::NotRoot,
+                false => ProbeError::Load(err),
+            })?;
+        let counters = ebpf
+            .take_map("COUNTERS")
+            .ok_or(ProbeError::MissingMap("COUNTERS"))?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+
+        let btf = Btf::parse_file(&options.btf_path, aya::Endianness::default())?;
+        let mut attacher = Attacher {
+            ebpf: &mut ebpf,
+            btf: &btf,
+            resolver: &resolver,
+            kernel_layout: &kernel_layout,
+            attachments: Vec::new(),
+        };
+        let mode = attacher.attach_oom_hook(options.attach)?;
+        let attachments = attacher.attachments;
+        for attachment in &attachments {
+            info!("attached {} via {}", attachment.hook, attachment.mode);
+        }
+        Ok(Self {
+            ebpf,
+            mode,
+            attachments,
+            counters,
+        })
+    }
+
+    /// The OOM hook's mode in use (never `auto`).
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// The ring buffer of OOM-kill events; can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    /// The forwarder of the programs' own log records (aya-log).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                warn!("kernel program logs are not forwarded: {err}");
+                None
+            }
+        }
+    }
+
+    /// The kernel-side counters summed over CPUs: (lost events, read errors).
+    pub fn kernel_counters(&self) -> KernelCounters {
+        let sum = |index: u32| {
+            self.counters
+                .get(&index, 0)
+                .map(|values| values.iter().copied().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            lost_events: sum(counter::LOST_EVENTS),
+            read_errors: sum(counter::READ_ERRORS),
+        }
+    }
+
+    /// Detaches every program and unloads them (also done on drop; this logs it).
+    pub fn detach(self) {
+        let count = self.ebpf.programs().count();
+        drop(self);
+        info!("detached and unloaded {count} BPF programs");
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub lost_events: u64,
+    pub read_errors: u64,
+}
+
+struct Attacher<'a> {
+    ebpf: &'a mut Ebpf,
+    btf: &'a Btf,
+    resolver: &'a Resolver,
+    kernel_layout: &'a Layout,
+    attachments: Vec<Attachment>,
+}
+
+impl Attacher<'_> {
+    fn attach_oom_hook(&mut self, requested: AttachMode) -> Result<AttachMode, ProbeError> {
+        if requested != AttachMode::Auto {
+            self.try_mode(requested)?;
+            return Ok(requested);
+        }
+        let mut reasons = String::new();
+        for &(mode, _) in OOM_HOOK_CHAIN {
+            match self.try_mode(mode) {
+                Ok(()) => return Ok(mode),
+                Err(err) => {
+                    info!("attach mode {mode} skipped: {err}");
+                    reasons.push_str(&format!("  {err}\n"));
+                }
+            }
+        }
+        Err(ProbeError::NoHook(reasons))
+    }
+
+    fn try_mode(&mut self, mode: AttachMode) -> Result<(), ProbeError> {
+        let needs = OOM_HOOK_CHAIN
+            .iter()
+            .find(|(candidate, _)| *candidate == mode)
+            .map_or("", |(_, needs)| needs);
+        let unavailable = |reason: String| ProbeError::ModeUnavailable {
+            mode,
+            reason,
+            needs,
+        };
+        match mode {
+            AttachMode::Auto => Err(unavailable("auto is not a mode".into())),
+            AttachMode::Fentry => {
+                if !self.resolver.has_function("oom_kill_process") {
+                    return Err(unavailable("oom_kill_process is not in BTF (inlined?)".into()));
+                }
+                self.fentry_pair().map_err(|err| unavailable(describe(&err)))?;
+                self.victim_path(mode, needs)
+            }
+            AttachMode::Kprobe => {
+                if !kallsyms_has("oom_kill_process") {
+                    return Err(unavailable(
+                        "oom_kill_process is not in /proc/kallsyms (inlined or renamed)".into(),
+                    ));
+                }
+                self.kprobe_pair().map_err(|err| unavailable(describe(&err)))?;
+                self.victim_path(mode, needs)
+            }
+            AttachMode::TpBtf => self
+                .mark_victim_btf()
+                .map_err(|err| unavailable(describe(&err))),
+            AttachMode::Tracepoint => self
+                .mark_victim_tracepoint()
+                .map_err(|err| unavailable(describe(&err))),
+        }
+    }
+
+    /// The per-victim path that accompanies an `oom_kill_process` hook.
+    fn victim_path(&mut self, mode: AttachMode, needs: &'static str) -> Result<(), ProbeError> {
+        let btf_error = match self.mark_victim_btf() {
+            Ok(()) => return Ok(()),
+            Err(err) => describe(&err),
+        };
+        let tracepoint_error = match self.mark_victim_tracepoint() {
+            Ok(()) => return Ok(()),
+            Err(err) => describe(&err),
+        };
+        self.unload_oom_kill_process();
+        Err(ProbeError::ModeUnavailable {
+            mode,
+            reason: format!(
+                "oom_kill_process attached, but no per-victim hook: tp_btf: {btf_error}; \
+                 tracepoint: {tracepoint_error}"
+            ),
+            needs,
+        })
+    }
+
+    fn unload_oom_kill_process(&mut self) {
+        for name in [
+            "oom_kill_process_fentry",
+            "oom_kill_process_fexit",
+            "oom_kill_process_kprobe",
+            "oom_kill_process_kretprobe",
+        ] {
+            if let Some(program) = self.ebpf.program_mut(name) {
+                let _ = match program {
+                    aya::programs::Program::FEntry(p) => p.unload(),
+                    aya::programs::Program::FExit(p) => p.unload(),
+                    aya::programs::Program::KProbe(p) => p.unload(),
+                    _ => Ok(()),
+                };
+            }
+        }
+        self.attachments.retain(|a| a.hook != "oom_kill_process");
+    }
+
+    fn fentry_pair(&mut self) -> Result<(), ProgramError> {
+        let entry: &mut FEntry = program(self.ebpf, "oom_kill_process_fentry")?;
+        entry.load("oom_kill_process", self.btf)?;
+        entry.attach()?;
+        let exit: &mut FExit = program(self.ebpf, "oom_kill_process_fexit")?;
+        if let Err(err) = exit.load("oom_kill_process", self.btf).and_then(|()| exit.attach().map(drop)) {
+            self.unload_oom_kill_process();
+            return Err(err);
+        }
+        self.attachments.push(Attachment {
+            hook: "oom_kill_process",
+            mode: AttachMode::Fentry,
+        });
+        Ok(())
+    }
+
+    fn kprobe_pair(&mut self) -> Result<(), ProgramError> {
+        let entry: &mut KProbe = program(self.ebpf, "oom_kill_process_kprobe")?;
+        entry.load()?;
+        entry.attach("oom_kill_process", 0)?;
+        let exit: &mut KProbe = program(self.ebpf, "oom_kill_process_kretprobe")?;
+        if let Err(err) = exit.load().and_then(|()| exit.attach("oom_kill_process", 0).map(drop)) {
+            self.unload_oom_kill_process();
+            return Err(err);
+        }
+        self.attachments.push(Attachment {
+            hook: "oom_kill_process",
+            mode: AttachMode::Kprobe,
+        });
+        Ok(())
+    }
+
+    fn mark_victim_btf(&mut self) -> Result<(), ProgramError> {
+        if !self.resolver.has_btf_tracepoint("mark_victim") {
+            return Err(ProgramError::Btf(aya::BtfError::UnknownBtfTypeName {
+                type_name: "btf_trace_mark_victim".into(),
+            }));
+        }
+        let program: &mut BtfTracePoint = program(self.ebpf, "mark_victim_btf")?;
+        program.load("mark_victim", self.btf)?;
+        if let Err(err) = program.attach() {
+            let _ = program.unload();
+            return Err(err);
+        }
+        self.attachments.push(Attachment {
+            hook: "mark_victim",
+            mode: AttachMode::TpBtf,
+        });
+        Ok(())
+    }
+
+    fn mark_victim_tracepoint(&mut self) -> Result<(), ProgramError> {
+        if self.kernel_layout.tp_mark_victim_pid == Layout::ABSENT {
+            return Err(ProgramError::IOError(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "events/oom/mark_victim/format not found: mount tracefs at /sys/kernel/tracing \
+                 (or debugfs at /sys/kernel/debug)",
+            )));
+        }
+        let program: &mut TracePoint = program(self.ebpf, "mark_victim_tracepoint")?;
+        program.load()?;
+        if let Err(err) = program.attach("oom", "mark_victim") {
+            let _ = program.unload();
+            return Err(err);
+        }
+        self.attachments.push(Attachment {
+            hook: "mark_victim",
+            mode: AttachMode::Tracepoint,
+        });
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProgramError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| {
+        ProgramError::IOError(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("program {name} missing from the BPF object"),
+        ))
+    })?;
+    program.try_into()
+}
+
+/// A one-line reason, with what to do for the errors users meet.
+fn describe(err: &ProgramError) -> String {
+    let text = match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let log = log.trim();
+            if log.is_empty() {
+                format!("load failed: {io_error}")
+            } else {
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                format!("load failed: {io_error}; verifier: {}", tail.join(" | "))
+            }
+        }
+        other => other.to_string(),
+    };
+    if text.contains("Operation not permitted") || text.contains("os error 1)") {
+        format!("{text} (the kernel refused it: not root, or this program type is disabled)")
+    } else {
+        text
+    }
+}
+
+fn permission_denied(err: &aya::EbpfError) -> bool {
+    let text = err.to_string();
+    text.contains("Operation not permitted") && !nix_is_root()
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn preflight() -> Result<(), ProbeError> {
+    if !nix_is_root() {
+        return Err(ProbeError::NotRoot);
+    }
+    if let Ok(lockdown) = fs::read_to_string("/sys/kernel/security/lockdown") {
+        if lockdown.contains("[confidentiality]") {
+            return Err(ProbeError::Lockdown);
+        }
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK.
+fn raise_memlock_rlimit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass; failure is reported through the return value.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            "cannot raise RLIMIT_MEMLOCK ({}); kernels before 5.11 may refuse the maps",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The tracefs mount points to look in, newest first.
+const TRACEFS_ROOTS: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+fn tracefs_event_format(category: &str, name: &str) -> Option<String> {
+    TRACEFS_ROOTS.iter().find_map(|root| {
+        fs::read_to_string(Path::new(root).join("events").join(category).join(name).join("format"))
+            .ok()
+    })
+}
+
+fn kallsyms_has(symbol: &str) -> bool {
+    let Ok(kallsyms) = fs::read_to_string("/proc/kallsyms") else {
+        return false;
+    };
+    kallsyms.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let kind = fields.nth(1);
+        let name = fields.next();
+        matches!(kind, Some("t" | "T")) && name == Some(symbol)
+    })
+}

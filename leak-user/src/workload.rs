@@ -1,0 +1,234 @@
+//! `leak workload`: the original experiment's leaking program. Every `interval` it allocates and
+//! keeps `chunk` bytes, writing to every byte so the pages are charged to its memory cgroup;
+//! with a file it also appends a chunk and fsyncs, growing page cache. It serves its own
+//! `/metrics`.
+
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    time::Duration,
+};
+
+use axum::{http::header, routing::get, Router};
+use log::info;
+use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
+
+#[derive(Clone, Debug)]
+pub struct WorkloadOptions {
+    pub interval: Duration,
+    pub chunk: usize,
+    pub file: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    /// Stop leaking (but keep running) after this many bytes; `None` leaks until killed.
+    pub max_bytes: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("--chunk must be at least one byte")]
+    EmptyChunk,
+}
+
+struct WorkloadMetrics {
+    registry: Registry,
+    leaked: IntCounter,
+    written: IntCounter,
+}
+
+impl WorkloadMetrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("leak_workload".into()), None)?;
+        let leaked = IntCounter::new("leaked_bytes_total", "Anonymous memory allocated and kept")?;
+        let written = IntCounter::new(
+            "written_bytes_total",
+            "Bytes appended (and fsynced) to the file",
+        )?;
+        registry.register(Box::new(leaked.clone()))?;
+        registry.register(Box::new(written.clone()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            leaked,
+            written,
+        })
+    }
+
+    fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            return format!("# encoding failed: {err}\n");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
+    if options.chunk == 0 {
+        return Err(WorkloadError::EmptyChunk);
+    }
+    let metrics = std::sync::Arc::new(WorkloadMetrics::new()?);
+    if let Some(addr) = options.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| WorkloadError::Listen { addr, source })?;
+        let local = listener.local_addr().map_err(|source| WorkloadError::Listen { addr, source })?;
+        info!("workload metrics on http://{local}/metrics");
+        let metrics = metrics.clone();
+        let app = Router::new().route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    let mut file = match &options.file {
+        Some(path) => Some((
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| WorkloadError::Open {
+                    path: path.clone(),
+                    source,
+                })?,
+            path.clone(),
+        )),
+        None => None,
+    };
+    info!(
+        "leaking {} bytes every {:?}{}",
+        options.chunk,
+        options.interval,
+        options
+            .file
+            .as_ref()
+            .map(|p| format!(", appending and fsyncing {}", p.display()))
+            .unwrap_or_default()
+    );
+
+    let mut kept: Vec<Box<[u8]>> = Vec::new();
+    let mut ticker = tokio::time::interval(options.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let page = vec![0x5au8; options.chunk];
+    loop {
+        ticker.tick().await;
+        let leaked = metrics.leaked.get();
+        if options.max_bytes.is_some_and(|max| leaked >= max) {
+            continue;
+        }
+        // Filled with a non-zero byte so every page is written, faulted in and charged.
+        let chunk = page.clone().into_boxed_slice();
+        kept.push(std::hint::black_box(chunk));
+        metrics.leaked.inc_by(options.chunk as u64);
+
+        if let Some((file, path)) = file.as_mut() {
+            file.write_all(&page)
+                .and_then(|()| file.sync_all())
+                .map_err(|source| WorkloadError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            metrics.written.inc_by(options.chunk as u64);
+        }
+    }
+}
+
+/// Parses `5ms`, `1s`, `250us`, `2m`; a bare number is milliseconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 5ms or 1s"))?;
+    let scale = match unit.trim() {
+        "" | "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "ns" => 1e-9,
+        "s" => 1.0,
+        "m" => 60.0,
+        other => return Err(format!("unknown duration unit `{other}` (ns, us, ms, s, m)")),
+    };
+    let seconds = value * scale;
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("`{text}` must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Parses `1024`, `1KiB`, `4k`, `1MiB`, `128M`, `1GiB` (binary multiples).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 1KiB or 128MiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kb" | "kib" => 1 << 10,
+        "m" | "mi" | "mb" | "mib" => 1 << 20,
+        "g" | "gi" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (KiB, MiB, GiB)")),
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("0ms").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("1KiB"), Ok(1024));
+        assert_eq!(parse_bytes("128Mi"), Ok(128 << 20));
+        assert!(parse_bytes("1 parsec").is_err());
+        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_bytes("4k"), Ok(4096));
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+}
