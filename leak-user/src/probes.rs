@@ -475,17 +475,30 @@ fn preflight() -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK.
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK: raise it to unlimited,
+/// or at least to the hard limit.
 fn raise_memlock_rlimit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
-    // SAFETY: setrlimit reads the struct we pass; failure is reported through the return value.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        warn!(
-            "cannot raise RLIMIT_MEMLOCK ({}); kernels before 5.11 may refuse the maps",
-            std::io::Error::last_os_error()
+    // SAFETY: setrlimit/getrlimit read or write only the struct we pass.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 {
+            return;
+        }
+        let error = std::io::Error::last_os_error();
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) == 0 {
+            current.rlim_cur = current.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &current);
+        }
+        log::debug!(
+            "RLIMIT_MEMLOCK stays at {} bytes ({error}); only kernels before 5.11 need more",
+            current.rlim_cur
         );
     }
 }
@@ -494,10 +507,41 @@ fn raise_memlock_rlimit() {
 const TRACEFS_ROOTS: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 fn tracefs_event_format(category: &str, name: &str) -> Option<String> {
-    TRACEFS_ROOTS.iter().find_map(|root| {
-        fs::read_to_string(Path::new(root).join("events").join(category).join(name).join("format"))
-            .ok()
-    })
+    let read = || {
+        TRACEFS_ROOTS.iter().find_map(|root| {
+            let format = Path::new(root).join("events").join(category).join(name).join("format");
+            fs::read_to_string(format).ok()
+        })
+    };
+    read().or_else(|| mount_tracefs().then(read).flatten())
+}
+
+/// Mounts tracefs at /sys/kernel/tracing when nothing is there, as systemd does at boot; a
+/// node without it (a minimal init, a container with /sys from the host) still gets classic
+/// tracepoints.
+fn mount_tracefs() -> bool {
+    let target = TRACEFS_ROOTS[0];
+    if !Path::new(target).is_dir() || Path::new(target).join("events").exists() {
+        return false;
+    }
+    let (Ok(source), Ok(fstype), Ok(path)) = (
+        std::ffi::CString::new("tracefs"),
+        std::ffi::CString::new("tracefs"),
+        std::ffi::CString::new(target),
+    ) else {
+        return false;
+    };
+    // SAFETY: all pointers are valid NUL-terminated strings; no mount data is passed.
+    let result = unsafe {
+        libc::mount(source.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if result == 0 {
+        info!("mounted tracefs at {target} for the classic tracepoints");
+        true
+    } else {
+        log::debug!("cannot mount tracefs at {target}: {}", std::io::Error::last_os_error());
+        false
+    }
 }
 
 fn kallsyms_has(symbol: &str) -> bool {

@@ -1,0 +1,261 @@
+//! End to end on this machine's real memory cgroups (v1 or v2, whichever carries the memory
+//! controller): the agent runs, `leak workload` leaks in a fresh memcg with a small limit until
+//! the kernel kills it, and the snapshot on /kills and /metrics is compared with the kernel's
+//! own OOM report in /dev/kmsg.
+
+mod support;
+
+use std::time::Duration;
+
+use leak_user::kmsg::{self, Kmsg, OomReport};
+use serde_json::Value;
+use support::*;
+
+const LIMIT: u64 = 64 << 20;
+
+/// Inactive file pages may differ from the report by the rstat flush error: one charge batch
+/// (64 pages) per CPU.
+fn lru_tolerance_bytes() -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    64 * 4096 * cpus
+}
+
+/// The kernel's report for the kill of `pid`, waiting for it to be logged.
+fn report_for(kmsg: &mut Kmsg, seen: &mut Vec<String>, pid: u32) -> OomReport {
+    for _ in 0..100 {
+        seen.extend(kmsg.read_new().expect("read /dev/kmsg"));
+        if let Some(report) = kmsg::parse_reports(seen.iter().map(String::as_str))
+            .into_iter()
+            .find(|r| r.pid == Some(pid) || r.killed.contains(&pid))
+        {
+            if report.usage_kb.is_some() {
+                return report;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the kernel logged no OOM report for pid {pid}; kmsg:\n{}", seen.join("\n"));
+}
+
+/// Hierarchical inactive_file of the report: `total_inactive_file` on v1, `inactive_file` on v2.
+fn report_stat(report: &OomReport, name: &str) -> u64 {
+    report
+        .stats
+        .get(&format!("total_{name}"))
+        .or_else(|| report.stats.get(name))
+        .copied()
+        .unwrap_or_else(|| panic!("report has no {name}: {:?}", report.stats))
+}
+
+fn bytes(kill: &Value, key: &str) -> u64 {
+    kill[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {kill:#}"))
+}
+
+struct Outcome {
+    kill: Value,
+    report: OomReport,
+    metrics: String,
+    mode: String,
+}
+
+/// Runs the agent, leaks in `victim` until killed, and gathers both sides.
+fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcome {
+    let mut agent = Agent::start(&["--attach", attach]);
+    let (status, health) = agent.get("/healthz");
+    assert_eq!(status, 200);
+    let mode = health
+        .split("attach_mode=")
+        .nth(1)
+        .map(|m| m.trim().to_owned())
+        .expect("attach mode in /healthz");
+    if attach != "auto" {
+        assert_eq!(mode, attach, "forced mode must be used");
+    }
+
+    let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
+    let mut workload_process = spawn_in(victim, workload);
+    let pid = workload_process.pid();
+    let status = workload_process
+        .wait_timeout(Duration::from_secs(120))
+        .expect("the workload was not OOM-killed within 120 s");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "workload ended by {status:?}");
+
+    let kill = agent.wait_for_kill(pid);
+    let mut seen = Vec::new();
+    let report = report_for(&mut kmsg, &mut seen, pid);
+    let (status, metrics) = agent.get("/metrics");
+    assert_eq!(status, 200);
+    let exit = agent.stop();
+    assert!(exit.success(), "agent exited with {exit:?} on SIGTERM:\n{}", agent.log());
+    assert!(
+        agent.log().contains("detached and unloaded"),
+        "agent did not report detaching its probes:\n{}",
+        agent.log()
+    );
+    eprintln!(
+        "[{attach} -> {mode}] pid {pid}: agent usage {} limit {} inactive_file {} working set {}; \
+         kernel usage {}kB limit {}kB inactive_file {}",
+        kill["usage_bytes"],
+        kill["limit_bytes"],
+        kill["inactive_file_bytes"],
+        kill["working_set_bytes"],
+        report.usage_kb.unwrap_or(0),
+        report.limit_kb.unwrap_or(0),
+        report_stat(&report, "inactive_file"),
+    );
+    Outcome {
+        kill,
+        report,
+        metrics,
+        mode,
+    }
+}
+
+/// What every scenario checks: the victim, the cgroups, and the figures against the kernel's.
+fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup) {
+    let Outcome {
+        kill,
+        report,
+        metrics,
+        mode,
+    } = outcome;
+    assert_eq!(kill["attach_mode"].as_str(), Some(mode.as_str()));
+    assert_eq!(kill["victim_comm"].as_str(), Some("leak"));
+    assert_eq!(kill["cgroup"].as_str(), Some(victim.relative.as_str()), "{kill:#}");
+    assert_eq!(kill["oom_cgroup"].as_str(), Some(oom_cgroup.relative.as_str()), "{kill:#}");
+    assert_eq!(kill["constraint"].as_str(), Some("memcg"));
+    assert_eq!(report.oom_memcg.as_deref(), Some(oom_cgroup.relative.as_str()));
+    assert_eq!(report.task_memcg.as_deref(), Some(victim.relative.as_str()));
+
+    // The headline figures describe oom_cgroup, as the kernel's `memory:` line does.
+    assert_eq!(bytes(kill, "usage_bytes"), report.usage_kb.expect("usage") * 1024);
+    assert_eq!(bytes(kill, "limit_bytes"), report.limit_kb.expect("limit") * 1024);
+    assert_eq!(bytes(kill, "limit_bytes"), LIMIT);
+    let tolerance = lru_tolerance_bytes();
+    let oom_level = kill["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .find(|c| c["hit_limit"] == Value::Bool(true))
+        .expect("a cgroup marked hit_limit");
+    for lru in ["inactive_anon", "active_anon", "inactive_file", "active_file", "unevictable"] {
+        let ours = bytes(oom_level, &format!("{lru}_bytes"));
+        let kernel = report_stat(report, lru);
+        assert!(
+            ours.abs_diff(kernel) <= tolerance,
+            "{lru}: agent {ours} vs kernel {kernel} (tolerance {tolerance})"
+        );
+    }
+    assert_eq!(
+        bytes(kill, "working_set_bytes"),
+        bytes(kill, "usage_bytes").saturating_sub(bytes(kill, "inactive_file_bytes"))
+    );
+
+    let counter = format!(
+        "leak_oom_kills_total{{cgroup=\"{}\",constraint=\"memcg\",oom_cgroup=\"{}\"}} 1",
+        victim.relative, oom_cgroup.relative
+    );
+    assert!(metrics.contains(&counter), "missing `{counter}` in\n{metrics}");
+    let gauge = format!(
+        "leak_oom_kill_working_set_bytes{{cgroup=\"{}\",oom_cgroup=\"{}\"}} {}",
+        victim.relative,
+        oom_cgroup.relative,
+        bytes(kill, "working_set_bytes")
+    );
+    assert!(metrics.contains(&gauge), "missing `{gauge}` in\n{metrics}");
+    let info = format!("leak_attach_info{{hook=\"mark_victim\",mode=\"");
+    assert!(metrics.contains(&info), "no attach info in\n{metrics}");
+}
+
+const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
+
+fn anonymous_leak(attach: &str) {
+    let Some(hierarchy) = privileged() else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = Cgroup::create(&hierarchy, &format!("leak-e2e-anon-{attach}"));
+    cgroup.set_limit(LIMIT);
+    let outcome = leak_until_killed(attach, &cgroup, FAST_ANON);
+    check_against_kernel(&outcome, &cgroup, &cgroup);
+    assert_eq!(outcome.kill["victim_pid"], outcome.report.pid.map(Value::from).unwrap_or_default());
+}
+
+fn page_cache_leak(attach: &str) {
+    let Some(hierarchy) = privileged() else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = Cgroup::create(&hierarchy, &format!("leak-e2e-file-{attach}"));
+    cgroup.set_limit(LIMIT);
+    let file = TempFile::on_disk(&format!("leak-e2e-file-{attach}"));
+    let path = file.0.to_string_lossy().into_owned();
+    let outcome = leak_until_killed(
+        attach,
+        &cgroup,
+        &["--interval", "1ms", "--chunk", "256KiB", "--file", &path, "--listen", "off"],
+    );
+    check_against_kernel(&outcome, &cgroup, &cgroup);
+    let kill = &outcome.kill;
+    // The workload pushed a limit's worth of data through the page cache and was killed only
+    // once its working set filled the limit: the cache was reclaimed on the way (the file
+    // LRUs, checked against the kernel's above, hold what is left of it), and the working set,
+    // not the usage, is what stood at the limit.
+    assert!(file_size(&file.0) > LIMIT / 2, "wrote only {} bytes", file_size(&file.0));
+    let level = &kill["cgroups"][0];
+    let file_lru = bytes(level, "inactive_file_bytes") + bytes(level, "active_file_bytes");
+    let anon_lru = bytes(level, "inactive_anon_bytes") + bytes(level, "active_anon_bytes");
+    assert!(
+        bytes(kill, "working_set_bytes") >= LIMIT / 10 * 9,
+        "working set below 90% of the limit at the kill: {kill:#}"
+    );
+    assert!(anon_lru + file_lru <= bytes(kill, "usage_bytes") + lru_tolerance_bytes());
+    eprintln!(
+        "page cache written {} bytes; at the kill: file LRU {file_lru}, working set {} of usage {}",
+        file_size(&file.0),
+        kill["working_set_bytes"],
+        kill["usage_bytes"]
+    );
+}
+
+fn limit_on_parent(attach: &str) {
+    let Some(hierarchy) = privileged() else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let parent = Cgroup::create(&hierarchy, &format!("leak-e2e-parent-{attach}"));
+    parent.set_limit(LIMIT);
+    let child = parent.child("child");
+    let outcome = leak_until_killed(attach, &child, FAST_ANON);
+    check_against_kernel(&outcome, &child, &parent);
+    let cgroups = outcome.kill["cgroups"].as_array().expect("cgroups");
+    assert_eq!(cgroups[0]["path"].as_str(), Some(child.relative.as_str()));
+    assert_eq!(cgroups[0]["hit_limit"], Value::Bool(false));
+    assert_eq!(cgroups[1]["path"].as_str(), Some(parent.relative.as_str()));
+    assert_eq!(cgroups[1]["hit_limit"], Value::Bool(true));
+}
+
+#[test]
+fn anonymous_leak_auto() {
+    anonymous_leak("auto");
+}
+
+#[test]
+fn anonymous_leak_tracepoint() {
+    anonymous_leak("tracepoint");
+}
+
+#[test]
+fn page_cache_leak_auto() {
+    page_cache_leak("auto");
+}
+
+#[test]
+fn page_cache_leak_tracepoint() {
+    page_cache_leak("tracepoint");
+}
+
+#[test]
+fn limit_on_parent_auto() {
+    limit_on_parent("auto");
+}
+
+#[test]
+fn limit_on_parent_tracepoint() {
+    limit_on_parent("tracepoint");
+}
