@@ -13,6 +13,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, tracepoint},
     programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use leak_common::{
     event::{
         counter, flags, hook, MemcgSnapshot, OomContext, OomKillEvent, CGROUP_NAME_LEN,
@@ -56,10 +57,12 @@ pub fn oom_kill_process_kretprobe(_ctx: RetProbeContext) -> u32 {
 pub fn mark_victim_btf(ctx: BtfTracePointContext) -> i32 {
     if layout!(mark_victim_has_task) == 1 {
         let task: u64 = ctx.arg(0);
-        let pid = read::<i32>(task, layout!(task_pid)).unwrap_or(0);
-        report_victim(hook::TP_BTF_MARK_VICTIM, task, pid as u32);
+        let pid = read::<i32>(task, layout!(task_pid)).unwrap_or(0) as u32;
+        debug!(&ctx, "oom:mark_victim (tp_btf) pid {}", pid);
+        report_victim(hook::TP_BTF_MARK_VICTIM, task, pid);
     } else {
         let pid = ctx.arg::<u64>(0) as u32;
+        debug!(&ctx, "oom:mark_victim (tp_btf, pid only) pid {}", pid);
         report_victim(hook::TP_BTF_MARK_VICTIM, find_victim_task(pid), pid);
     }
     0
@@ -71,6 +74,7 @@ pub fn mark_victim_tracepoint(ctx: TracePointContext) -> u32 {
     // SAFETY: the offset comes from the tracepoint's own format file and points at an `int`.
     let pid = unsafe { ctx.read_at::<i32>(offset) }.unwrap_or(0);
     let pid = pid as u32;
+    debug!(&ctx, "oom:mark_victim (tracepoint) pid {}", pid);
     report_victim(hook::TRACEPOINT_MARK_VICTIM, find_victim_task(pid), pid);
     0
 }

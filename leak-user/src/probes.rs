@@ -446,7 +446,9 @@ fn describe(err: &ProgramError) -> String {
         }
         other => other.to_string(),
     };
-    if text.contains("Operation not permitted") || text.contains("os error 1)") {
+    if text.contains("kprobe/type") {
+        format!("{text} is missing: the kernel has no kprobe PMU (CONFIG_KPROBES is off)")
+    } else if text.contains("Operation not permitted") || text.contains("os error 1)") {
         format!("{text} (the kernel refused it: not root, or this program type is disabled)")
     } else {
         text

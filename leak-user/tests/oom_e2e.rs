@@ -166,6 +166,7 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
     assert!(metrics.contains(&gauge), "missing `{gauge}` in\n{metrics}");
     let info = format!("leak_attach_info{{hook=\"mark_victim\",mode=\"");
     assert!(metrics.contains(&info), "no attach info in\n{metrics}");
+    promtool_check(metrics);
 }
 
 const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];

@@ -1,1 +1,48 @@
-fn main(){}
+//! Build, run and test automation for leak: `cargo xtask run` and `cargo xtask test`.
+
+mod bootstrap;
+mod kernels;
+mod run;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "leak's build, run and test automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build leak in release and run it as root (default subcommand: trace).
+    Run(run::Options),
+    /// Run the whole test suite as CI does.
+    Test(test::Options),
+    /// Install or build every missing tool (nightly rust-src, bpf-linker, Debian packages).
+    Bootstrap,
+    /// Download Debian kernel packages for SERIES (e.g. 5.10, 6.1) and extract their BTF.
+    KernelBtf {
+        #[arg(required = true)]
+        series: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(options) => run::run(options),
+        Command::Test(options) => test::run(options),
+        Command::Bootstrap => {
+            bootstrap::ebpf_toolchain()?;
+            bootstrap::debian_packages(&bootstrap::TEST_PACKAGES)
+        }
+        Command::KernelBtf { series } => {
+            for series in series {
+                let kernel = kernels::fetch(&series)?;
+                println!("{}: {}", kernel.release, kernel.btf.display());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Debian's cloud kernels: resolve a series (5.10, 6.1, 6.12 ...) to the newest
+//! `linux-image-*-cloud-amd64` package of the suites that carry it, through a private apt
+//! configuration (the system's sources are never touched), download it, cache it, and extract
+//! the kernel image and its BTF.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::bootstrap::{self, cache_dir, output, say};
+
+/// Suites searched for kernels, oldest first.
+const SUITES: &[(&str, &str)] = &[
+    ("http://deb.debian.org/debian", "bullseye"),
+    ("http://deb.debian.org/debian-security", "bullseye-security"),
+    ("http://deb.debian.org/debian", "bookworm"),
+    ("http://deb.debian.org/debian-security", "bookworm-security"),
+    ("http://deb.debian.org/debian", "bookworm-backports"),
+    ("http://deb.debian.org/debian", "trixie"),
+    ("http://deb.debian.org/debian-security", "trixie-security"),
+];
+
+const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+pub struct Kernel {
+    /// `uname -r` of the kernel, e.g. `5.10.0-46-cloud-amd64`.
+    pub release: String,
+    /// The unpacked package (boot/, lib/modules/).
+    pub root: PathBuf,
+    pub vmlinuz: PathBuf,
+    pub btf: PathBuf,
+}
+
+fn apt_dir() -> PathBuf {
+    cache_dir().join("apt")
+}
+
+fn apt_options() -> Vec<String> {
+    let dir = apt_dir();
+    vec![
+        format!("-oDir::Etc::SourceList={}", dir.join("sources.list").display()),
+        "-oDir::Etc::SourceParts=/dev/null".into(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+        "-oAPT::Sandbox::User=root".into(),
+        "-qq".into(),
+    ]
+}
+
+/// Writes the private sources list and updates its package lists (once per day).
+fn apt_update() -> Result<()> {
+    let dir = apt_dir();
+    fs::create_dir_all(dir.join("lists").join("partial"))?;
+    fs::create_dir_all(dir.join("cache").join("archives").join("partial"))?;
+    let sources: String = SUITES
+        .iter()
+        .map(|(uri, suite)| format!("deb [signed-by={KEYRING}] {uri} {suite} main\n"))
+        .collect();
+    let list = dir.join("sources.list");
+    let stamp = dir.join("updated");
+    let fresh = fs::read_to_string(&list).is_ok_and(|old| old == sources)
+        && fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() < 86_400));
+    if fresh {
+        return Ok(());
+    }
+    if !Path::new(KEYRING).exists() {
+        bootstrap::debian_packages(&[("true", "debian-archive-keyring")])?;
+    }
+    fs::write(&list, sources)?;
+    say("updating the private apt lists for Debian's kernel suites");
+    bootstrap::run(Command::new("apt-get").args(apt_options()).arg("update"))
+        .context("apt-get update of the kernel suites failed")?;
+    fs::write(stamp, "")?;
+    Ok(())
+}
+
+/// `linux-image-<series>.<...>-cloud-amd64` package names, excluding debug and unsigned ones.
+fn matches_series(package: &str, series: &str) -> bool {
+    let Some(rest) = package.strip_prefix("linux-image-") else {
+        return false;
+    };
+    let Some(version) = rest.strip_suffix("-cloud-amd64") else {
+        return false;
+    };
+    // "5.10.0-46", "6.12.48+deb13", "6.12.12+bpo": the series, then a '.' or '-'.
+    version
+        .strip_prefix(series)
+        .is_some_and(|tail| tail.starts_with('.') || tail.starts_with('-'))
+        && version.chars().next().is_some_and(|c| c.is_ascii_digit())
+}
+
+/// Sorts Debian versions with `dpkg --compare-versions` semantics, good enough for ABI names.
+fn version_key(package: &str) -> Vec<u64> {
+    package
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse().ok())
+        .collect()
+}
+
+/// The newest cloud kernel package of `series`.
+fn newest_package(series: &str) -> Result<String> {
+    let names = output(
+        Command::new("apt-cache")
+            .args(apt_options())
+            .args(["pkgnames", "linux-image-"]),
+    )?;
+    let mut candidates: Vec<&str> = names.lines().filter(|p| matches_series(p, series)).collect();
+    candidates.sort_by_key(|p| version_key(p));
+    candidates.last().map(|p| (*p).to_owned()).with_context(|| {
+        format!(
+            "no linux-image-{series}*-cloud-amd64 in {}",
+            SUITES.iter().map(|(_, s)| *s).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+/// Downloads (or reuses) and unpacks the newest kernel of `series`, and extracts its BTF.
+pub fn fetch(series: &str) -> Result<Kernel> {
+    bootstrap::debian_packages(&[("dpkg-deb", "dpkg"), ("xz", "xz-utils"), ("zstd", "zstd")])?;
+    let kernels = cache_dir().join("kernels");
+    fs::create_dir_all(&kernels)?;
+    let pinned = kernels.join(format!("{series}.package"));
+    let package = match apt_update().and_then(|()| newest_package(series)) {
+        Ok(package) => {
+            fs::write(&pinned, &package)?;
+            package
+        }
+        // Offline: reuse the last kernel fetched for this series.
+        Err(err) => match fs::read_to_string(&pinned) {
+            Ok(package) => {
+                say(format!("{err:#}; reusing cached {package}"));
+                package
+            }
+            Err(_) => return Err(err),
+        },
+    };
+    let release = package.trim_start_matches("linux-image-").to_owned();
+    let root = kernels.join(&release);
+    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        let download = kernels.join("download");
+        let _ = fs::remove_dir_all(&download);
+        fs::create_dir_all(&download)?;
+        say(format!("downloading {package}"));
+        bootstrap::run(
+            Command::new("apt-get")
+                .args(apt_options())
+                .args(["download", &package])
+                .current_dir(&download),
+        )?;
+        let deb = fs::read_dir(&download)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .context("apt-get download produced no .deb")?;
+        let unpacking = kernels.join(format!("{release}.partial"));
+        let _ = fs::remove_dir_all(&unpacking);
+        bootstrap::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacking))?;
+        fs::rename(&unpacking, &root)?;
+        let _ = fs::remove_dir_all(&download);
+    }
+    let btf = kernels.join(format!("{release}.btf"));
+    if !btf.exists() {
+        say(format!("extracting BTF from {}", vmlinuz.display()));
+        let vmlinux = decompress_bzimage(&vmlinuz)?;
+        let section = elf_section(&vmlinux, ".BTF")
+            .with_context(|| format!("{release} has no .BTF section (built without CONFIG_DEBUG_INFO_BTF)"))?;
+        fs::write(&btf, section)?;
+    }
+    Ok(Kernel {
+        release,
+        root,
+        vmlinuz,
+        btf,
+    })
+}
+
+/// The ELF `vmlinux` inside an x86 bzImage: the boot header says where the compressed payload
+/// is; its magic says how it is compressed.
+pub fn decompress_bzimage(path: &Path) -> Result<Vec<u8>> {
+    let image = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let u32_at = |at: usize| -> Result<u32> {
+        let bytes = image.get(at..at + 4).context("bzImage header truncated")?;
+        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    };
+    if image.get(0x202..0x206) != Some(b"HdrS") {
+        bail!("{} is not an x86 bzImage", path.display());
+    }
+    let setup_sectors = match image[0x1f1] {
+        0 => 4,
+        n => n as usize,
+    };
+    let protected_mode = (setup_sectors + 1) * 512;
+    let offset = protected_mode + u32_at(0x248)? as usize;
+    let length = u32_at(0x24c)? as usize;
+    let payload = image
+        .get(offset..offset + length)
+        .context("bzImage payload out of bounds")?;
+    let tool: &[&str] = match payload {
+        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => &["xz", "-dc"],
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dcq"],
+        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
+        [0x5d, 0x00, 0x00, ..] => &["xz", "--format=lzma", "-dc"],
+        _ => bail!("{}: unknown kernel compression", path.display()),
+    };
+    let mut child = Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {}", tool[0]))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let payload = payload.to_vec();
+    // The payload carries the size of the decompressed image in its last bytes, which some
+    // decompressors call trailing garbage: feed it all and accept a non-zero exit if the ELF
+    // came out whole.
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &payload));
+    let result = child.wait_with_output()?;
+    let _ = writer.join();
+    if !result.stdout.starts_with(b"\x7fELF") {
+        bail!("decompressing {} with {} did not give an ELF image", path.display(), tool[0]);
+    }
+    Ok(result.stdout)
+}
+
+/// The contents of section `name` of a little-endian ELF64 file.
+pub fn elf_section<'a>(elf: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |at: usize| elf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let u64_at = |at: usize| {
+        elf.get(at..at + 8)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
+    };
+    if elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
+        return None;
+    }
+    let section_headers = u64_at(0x28)?;
+    let entry_size = u16_at(0x3a)?;
+    let count = u16_at(0x3c)?;
+    let names_index = u16_at(0x3e)?;
+    let header = |index: usize| section_headers + index * entry_size;
+    let names_offset = u64_at(header(names_index) + 0x18)?;
+    (0..count).find_map(|index| {
+        let at = header(index);
+        let name_offset = names_offset + u32_at(at)?;
+        let section_name = elf.get(name_offset..)?.split(|&b| b == 0).next()?;
+        if section_name != name.as_bytes() {
+            return None;
+        }
+        let offset = u64_at(at + 0x18)?;
+        let size = u64_at(at + 0x20)?;
+        elf.get(offset..offset + size)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_series_names() {
+        assert!(matches_series("linux-image-5.10.0-46-cloud-amd64", "5.10"));
+        assert!(matches_series("linux-image-6.12.48+deb13-cloud-amd64", "6.12"));
+        assert!(matches_series("linux-image-6.12.12+bpo-cloud-amd64", "6.12"));
+        assert!(!matches_series("linux-image-6.1.0-57-cloud-amd64", "6.12"));
+        assert!(!matches_series("linux-image-6.12.48+deb13-cloud-amd64-dbg", "6.12"));
+        assert!(!matches_series("linux-image-6.1.0-57-cloud-amd64-unsigned", "6.1"));
+        assert!(!matches_series("linux-image-cloud-amd64", "6.1"));
+    }
+
+    #[test]
+    fn sorts_abi_versions_numerically() {
+        let mut names = vec![
+            "linux-image-6.1.0-9-cloud-amd64",
+            "linux-image-6.1.0-57-cloud-amd64",
+            "linux-image-6.1.0-10-cloud-amd64",
+        ];
+        names.sort_by_key(|p| version_key(p));
+        assert_eq!(names.last(), Some(&"linux-image-6.1.0-57-cloud-amd64"));
+    }
+}

@@ -1,0 +1,96 @@
+//! `cargo xtask test`: the whole suite, as CI runs it, with each stage's time.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+
+use crate::{
+    bootstrap::{self, say},
+    kernels,
+};
+
+/// Kernels whose BTF the layout resolver is tested against, besides the running one.
+const BTF_KERNELS: &[&str] = &["5.10", "6.1"];
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Only run tests whose name contains this (passed to `cargo test`).
+    #[arg(last = true)]
+    filter: Vec<String>,
+}
+
+struct Stages(Vec<(String, Duration, bool)>);
+
+impl Stages {
+    fn time<T>(&mut self, name: &str, stage: impl FnOnce() -> Result<T>) -> Result<T> {
+        say(format!("stage: {name}"));
+        let start = Instant::now();
+        let result = stage();
+        self.0.push((name.to_owned(), start.elapsed(), result.is_ok()));
+        result
+    }
+
+    fn report(&self) {
+        say("stage times:");
+        for (name, elapsed, ok) in &self.0 {
+            eprintln!(
+                "  {:<28} {:>8.1} s  {}",
+                name,
+                elapsed.as_secs_f64(),
+                if *ok { "ok" } else { "FAILED" }
+            );
+        }
+    }
+}
+
+pub fn run(options: Options) -> Result<()> {
+    let mut stages = Stages(Vec::new());
+    let result = run_stages(&mut stages, &options);
+    stages.report();
+    result
+}
+
+fn run_stages(stages: &mut Stages, options: &Options) -> Result<()> {
+    if !bootstrap::is_root() {
+        say(
+            "not root: the privileged end-to-end tests will be skipped (they fail in CI); \
+             run `sudo -E cargo xtask test` for the whole suite",
+        );
+    }
+    stages.time("bootstrap", || {
+        bootstrap::ebpf_toolchain()?;
+        bootstrap::debian_packages(&bootstrap::TEST_PACKAGES)
+    })?;
+    let btf_dir = stages.time("kernel BTF (5.10, 6.1)", || {
+        let dir = bootstrap::cache_dir().join("btf");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for series in BTF_KERNELS {
+            let kernel = kernels::fetch(series)?;
+            std::fs::copy(&kernel.btf, dir.join(format!("{}.btf", kernel.release)))?;
+        }
+        Ok(dir)
+    })?;
+    stages.time("cargo test", || {
+        let mut command = Command::new(env!("CARGO"));
+        command
+            .args(["test", "--workspace", "--exclude", "leak-ebpf"])
+            .current_dir(bootstrap::workspace_root())
+            .env("PATH", bootstrap::path_with_cargo_bin())
+            .env("LEAK_TEST_BTF_DIR", &btf_dir);
+        if !options.filter.is_empty() {
+            command.arg("--").args(&options.filter);
+        }
+        // The kernel-facing tests share /dev/kmsg and the OOM killer: one at a time.
+        command.env("RUST_TEST_THREADS", "1");
+        let status = command.status()?;
+        if !status.success() {
+            bail!("cargo test failed");
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
