@@ -96,7 +96,13 @@ pub struct OomKillEvent {
 
 const _: () = assert!(
     size_of::<OomKillEvent>()
-        == 8 + 4 * 6 + TASK_COMM_LEN + 8 * 3 + 8 + TASK_COMM_LEN + 8 * 3 + 4 * 4
+        == 8 + 4 * 6
+            + TASK_COMM_LEN
+            + 8 * 3
+            + 8
+            + TASK_COMM_LEN
+            + 8 * 3
+            + 4 * 4
             + MAX_CGROUP_DEPTH * size_of::<MemcgSnapshot>()
 );
 

@@ -87,7 +87,11 @@ pub fn read_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
     // SAFETY: `dst` points to at least `len` writable bytes (callers pass fields of a ring
     // buffer reservation); the helper validates `src`.
     let result = unsafe { bpf_probe_read_kernel(dst.cast(), len, src as *const core::ffi::c_void) };
-    if result < 0 { Err(result) } else { Ok(()) }
+    if result < 0 {
+        Err(result)
+    } else {
+        Ok(())
+    }
 }
 
 /// Copies a NUL-terminated kernel string at `src` into `dst` (at most `len` bytes).
@@ -96,5 +100,9 @@ pub fn read_str_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
     // SAFETY: as for `read_into`; the helper always NUL-terminates within `len`.
     let result =
         unsafe { bpf_probe_read_kernel_str(dst.cast(), len, src as *const core::ffi::c_void) };
-    if result < 0 { Err(result) } else { Ok(()) }
+    if result < 0 {
+        Err(result)
+    } else {
+        Ok(())
+    }
 }

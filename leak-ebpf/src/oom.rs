@@ -11,7 +11,10 @@ use aya_ebpf::{
         generated::{bpf_get_current_task, bpf_ktime_get_boot_ns},
     },
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext,
+        TracePointContext,
+    },
 };
 use aya_log_ebpf::debug;
 use leak_common::{
@@ -284,7 +287,8 @@ fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
     let counter = layout!(memcg_memory);
     snapshot.usage_pages = read::<u64>(memcg, counter + layout!(counter_usage))?;
     snapshot.limit_pages = read::<u64>(memcg, counter + layout!(counter_max))?;
-    snapshot.watermark_pages = read::<u64>(memcg, counter + layout!(counter_watermark)).unwrap_or(0);
+    snapshot.watermark_pages =
+        read::<u64>(memcg, counter + layout!(counter_watermark)).unwrap_or(0);
     let failcnt = layout!(counter_failcnt);
     if failcnt != Layout::ABSENT {
         snapshot.failcnt = read::<u64>(memcg, counter + failcnt).unwrap_or(0);

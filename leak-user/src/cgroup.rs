@@ -118,7 +118,9 @@ fn unescape(field: &str) -> String {
         if bytes[i] == b'\\' && i + 4 <= bytes.len() {
             let digits = &bytes[i + 1..i + 4];
             if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                let value = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
                 if let Ok(value) = u8::try_from(value) {
                     out.push(value);
                     i += 4;
@@ -266,7 +268,11 @@ mod tests {
         assert_eq!(paths.lookup(ino).as_deref(), Some("/a/b"));
         fs::remove_dir_all(&dir).expect("cleanup");
         paths.scan();
-        assert_eq!(paths.lookup(ino).as_deref(), Some("/a/b"), "vanished cgroup keeps its path");
+        assert_eq!(
+            paths.lookup(ino).as_deref(),
+            Some("/a/b"),
+            "vanished cgroup keeps its path"
+        );
         paths.learn(42, "/learned");
         assert_eq!(paths.lookup(42).as_deref(), Some("/learned"));
     }

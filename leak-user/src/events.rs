@@ -3,7 +3,9 @@
 
 use leak_common::{
     event::{constraint, flags, hook, MemcgSnapshot, OomKillEvent, MAX_CGROUP_DEPTH},
-    layout::{LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_UNEVICTABLE},
+    layout::{
+        LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_UNEVICTABLE,
+    },
 };
 use serde::Serialize;
 
@@ -205,12 +207,15 @@ fn infer_oom_level(levels: &[MemcgSnapshot], page_size: u64) -> Option<usize> {
 /// The path of each level. The kernel gives each level's leaf name; when the chain reached the
 /// root those names are the whole path. Otherwise the top-most level's path comes from what the
 /// cgroup filesystem told us, or stays a partial path starting with `...`.
-fn level_paths(event: &OomKillEvent, levels: &[MemcgSnapshot], paths: &mut CgroupPaths) -> Vec<String> {
+fn level_paths(
+    event: &OomKillEvent,
+    levels: &[MemcgSnapshot],
+    paths: &mut CgroupPaths,
+) -> Vec<String> {
     let Some(top) = levels.len().checked_sub(1) else {
         return Vec::new();
     };
-    let reached_root =
-        levels.len() < MAX_CGROUP_DEPTH && event.flags & flags::CHAIN_TRUNCATED == 0;
+    let reached_root = levels.len() < MAX_CGROUP_DEPTH && event.flags & flags::CHAIN_TRUNCATED == 0;
     let mut result = vec![String::new(); levels.len()];
     result[top] = if reached_root {
         "/".to_owned()
@@ -252,9 +257,17 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
 
     let (oom_level, attribution, constraint) = if has_control {
         let level = (event.oc_memcg_cgroup_id != 0)
-            .then(|| levels.iter().position(|s| s.cgroup_id == event.oc_memcg_cgroup_id))
+            .then(|| {
+                levels
+                    .iter()
+                    .position(|s| s.cgroup_id == event.oc_memcg_cgroup_id)
+            })
             .flatten();
-        (level, Attribution::OomControl, constraint_name(event.oc_constraint))
+        (
+            level,
+            Attribution::OomControl,
+            constraint_name(event.oc_constraint),
+        )
     } else {
         let level = infer_oom_level(levels, page);
         let constraint = if level.is_some() { "memcg" } else { "none" };
@@ -311,9 +324,13 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
             file_bytes: event.rss_file_pages * page,
             shmem_bytes: event.rss_shmem_pages * page,
         }),
-        cgroup: cgroups.first().map_or_else(|| "?".into(), |c| c.path.clone()),
+        cgroup: cgroups
+            .first()
+            .map_or_else(|| "?".into(), |c| c.path.clone()),
         cgroup_id: cgroups.first().map_or(0, |c| c.id),
-        oom_cgroup: oom_level.and_then(|level| cgroups.get(level)).map(|c| c.path.clone()),
+        oom_cgroup: oom_level
+            .and_then(|level| cgroups.get(level))
+            .map(|c| c.path.clone()),
         oom_cgroup_id: oom_level.and_then(|level| cgroups.get(level)).map(|c| c.id),
         usage_bytes: described.map_or(0, |c| c.usage_bytes),
         limit_bytes: described.and_then(|c| c.limit_bytes),

@@ -48,7 +48,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     match shared.metrics.render() {
         Ok(body) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             body,
         )
             .into_response(),
@@ -57,7 +60,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 /// The most recent kills, newest first; `?limit=N` caps the count.
-async fn kills(State(shared): State<Arc<Shared>>, Query(query): Query<KillsQuery>) -> Json<Vec<Kill>> {
+async fn kills(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<KillsQuery>,
+) -> Json<Vec<Kill>> {
     let kills = shared.kills.read().await;
     let limit = query.limit.unwrap_or(usize::MAX);
     Json(kills.iter().rev().take(limit).cloned().collect())

@@ -85,7 +85,11 @@ pub fn parse_reports<'a>(messages: impl IntoIterator<Item = &'a str>) -> Vec<Oom
             }
         } else if in_stats {
             let mut parts = message.split_whitespace();
-            match (parts.next(), parts.next().and_then(|v| v.parse().ok()), parts.next()) {
+            match (
+                parts.next(),
+                parts.next().and_then(|v| v.parse().ok()),
+                parts.next(),
+            ) {
                 (Some(key), Some(value), None) => {
                     report.stats.insert(key.to_owned(), value);
                 }
@@ -183,6 +187,9 @@ Memory cgroup out of memory: Killed process 4242 (leak) total-vm:80000kB, anon-r
     fn splits_consecutive_reports_and_ignores_noise() {
         let log = "unrelated\na invoked oom-killer: x\noom-kill:pid=1\nb invoked oom-killer: y\noom-kill:pid=2\n";
         let reports = parse_reports(log.lines());
-        assert_eq!(reports.iter().map(|r| r.pid).collect::<Vec<_>>(), vec![Some(1), Some(2)]);
+        assert_eq!(
+            reports.iter().map(|r| r.pid).collect::<Vec<_>>(),
+            vec![Some(1), Some(2)]
+        );
     }
 }

@@ -93,7 +93,10 @@ impl Metrics {
             "Ring buffer records that could not be decoded",
         )?;
         let attach_info = IntGaugeVec::new(
-            Opts::new("attach_info", "Kernel hooks in use and how they are attached"),
+            Opts::new(
+                "attach_info",
+                "Kernel hooks in use and how they are attached",
+            ),
             &["hook", "mode"],
         )?;
         registry.register(Box::new(attach_info.clone()))?;
@@ -145,7 +148,9 @@ impl Metrics {
             .with_label_values(&[kill.cgroup.as_str(), oom_cgroup, kill.constraint])
             .inc();
         let labels = [kill.cgroup.as_str(), oom_cgroup];
-        self.usage.with_label_values(&labels).set(kill.usage_bytes as f64);
+        self.usage
+            .with_label_values(&labels)
+            .set(kill.usage_bytes as f64);
         self.limit
             .with_label_values(&labels)
             .set(kill.limit_bytes.map_or(f64::INFINITY, |limit| limit as f64));

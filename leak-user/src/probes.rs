@@ -64,7 +64,10 @@ pub const OOM_HOOK_CHAIN: &[(AttachMode, &str)] = &[
         "CONFIG_KPROBES and oom_kill_process in /proc/kallsyms (not inlined)",
     ),
     (AttachMode::TpBtf, "btf_trace_mark_victim in BTF (5.5+)"),
-    (AttachMode::Tracepoint, "tracefs with events/oom/mark_victim"),
+    (
+        AttachMode::Tracepoint,
+        "tracefs with events/oom/mark_victim",
+    ),
 ];
 
 /// One attached program: which kernel hook, in which mode.
@@ -279,9 +282,12 @@ impl Attacher<'_> {
             AttachMode::Auto => Err(unavailable("auto is not a mode".into())),
             AttachMode::Fentry => {
                 if !self.resolver.has_function("oom_kill_process") {
-                    return Err(unavailable("oom_kill_process is not in BTF (inlined?)".into()));
+                    return Err(unavailable(
+                        "oom_kill_process is not in BTF (inlined?)".into(),
+                    ));
                 }
-                self.fentry_pair().map_err(|err| unavailable(describe(&err)))?;
+                self.fentry_pair()
+                    .map_err(|err| unavailable(describe(&err)))?;
                 self.victim_path(mode, needs)
             }
             AttachMode::Kprobe => {
@@ -290,7 +296,8 @@ impl Attacher<'_> {
                         "oom_kill_process is not in /proc/kallsyms (inlined or renamed)".into(),
                     ));
                 }
-                self.kprobe_pair().map_err(|err| unavailable(describe(&err)))?;
+                self.kprobe_pair()
+                    .map_err(|err| unavailable(describe(&err)))?;
                 self.victim_path(mode, needs)
             }
             AttachMode::TpBtf => self
@@ -347,7 +354,10 @@ impl Attacher<'_> {
         entry.load("oom_kill_process", self.btf)?;
         entry.attach()?;
         let exit: &mut FExit = program(self.ebpf, "oom_kill_process_fexit")?;
-        if let Err(err) = exit.load("oom_kill_process", self.btf).and_then(|()| exit.attach().map(drop)) {
+        if let Err(err) = exit
+            .load("oom_kill_process", self.btf)
+            .and_then(|()| exit.attach().map(drop))
+        {
             self.unload_oom_kill_process();
             return Err(err);
         }
@@ -363,7 +373,10 @@ impl Attacher<'_> {
         entry.load()?;
         entry.attach("oom_kill_process", 0)?;
         let exit: &mut KProbe = program(self.ebpf, "oom_kill_process_kretprobe")?;
-        if let Err(err) = exit.load().and_then(|()| exit.attach("oom_kill_process", 0).map(drop)) {
+        if let Err(err) = exit
+            .load()
+            .and_then(|()| exit.attach("oom_kill_process", 0).map(drop))
+        {
             self.unload_oom_kill_process();
             return Err(err);
         }
@@ -511,7 +524,11 @@ const TRACEFS_ROOTS: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/traci
 fn tracefs_event_format(category: &str, name: &str) -> Option<String> {
     let read = || {
         TRACEFS_ROOTS.iter().find_map(|root| {
-            let format = Path::new(root).join("events").join(category).join(name).join("format");
+            let format = Path::new(root)
+                .join("events")
+                .join(category)
+                .join(name)
+                .join("format");
             fs::read_to_string(format).ok()
         })
     };
@@ -535,13 +552,22 @@ fn mount_tracefs() -> bool {
     };
     // SAFETY: all pointers are valid NUL-terminated strings; no mount data is passed.
     let result = unsafe {
-        libc::mount(source.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            source.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if result == 0 {
         info!("mounted tracefs at {target} for the classic tracepoints");
         true
     } else {
-        log::debug!("cannot mount tracefs at {target}: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "cannot mount tracefs at {target}: {}",
+            std::io::Error::last_os_error()
+        );
         false
     }
 }

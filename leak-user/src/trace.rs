@@ -81,12 +81,13 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         attach_mode: mode.to_string(),
     });
 
-    let (listener, local) = http::bind(options.listen)
-        .await
-        .map_err(|source| TraceError::Listen {
-            addr: options.listen,
-            source,
-        })?;
+    let (listener, local) =
+        http::bind(options.listen)
+            .await
+            .map_err(|source| TraceError::Listen {
+                addr: options.listen,
+                source,
+            })?;
     info!("listening on http://{local} (/metrics, /kills, /healthz)");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -191,7 +192,8 @@ fn log_kill(kill: &Kill) {
         kill.cgroup,
         kill.oom_cgroup.as_deref().unwrap_or("(global OOM)"),
         kill.usage_bytes,
-        kill.limit_bytes.map_or_else(|| "unlimited".into(), |l| l.to_string()),
+        kill.limit_bytes
+            .map_or_else(|| "unlimited".into(), |l| l.to_string()),
         kill.working_set_bytes,
         kill.inactive_file_bytes,
     );
@@ -199,9 +201,10 @@ fn log_kill(kill: &Kill) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut interrupt), Ok(mut terminate)) =
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

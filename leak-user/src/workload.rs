@@ -3,13 +3,7 @@
 //! with a file it also appends a chunk and fsyncs, growing page cache. It serves its own
 //! `/metrics`.
 
-use std::{
-    fs::OpenOptions,
-    io::Write,
-    net::SocketAddr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{fs::OpenOptions, io::Write, net::SocketAddr, path::PathBuf, time::Duration};
 
 use axum::{http::header, routing::get, Router};
 use log::info;
@@ -92,7 +86,9 @@ pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| WorkloadError::Listen { addr, source })?;
-        let local = listener.local_addr().map_err(|source| WorkloadError::Listen { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| WorkloadError::Listen { addr, source })?;
         info!("workload metrics on http://{local}/metrics");
         let metrics = metrics.clone();
         let app = Router::new().route(
@@ -101,7 +97,10 @@ pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
                 let metrics = metrics.clone();
                 async move {
                     (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
                         metrics.render(),
                     )
                 }
@@ -165,7 +164,9 @@ pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
 /// Parses `5ms`, `1s`, `250us`, `2m`; a bare number is milliseconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
@@ -176,7 +177,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ns" => 1e-9,
         "s" => 1.0,
         "m" => 60.0,
-        other => return Err(format!("unknown duration unit `{other}` (ns, us, ms, s, m)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (ns, us, ms, s, m)"
+            ))
+        }
     };
     let seconds = value * scale;
     if !seconds.is_finite() || seconds <= 0.0 {
@@ -188,7 +193,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses `1024`, `1KiB`, `4k`, `1MiB`, `128M`, `1GiB` (binary multiples).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: u64 = number
         .parse()

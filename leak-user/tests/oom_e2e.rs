@@ -34,7 +34,10 @@ fn report_for(kmsg: &mut Kmsg, seen: &mut Vec<String>, pid: u32) -> OomReport {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("the kernel logged no OOM report for pid {pid}; kmsg:\n{}", seen.join("\n"));
+    panic!(
+        "the kernel logged no OOM report for pid {pid}; kmsg:\n{}",
+        seen.join("\n")
+    );
 }
 
 /// Hierarchical inactive_file of the report: `total_inactive_file` on v1, `inactive_file` on v2.
@@ -48,7 +51,9 @@ fn report_stat(report: &OomReport, name: &str) -> u64 {
 }
 
 fn bytes(kill: &Value, key: &str) -> u64 {
-    kill[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {kill:#}"))
+    kill[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {kill:#}"))
 }
 
 struct Outcome {
@@ -79,7 +84,11 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
         .wait_timeout(Duration::from_secs(120))
         .expect("the workload was not OOM-killed within 120 s");
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "workload ended by {status:?}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "workload ended by {status:?}"
+    );
 
     let kill = agent.wait_for_kill(pid);
     let mut seen = Vec::new();
@@ -87,7 +96,11 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
     let (status, metrics) = agent.get("/metrics");
     assert_eq!(status, 200);
     let exit = agent.stop();
-    assert!(exit.success(), "agent exited with {exit:?} on SIGTERM:\n{}", agent.log());
+    assert!(
+        exit.success(),
+        "agent exited with {exit:?} on SIGTERM:\n{}",
+        agent.log()
+    );
     assert!(
         agent.log().contains("detached and unloaded"),
         "agent did not report detaching its probes:\n{}",
@@ -122,15 +135,32 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
     } = outcome;
     assert_eq!(kill["attach_mode"].as_str(), Some(mode.as_str()));
     assert_eq!(kill["victim_comm"].as_str(), Some("leak"));
-    assert_eq!(kill["cgroup"].as_str(), Some(victim.relative.as_str()), "{kill:#}");
-    assert_eq!(kill["oom_cgroup"].as_str(), Some(oom_cgroup.relative.as_str()), "{kill:#}");
+    assert_eq!(
+        kill["cgroup"].as_str(),
+        Some(victim.relative.as_str()),
+        "{kill:#}"
+    );
+    assert_eq!(
+        kill["oom_cgroup"].as_str(),
+        Some(oom_cgroup.relative.as_str()),
+        "{kill:#}"
+    );
     assert_eq!(kill["constraint"].as_str(), Some("memcg"));
-    assert_eq!(report.oom_memcg.as_deref(), Some(oom_cgroup.relative.as_str()));
+    assert_eq!(
+        report.oom_memcg.as_deref(),
+        Some(oom_cgroup.relative.as_str())
+    );
     assert_eq!(report.task_memcg.as_deref(), Some(victim.relative.as_str()));
 
     // The headline figures describe oom_cgroup, as the kernel's `memory:` line does.
-    assert_eq!(bytes(kill, "usage_bytes"), report.usage_kb.expect("usage") * 1024);
-    assert_eq!(bytes(kill, "limit_bytes"), report.limit_kb.expect("limit") * 1024);
+    assert_eq!(
+        bytes(kill, "usage_bytes"),
+        report.usage_kb.expect("usage") * 1024
+    );
+    assert_eq!(
+        bytes(kill, "limit_bytes"),
+        report.limit_kb.expect("limit") * 1024
+    );
     assert_eq!(bytes(kill, "limit_bytes"), LIMIT);
     let tolerance = lru_tolerance_bytes();
     let oom_level = kill["cgroups"]
@@ -139,7 +169,13 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
         .iter()
         .find(|c| c["hit_limit"] == Value::Bool(true))
         .expect("a cgroup marked hit_limit");
-    for lru in ["inactive_anon", "active_anon", "inactive_file", "active_file", "unevictable"] {
+    for lru in [
+        "inactive_anon",
+        "active_anon",
+        "inactive_file",
+        "active_file",
+        "unevictable",
+    ] {
         let ours = bytes(oom_level, &format!("{lru}_bytes"));
         let kernel = report_stat(report, lru);
         assert!(
@@ -156,7 +192,10 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
         "leak_oom_kills_total{{cgroup=\"{}\",constraint=\"memcg\",oom_cgroup=\"{}\"}} 1",
         victim.relative, oom_cgroup.relative
     );
-    assert!(metrics.contains(&counter), "missing `{counter}` in\n{metrics}");
+    assert!(
+        metrics.contains(&counter),
+        "missing `{counter}` in\n{metrics}"
+    );
     let gauge = format!(
         "leak_oom_kill_working_set_bytes{{cgroup=\"{}\",oom_cgroup=\"{}\"}} {}",
         victim.relative,
@@ -164,25 +203,32 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
         bytes(kill, "working_set_bytes")
     );
     assert!(metrics.contains(&gauge), "missing `{gauge}` in\n{metrics}");
-    let info = format!("leak_attach_info{{hook=\"mark_victim\",mode=\"");
-    assert!(metrics.contains(&info), "no attach info in\n{metrics}");
+    let info = "leak_attach_info{hook=\"mark_victim\",mode=\"";
+    assert!(metrics.contains(info), "no attach info in\n{metrics}");
     promtool_check(metrics);
 }
 
 const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
 
 fn anonymous_leak(attach: &str) {
-    let Some(hierarchy) = privileged() else { return };
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cgroup = Cgroup::create(&hierarchy, &format!("leak-e2e-anon-{attach}"));
     cgroup.set_limit(LIMIT);
     let outcome = leak_until_killed(attach, &cgroup, FAST_ANON);
     check_against_kernel(&outcome, &cgroup, &cgroup);
-    assert_eq!(outcome.kill["victim_pid"], outcome.report.pid.map(Value::from).unwrap_or_default());
+    assert_eq!(
+        outcome.kill["victim_pid"],
+        outcome.report.pid.map(Value::from).unwrap_or_default()
+    );
 }
 
 fn page_cache_leak(attach: &str) {
-    let Some(hierarchy) = privileged() else { return };
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cgroup = Cgroup::create(&hierarchy, &format!("leak-e2e-file-{attach}"));
     cgroup.set_limit(LIMIT);
@@ -191,7 +237,16 @@ fn page_cache_leak(attach: &str) {
     let outcome = leak_until_killed(
         attach,
         &cgroup,
-        &["--interval", "1ms", "--chunk", "256KiB", "--file", &path, "--listen", "off"],
+        &[
+            "--interval",
+            "1ms",
+            "--chunk",
+            "256KiB",
+            "--file",
+            &path,
+            "--listen",
+            "off",
+        ],
     );
     check_against_kernel(&outcome, &cgroup, &cgroup);
     let kill = &outcome.kill;
@@ -199,7 +254,11 @@ fn page_cache_leak(attach: &str) {
     // once its working set filled the limit: the cache was reclaimed on the way (the file
     // LRUs, checked against the kernel's above, hold what is left of it), and the working set,
     // not the usage, is what stood at the limit.
-    assert!(file_size(&file.0) > LIMIT / 2, "wrote only {} bytes", file_size(&file.0));
+    assert!(
+        file_size(&file.0) > LIMIT / 2,
+        "wrote only {} bytes",
+        file_size(&file.0)
+    );
     let level = &kill["cgroups"][0];
     let file_lru = bytes(level, "inactive_file_bytes") + bytes(level, "active_file_bytes");
     let anon_lru = bytes(level, "inactive_anon_bytes") + bytes(level, "active_anon_bytes");
@@ -217,7 +276,9 @@ fn page_cache_leak(attach: &str) {
 }
 
 fn limit_on_parent(attach: &str) {
-    let Some(hierarchy) = privileged() else { return };
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let parent = Cgroup::create(&hierarchy, &format!("leak-e2e-parent-{attach}"));
     parent.set_limit(LIMIT);

@@ -93,7 +93,13 @@ pub fn ebpf_toolchain() -> Result<()> {
         .context("rustup is needed to build the kernel programs (https://rustup.rs)")?;
     if !toolchains.lines().any(|line| line.starts_with(NIGHTLY)) {
         say("installing the nightly toolchain (the kernel programs need -Z build-std)");
-        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = output(Command::new("rustup").args([
         "component",
@@ -114,12 +120,19 @@ fn bpf_linker() -> Result<()> {
     if linker.exists() {
         match output(Command::new(&linker).arg("--version")) {
             Ok(version) if version.contains(BPF_LINKER_VERSION) => return Ok(()),
-            Ok(version) => say(format!("replacing {} with bpf-linker {BPF_LINKER_VERSION}", version.trim())),
+            Ok(version) => say(format!(
+                "replacing {} with bpf-linker {BPF_LINKER_VERSION}",
+                version.trim()
+            )),
             // Built against a nightly LLVM that has since been updated away.
             Err(err) => say(format!("bpf-linker does not run ({err}); rebuilding it")),
         }
     }
-    let sysroot = output(Command::new("rustc").arg(format!("+{NIGHTLY}")).args(["--print", "sysroot"]))?;
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{NIGHTLY}"))
+            .args(["--print", "sysroot"]),
+    )?;
     let lib = PathBuf::from(sysroot.trim()).join("lib");
     let version = output(Command::new("rustc").arg(format!("+{NIGHTLY}")).arg("-vV"))?;
     let llvm_major: u32 = version
@@ -143,7 +156,12 @@ fn bpf_linker() -> Result<()> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("libLLVM") && n.contains(".so"))
         })
-        .with_context(|| format!("no libLLVM in {}: is the nightly toolchain complete?", lib.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM in {}: is the nightly toolchain complete?",
+                lib.display()
+            )
+        })?;
     let prefix = cache_dir().join("llvm");
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib").join("libLLVM.so");
@@ -156,10 +174,22 @@ fn bpf_linker() -> Result<()> {
     ));
     run(Command::new("cargo")
         .arg(format!("+{NIGHTLY}"))
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
         .env("LLVM_PREFIX", &prefix)
-        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib.display())))
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
+        ))
     .context("building bpf-linker failed; see the cargo output above")?;
     Ok(())
 }
@@ -168,7 +198,9 @@ fn bpf_linker() -> Result<()> {
 pub fn debian_packages(wanted: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(command, _)| output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_err())
+        .filter(|(command, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_err()
+        })
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {

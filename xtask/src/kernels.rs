@@ -42,7 +42,10 @@ fn apt_dir() -> PathBuf {
 fn apt_options() -> Vec<String> {
     let dir = apt_dir();
     vec![
-        format!("-oDir::Etc::SourceList={}", dir.join("sources.list").display()),
+        format!(
+            "-oDir::Etc::SourceList={}",
+            dir.join("sources.list").display()
+        ),
         "-oDir::Etc::SourceParts=/dev/null".into(),
         format!("-oDir::State::Lists={}", dir.join("lists").display()),
         format!("-oDir::Cache={}", dir.join("cache").display()),
@@ -110,12 +113,19 @@ fn newest_package(series: &str) -> Result<String> {
             .args(apt_options())
             .args(["pkgnames", "linux-image-"]),
     )?;
-    let mut candidates: Vec<&str> = names.lines().filter(|p| matches_series(p, series)).collect();
+    let mut candidates: Vec<&str> = names
+        .lines()
+        .filter(|p| matches_series(p, series))
+        .collect();
     candidates.sort_by_key(|p| version_key(p));
     candidates.last().map(|p| (*p).to_owned()).with_context(|| {
         format!(
             "no linux-image-{series}*-cloud-amd64 in {}",
-            SUITES.iter().map(|(_, s)| *s).collect::<Vec<_>>().join(", ")
+            SUITES
+                .iter()
+                .map(|(_, s)| *s)
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })
 }
@@ -169,8 +179,9 @@ pub fn fetch(series: &str) -> Result<Kernel> {
     if !btf.exists() {
         say(format!("extracting BTF from {}", vmlinuz.display()));
         let vmlinux = decompress_bzimage(&vmlinuz)?;
-        let section = elf_section(&vmlinux, ".BTF")
-            .with_context(|| format!("{release} has no .BTF section (built without CONFIG_DEBUG_INFO_BTF)"))?;
+        let section = elf_section(&vmlinux, ".BTF").with_context(|| {
+            format!("{release} has no .BTF section (built without CONFIG_DEBUG_INFO_BTF)")
+        })?;
         fs::write(&btf, section)?;
     }
     Ok(Kernel {
@@ -226,15 +237,25 @@ pub fn decompress_bzimage(path: &Path) -> Result<Vec<u8>> {
     let result = child.wait_with_output()?;
     let _ = writer.join();
     if !result.stdout.starts_with(b"\x7fELF") {
-        bail!("decompressing {} with {} did not give an ELF image", path.display(), tool[0]);
+        bail!(
+            "decompressing {} with {} did not give an ELF image",
+            path.display(),
+            tool[0]
+        );
     }
     Ok(result.stdout)
 }
 
 /// The contents of section `name` of a little-endian ELF64 file.
 pub fn elf_section<'a>(elf: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |at: usize| elf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let u16_at = |at: usize| {
+        elf.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |at: usize| {
+        elf.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
     let u64_at = |at: usize| {
         elf.get(at..at + 8)
             .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
@@ -268,17 +289,29 @@ mod tests {
     #[test]
     fn matches_series_names() {
         assert!(matches_series("linux-image-5.10.0-46-cloud-amd64", "5.10"));
-        assert!(matches_series("linux-image-6.12.48+deb13-cloud-amd64", "6.12"));
-        assert!(matches_series("linux-image-6.12.12+bpo-cloud-amd64", "6.12"));
+        assert!(matches_series(
+            "linux-image-6.12.48+deb13-cloud-amd64",
+            "6.12"
+        ));
+        assert!(matches_series(
+            "linux-image-6.12.12+bpo-cloud-amd64",
+            "6.12"
+        ));
         assert!(!matches_series("linux-image-6.1.0-57-cloud-amd64", "6.12"));
-        assert!(!matches_series("linux-image-6.12.48+deb13-cloud-amd64-dbg", "6.12"));
-        assert!(!matches_series("linux-image-6.1.0-57-cloud-amd64-unsigned", "6.1"));
+        assert!(!matches_series(
+            "linux-image-6.12.48+deb13-cloud-amd64-dbg",
+            "6.12"
+        ));
+        assert!(!matches_series(
+            "linux-image-6.1.0-57-cloud-amd64-unsigned",
+            "6.1"
+        ));
         assert!(!matches_series("linux-image-cloud-amd64", "6.1"));
     }
 
     #[test]
     fn sorts_abi_versions_numerically() {
-        let mut names = vec![
+        let mut names = [
             "linux-image-6.1.0-9-cloud-amd64",
             "linux-image-6.1.0-57-cloud-amd64",
             "linux-image-6.1.0-10-cloud-amd64",

@@ -18,7 +18,14 @@ pub fn build_release() -> Result<std::path::PathBuf> {
     say("building leak (release)");
     bootstrap::run(
         Command::new(env!("CARGO"))
-            .args(["build", "--release", "--package", "leak-user", "--bin", "leak"])
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "leak-user",
+                "--bin",
+                "leak",
+            ])
             .current_dir(bootstrap::workspace_root())
             .env("PATH", bootstrap::path_with_cargo_bin()),
     )?;

@@ -29,7 +29,8 @@ impl Stages {
         say(format!("stage: {name}"));
         let start = Instant::now();
         let result = stage();
-        self.0.push((name.to_owned(), start.elapsed(), result.is_ok()));
+        self.0
+            .push((name.to_owned(), start.elapsed(), result.is_ok()));
         result
     }
 
@@ -48,12 +49,45 @@ impl Stages {
 
 pub fn run(options: Options) -> Result<()> {
     let mut stages = Stages(Vec::new());
-    let result = run_stages(&mut stages, &options);
+    let mut totals = (0, 0);
+    let result = run_stages(&mut stages, &options, &mut totals);
     stages.report();
+    let failed = totals.1 + u64::from(result.is_err() && totals.1 == 0);
+    println!("xtask: {} passed, {} failed", totals.0, failed);
     result
 }
 
-fn run_stages(stages: &mut Stages, options: &Options) -> Result<()> {
+/// Runs a test command, echoing its output and adding up its `test result:` lines.
+fn run_counting(command: &mut Command) -> Result<(u64, u64)> {
+    use std::io::BufRead as _;
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        failed = 1;
+    }
+    Ok((passed, failed))
+}
+
+fn run_stages(stages: &mut Stages, options: &Options, totals: &mut (u64, u64)) -> Result<()> {
     if !bootstrap::is_root() {
         say(
             "not root: the privileged end-to-end tests will be skipped (they fail in CI); \
@@ -86,9 +120,11 @@ fn run_stages(stages: &mut Stages, options: &Options) -> Result<()> {
         }
         // The kernel-facing tests share /dev/kmsg and the OOM killer: one at a time.
         command.env("RUST_TEST_THREADS", "1");
-        let status = command.status()?;
-        if !status.success() {
-            bail!("cargo test failed");
+        let (passed, failed) = run_counting(&mut command)?;
+        totals.0 += passed;
+        totals.1 += failed;
+        if failed > 0 {
+            bail!("cargo test: {failed} failed");
         }
         Ok(())
     })?;

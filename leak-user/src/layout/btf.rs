@@ -115,7 +115,9 @@ impl Btf {
     /// Parses little-endian BTF as the kernel exposes it.
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         if u16_at(data, 0)? != MAGIC {
-            return Err(BtfError::Malformed("bad magic (big-endian or not BTF)".into()));
+            return Err(BtfError::Malformed(
+                "bad magic (big-endian or not BTF)".into(),
+            ));
         }
         let header_len = u32_at(data, 4)? as usize;
         let type_off = u32_at(data, 8)? as usize;
@@ -157,8 +159,9 @@ impl Btf {
             at += 12;
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
-            let kind = Kind::from_raw((info >> 24) & 0x1f)
-                .ok_or_else(|| BtfError::Malformed(format!("unknown kind in type {}", types.len())))?;
+            let kind = Kind::from_raw((info >> 24) & 0x1f).ok_or_else(|| {
+                BtfError::Malformed(format!("unknown kind in type {}", types.len()))
+            })?;
             let mut ty = Type {
                 kind,
                 name,
@@ -209,8 +212,13 @@ impl Btf {
                     ty.size = size_or_type;
                     for _ in 0..vlen {
                         let value = u32_at(type_data, at + 4)?;
-                        let value = if kind_flag { value as i64 } else { value as i32 as i64 };
-                        ty.enumerators.push((name_at(u32_at(type_data, at)?)?, value));
+                        let value = if kind_flag {
+                            value as i64
+                        } else {
+                            value as i32 as i64
+                        };
+                        ty.enumerators
+                            .push((name_at(u32_at(type_data, at)?)?, value));
                         at += 8;
                     }
                 }
@@ -219,8 +227,10 @@ impl Btf {
                     for _ in 0..vlen {
                         let low = u32_at(type_data, at + 4)? as u64;
                         let high = u32_at(type_data, at + 8)? as u64;
-                        ty.enumerators
-                            .push((name_at(u32_at(type_data, at)?)?, ((high << 32) | low) as i64));
+                        ty.enumerators.push((
+                            name_at(u32_at(type_data, at)?)?,
+                            ((high << 32) | low) as i64,
+                        ));
                         at += 12;
                     }
                 }
@@ -335,7 +345,13 @@ mod tests {
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
-        for word in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for word in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             blob.extend_from_slice(&word.to_le_bytes());
         }
         blob.extend_from_slice(&types);
@@ -358,7 +374,10 @@ mod tests {
     fn rejects_truncated_and_garbage_input() {
         let blob = tiny_btf();
         for len in 0..blob.len() {
-            assert!(Btf::parse(&blob[..len]).is_err(), "prefix of {len} bytes parsed");
+            assert!(
+                Btf::parse(&blob[..len]).is_err(),
+                "prefix of {len} bytes parsed"
+            );
         }
         assert!(Btf::parse(b"definitely not btf data").is_err());
     }

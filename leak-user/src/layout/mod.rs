@@ -283,12 +283,12 @@ impl Resolver {
         let (id, ty) = self.btf.resolve(found.type_id)?;
         match ty.kind {
             Kind::Struct if ty.name == "mm_rss_stat" => {
-                let count = self
-                    .member_in(id, "count")?
-                    .ok_or_else(|| LayoutError::MissingMember {
-                        ty: "struct mm_rss_stat".into(),
-                        member: "count".into(),
-                    })?;
+                let count =
+                    self.member_in(id, "count")?
+                        .ok_or_else(|| LayoutError::MissingMember {
+                            ty: "struct mm_rss_stat".into(),
+                            member: "count".into(),
+                        })?;
                 let (_, array) = self.btf.resolve(count.type_id)?;
                 let (element, _) = array.array.ok_or_else(|| {
                     LayoutError::Unsupported("mm_rss_stat.count is not an array".into())
@@ -348,7 +348,10 @@ impl Resolver {
                         pointee.name
                     )));
                 }
-                (stats_scheme::POINTER, self.offset("memcg_vmstats", "state")?)
+                (
+                    stats_scheme::POINTER,
+                    self.offset("memcg_vmstats", "state")?,
+                )
             }
             _ => {
                 return Err(LayoutError::Unsupported(
@@ -393,7 +396,9 @@ pub fn tracepoint_field_offset(format: &str, field: &str) -> Option<u32> {
                 offset = rest.trim().parse().ok();
             }
         }
-        (declaration.as_deref() == Some(field)).then_some(offset).flatten()
+        (declaration.as_deref() == Some(field))
+            .then_some(offset)
+            .flatten()
     })
 }
 

@@ -24,7 +24,10 @@ fn check(release: &str, resolver: &Resolver) {
     } else {
         stats_scheme::INLINE_ARRAY
     };
-    assert_eq!(layout.stats_scheme, expected_stats, "{release}: stats scheme");
+    assert_eq!(
+        layout.stats_scheme, expected_stats,
+        "{release}: stats scheme"
+    );
     let expected_rss = if version >= (6, 2) {
         rss_scheme::PERCPU_COUNTER_ARRAY
     } else {
@@ -37,10 +40,17 @@ fn check(release: &str, resolver: &Resolver) {
     assert_ne!(layout.counter_usage, layout.counter_max, "{release}");
     assert!(resolver.has_btf_tracepoint("mark_victim"), "{release}");
     if version >= (6, 9) {
-        assert_eq!(layout.mark_victim_has_task, 1, "{release}: 6.9 passes the task");
+        assert_eq!(
+            layout.mark_victim_has_task, 1,
+            "{release}: 6.9 passes the task"
+        );
     }
     if version >= (6, 1) {
-        assert_eq!(layout.counter_failcnt == Layout::ABSENT, false, "{release}: failcnt kept");
+        assert_ne!(
+            layout.counter_failcnt,
+            Layout::ABSENT,
+            "{release}: failcnt kept"
+        );
     }
     eprintln!("{release}: {layout:?}");
 }
@@ -89,11 +99,18 @@ fn resolves_other_kernels() {
         if path.extension().and_then(|e| e.to_str()) != Some("btf") {
             continue;
         }
-        let release = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let release = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
         check(release, &Resolver::from_file(&path).expect("parse"));
         checked += 1;
     }
-    assert!(checked >= 1, "no .btf files in {}", Path::new(&dir).display());
+    assert!(
+        checked >= 1,
+        "no .btf files in {}",
+        Path::new(&dir).display()
+    );
 }
 
 #[test]
@@ -102,13 +119,16 @@ fn missing_member_is_named() {
         eprintln!("SKIP: no kernel BTF");
         return;
     };
-    let err = resolver.offset("task_struct", "no_such_member").unwrap_err();
+    let err = resolver.offset("task_struct", "no_such_member").err();
     assert_eq!(
-        err.to_string(),
+        err.map(|e| e.to_string()).unwrap_or_default(),
         "kernel BTF: `struct task_struct` has no member `no_such_member`"
     );
-    let err = resolver.offset("no_such_struct", "x").unwrap_err();
-    assert_eq!(err.to_string(), "kernel BTF has no type `struct no_such_struct`");
+    let err = resolver.offset("no_such_struct", "x").err();
+    assert_eq!(
+        err.map(|e| e.to_string()).unwrap_or_default(),
+        "kernel BTF has no type `struct no_such_struct`"
+    );
 }
 
 #[test]

@@ -53,12 +53,15 @@ impl Cgroup {
             relative,
         };
         let _ = fs::remove_dir(cgroup.path());
-        fs::create_dir(cgroup.path()).unwrap_or_else(|err| panic!("mkdir {}: {err}", cgroup.relative));
+        fs::create_dir(cgroup.path())
+            .unwrap_or_else(|err| panic!("mkdir {}: {err}", cgroup.relative));
         cgroup
     }
 
     pub fn path(&self) -> PathBuf {
-        self.hierarchy.root.join(self.relative.trim_start_matches('/'))
+        self.hierarchy
+            .root
+            .join(self.relative.trim_start_matches('/'))
     }
 
     /// Creates a child cgroup (enabling the memory controller for it on v2). Declare it after
@@ -148,8 +151,14 @@ impl Drop for Process {
 /// Starts `leak workload ARGS` inside `cgroup`, moved there before it execs so that every
 /// byte it allocates is charged to it.
 pub fn spawn_in(cgroup: &Cgroup, args: &[&str]) -> Process {
-    let procs = CString::new(cgroup.path().join("cgroup.procs").into_os_string().into_encoded_bytes())
-        .expect("path without NUL");
+    let procs = CString::new(
+        cgroup
+            .path()
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .expect("path without NUL");
     let mut command = Command::new(LEAK);
     command
         .arg("workload")
@@ -211,7 +220,11 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
                     let _ = tx.send(addr);
                 }
                 sink.lock().expect("log").push_str(&(line + "\n"));
@@ -284,7 +297,9 @@ impl Drop for Agent {
 /// A minimal HTTP/1.0 GET over a real socket.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
@@ -293,7 +308,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     (status, body)
 }
 
