@@ -75,6 +75,8 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
         .expect("attach mode in /healthz");
     if attach != "auto" {
         assert_eq!(mode, attach, "forced mode must be used");
+    } else if let Ok(expected) = std::env::var("LEAK_TEST_EXPECT_AUTO") {
+        assert_eq!(mode, expected, "auto chose {mode}, expected {expected}");
     }
 
     let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
@@ -134,6 +136,21 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
         mode,
     } = outcome;
     assert_eq!(kill["attach_mode"].as_str(), Some(mode.as_str()));
+    // Hooking oom_kill_process gives the kernel's own oom_control; the tracepoints infer.
+    let expected_attribution = match mode.as_str() {
+        "fentry" | "kprobe" => "oom_control",
+        _ => "inferred",
+    };
+    assert_eq!(
+        kill["attribution"].as_str(),
+        Some(expected_attribution),
+        "{kill:#}"
+    );
+    if expected_attribution == "oom_control" {
+        assert!(kill["oom_control"]["totalpages"]
+            .as_u64()
+            .is_some_and(|p| p > 0));
+    }
     assert_eq!(kill["victim_comm"].as_str(), Some("leak"));
     assert_eq!(
         kill["cgroup"].as_str(),
@@ -210,7 +227,7 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
 
 const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
 
-fn anonymous_leak(attach: &str) {
+fn anonymous_leak_with(attach: &str) {
     let Some(hierarchy) = privileged() else {
         return;
     };
@@ -225,7 +242,7 @@ fn anonymous_leak(attach: &str) {
     );
 }
 
-fn page_cache_leak(attach: &str) {
+fn page_cache_leak_with(attach: &str) {
     let Some(hierarchy) = privileged() else {
         return;
     };
@@ -275,7 +292,7 @@ fn page_cache_leak(attach: &str) {
     );
 }
 
-fn limit_on_parent(attach: &str) {
+fn limit_on_parent_with(attach: &str) {
     let Some(hierarchy) = privileged() else {
         return;
     };
@@ -292,32 +309,93 @@ fn limit_on_parent(attach: &str) {
     assert_eq!(cgroups[1]["hit_limit"], Value::Bool(true));
 }
 
-#[test]
-fn anonymous_leak_auto() {
-    anonymous_leak("auto");
+/// `memory.oom.group` (cgroup v2): the OOM killer kills every process of the group, and each
+/// victim gets its own snapshot with its own pid.
+fn group_kill_with(attach: &str) {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    if hierarchy.version != leak_user::cgroup::Version::V2 {
+        eprintln!("SKIP group kill: memory.oom.group exists only on cgroup v2 (this host has v1)");
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = Cgroup::create(&hierarchy, &format!("leak-e2e-group-{attach}"));
+    cgroup.set_limit(LIMIT);
+    cgroup.write("memory.oom.group", "1");
+    let mut agent = Agent::start(&["--attach", attach]);
+    let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
+    // Two idle members holding a little memory, then one that leaks until the group dies.
+    let idle = [
+        "--interval",
+        "1ms",
+        "--chunk",
+        "1MiB",
+        "--max-bytes",
+        "4MiB",
+        "--listen",
+        "off",
+    ];
+    let mut members = vec![spawn_in(&cgroup, &idle), spawn_in(&cgroup, &idle)];
+    std::thread::sleep(Duration::from_millis(500));
+    members.push(spawn_in(&cgroup, FAST_ANON));
+    let pids: Vec<u32> = members.iter().map(Process::pid).collect();
+    for member in &mut members {
+        member
+            .wait_timeout(Duration::from_secs(120))
+            .expect("a group member survived the group kill");
+    }
+    let kills: Vec<Value> = pids.iter().map(|&pid| agent.wait_for_kill(pid)).collect();
+    let mut seen = Vec::new();
+    let report = report_for(&mut kmsg, &mut seen, pids[2]);
+    let mut killed = report.killed.clone();
+    killed.sort_unstable();
+    let mut expected = pids.clone();
+    expected.sort_unstable();
+    assert_eq!(
+        killed, expected,
+        "the kernel's report should name every member"
+    );
+    for kill in &kills {
+        assert_eq!(kill["cgroup"].as_str(), Some(cgroup.relative.as_str()));
+        assert_eq!(kill["oom_cgroup"].as_str(), Some(cgroup.relative.as_str()));
+        assert_eq!(bytes(kill, "limit_bytes"), LIMIT);
+    }
+    let all = agent.kills();
+    for pid in &pids {
+        let reports = all
+            .iter()
+            .filter(|k| k["victim_pid"].as_u64() == Some(u64::from(*pid)))
+            .count();
+        assert_eq!(reports, 1, "pid {pid} reported {reports} times");
+    }
+    assert!(agent.stop().success());
+}
+
+/// Runs `scenario` once per attach mode under test.
+fn for_each_mode(scenario: fn(&str)) {
+    for mode in attach_modes() {
+        eprintln!("--- attach mode {mode}");
+        scenario(&mode);
+    }
 }
 
 #[test]
-fn anonymous_leak_tracepoint() {
-    anonymous_leak("tracepoint");
+fn anonymous_leak() {
+    for_each_mode(anonymous_leak_with);
 }
 
 #[test]
-fn page_cache_leak_auto() {
-    page_cache_leak("auto");
+fn page_cache_leak() {
+    for_each_mode(page_cache_leak_with);
 }
 
 #[test]
-fn page_cache_leak_tracepoint() {
-    page_cache_leak("tracepoint");
+fn limit_on_parent() {
+    for_each_mode(limit_on_parent_with);
 }
 
 #[test]
-fn limit_on_parent_auto() {
-    limit_on_parent("auto");
-}
-
-#[test]
-fn limit_on_parent_tracepoint() {
-    limit_on_parent("tracepoint");
+fn group_kill() {
+    for_each_mode(group_kill_with);
 }
