@@ -133,7 +133,10 @@ pub struct Kill {
     pub boot_ns: u64,
     pub attach_mode: String,
     pub victim_hook: VictimHook,
+    /// The victim process (its thread-group id; the kernel's pid when the task was not read).
     pub victim_pid: u32,
+    /// The thread the kernel marked (differs from `victim_pid` when a group kill marks threads).
+    pub victim_tid: u32,
     pub victim_tgid: Option<u32>,
     pub victim_comm: Option<String>,
     pub victim_oom_score_adj: Option<i32>,
@@ -314,7 +317,12 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
         boot_ns: event.boot_ns,
         attach_mode: context.attach_mode.to_owned(),
         victim_hook: VictimHook::try_from(event.hook).unwrap_or(VictimHook::TpBtf),
-        victim_pid: event.victim_pid,
+        victim_pid: if victim_resolved && event.victim_tgid != 0 {
+            event.victim_tgid
+        } else {
+            event.victim_pid
+        },
+        victim_tid: event.victim_pid,
         victim_tgid: victim_resolved.then_some(event.victim_tgid),
         victim_comm: victim_resolved.then(|| c_string(&event.victim_comm)),
         victim_oom_score_adj: (event.flags & flags::OOM_SCORE_ADJ_VALID != 0)
@@ -353,6 +361,33 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
         cgroups,
         victim_task_resolved: victim_resolved,
         cgroups_truncated: event.flags & flags::CHAIN_TRUNCATED != 0,
+    }
+}
+
+/// How long after a process's first report further reports of it are taken as the same death.
+const SAME_DEATH_NS: u64 = 30_000_000_000;
+
+/// Keeps one report per dying process. The kernel marks victims per task: a group kill
+/// (`memory.oom.group`) walks every thread of every member, and the chosen victim is met again
+/// on that walk, but a process dies once.
+#[derive(Debug, Default)]
+pub struct VictimDedup {
+    /// Process id to the `boot_ns` of its first report.
+    seen: std::collections::HashMap<u32, u64>,
+}
+
+impl VictimDedup {
+    /// Whether this kill is the first report of its process (and remembers it).
+    pub fn first_report(&mut self, kill: &Kill) -> bool {
+        self.seen
+            .retain(|_, first| kill.boot_ns.saturating_sub(*first) < SAME_DEATH_NS);
+        match self.seen.get(&kill.victim_pid) {
+            Some(_) => false,
+            None => {
+                self.seen.insert(kill.victim_pid, kill.boot_ns);
+                true
+            }
+        }
     }
 }
 

@@ -125,10 +125,12 @@ impl Kmsg {
                 Ok(0) => break,
                 Ok(n) => {
                     let record = String::from_utf8_lossy(&buffer[..n]);
-                    // "prio,seq,usec,flags;text\n" then optional " KEY=value" lines.
+                    // "prio,seq,usec,flags;text\n" then optional " KEY=value" lines; a
+                    // multi-line message (memory.stat in one printk) has its newlines
+                    // escaped as \x0a.
                     if let Some((_, text)) = record.split_once(';') {
                         if let Some(line) = text.lines().next() {
-                            messages.push(line.to_owned());
+                            messages.extend(unescape(line).lines().map(str::to_owned));
                         }
                     }
                 }
@@ -142,8 +144,36 @@ impl Kmsg {
     }
 }
 
+/// Undoes /dev/kmsg's `\xNN` escaping of unprintable bytes.
+fn unescape(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && bytes.get(i + 1) == Some(&b'x') {
+            let hex = bytes
+                .get(i + 2..i + 4)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            if let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(value);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unescapes_multi_line_records() {
+        assert_eq!(super::unescape("anon 1\\x0afile 2"), "anon 1\nfile 2");
+        assert_eq!(super::unescape("plain \\x"), "plain \\x");
+    }
+
     use super::*;
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod events;
 pub mod http;
+pub mod k8s;
 pub mod kmsg;
 pub mod layout;
 pub mod metrics;

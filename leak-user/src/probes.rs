@@ -30,6 +30,7 @@ pub enum AttachMode {
     /// kprobe/kretprobe on `oom_kill_process`, victims from `oom:mark_victim`.
     Kprobe,
     /// BTF-enabled raw tracepoint `oom:mark_victim`.
+    #[value(name = "tp_btf")]
     TpBtf,
     /// Classic tracepoint `oom:mark_victim` (needs tracefs).
     Tracepoint,

@@ -129,6 +129,7 @@ async fn event_loop(
     let page_size = page_size();
     let mode = probes.mode().to_string();
     let mut seq = 0u64;
+    let mut dedup = events::VictimDedup::default();
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => {
@@ -139,9 +140,9 @@ async fn event_loop(
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
                 while let Some(record) = ring.next() {
-                    seq += 1;
                     match events::decode(&record) {
                         Ok(event) => {
+                            seq += 1;
                             let context = Context {
                                 page_size,
                                 realtime_offset_ns: realtime_offset_ns(),
@@ -149,6 +150,14 @@ async fn event_loop(
                                 seq,
                             };
                             let kill = events::build_kill(&event, &context, paths);
+                            if !dedup.first_report(&kill) {
+                                log::debug!(
+                                    "pid {} (thread {}) was already reported dying",
+                                    kill.victim_pid,
+                                    kill.victim_tid
+                                );
+                                continue;
+                            }
                             log_kill(&kill);
                             shared.metrics.record_kill(&kill);
                             shared.push_kill(kill).await;

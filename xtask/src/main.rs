@@ -1,9 +1,11 @@
 //! Build, run and test automation for leak: `cargo xtask run` and `cargo xtask test`.
 
 mod bootstrap;
+mod cpio;
 mod kernels;
 mod run;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +22,8 @@ enum Command {
     Run(run::Options),
     /// Run the whole test suite as CI does.
     Test(test::Options),
+    /// Run the end-to-end tests inside Debian kernels under QEMU, in every attach mode.
+    Vm(vm::Options),
     /// Install or build every missing tool (nightly rust-src, bpf-linker, Debian packages).
     Bootstrap,
     /// Download Debian kernel packages for SERIES (e.g. 5.10, 6.1) and extract their BTF.
@@ -33,6 +37,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(options) => run::run(options),
         Command::Test(options) => test::run(options),
+        Command::Vm(options) => vm::run(options),
         Command::Bootstrap => {
             bootstrap::ebpf_toolchain()?;
             bootstrap::debian_packages(&bootstrap::TEST_PACKAGES)

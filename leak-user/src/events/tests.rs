@@ -238,3 +238,27 @@ fn json_has_the_documented_keys() {
         assert!(json.get(key).is_some(), "missing {key}");
     }
 }
+
+#[test]
+fn threads_and_repeats_of_one_process_are_one_victim() {
+    let levels = [level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)];
+    let mut paths = CgroupPaths::new(None);
+    let mut dedup = VictimDedup::default();
+    let first = build_kill(&event(&levels), &context(), &mut paths);
+    assert!(dedup.first_report(&first));
+    // The same process met again on the group walk, then one of its other threads.
+    assert!(!dedup.first_report(&first));
+    let mut thread = event(&levels);
+    thread.victim_pid = 4243;
+    let thread = build_kill(&thread, &context(), &mut paths);
+    assert_eq!((thread.victim_pid, thread.victim_tid), (4242, 4243));
+    assert!(!dedup.first_report(&thread));
+    // Another process is another victim; the same pid much later is a new process.
+    let mut other = event(&levels);
+    other.victim_pid = 5000;
+    other.victim_tgid = 5000;
+    assert!(dedup.first_report(&build_kill(&other, &context(), &mut paths)));
+    let mut later = event(&levels);
+    later.boot_ns += 60_000_000_000;
+    assert!(dedup.first_report(&build_kill(&later, &context(), &mut paths)));
+}
