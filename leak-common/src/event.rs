@@ -29,6 +29,8 @@ pub mod flags {
     pub const FAILCNT_VALID: u32 = 1 << 4;
     /// The cgroup chain stopped early because a pointer could not be read.
     pub const CHAIN_TRUNCATED: u32 = 1 << 5;
+    /// `victim_ns_pid` is valid.
+    pub const NS_PID_VALID: u32 = 1 << 6;
 }
 
 /// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the
@@ -72,7 +74,8 @@ pub struct OomKillEvent {
     pub victim_tgid: u32,
     pub victim_comm: [u8; TASK_COMM_LEN],
     pub victim_oom_score_adj: i32,
-    pub _pad0: u32,
+    /// The victim's pid in its own pid namespace (1 for a container's main process).
+    pub victim_ns_pid: u32,
     pub rss_anon_pages: u64,
     pub rss_file_pages: u64,
     pub rss_shmem_pages: u64,

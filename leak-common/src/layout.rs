@@ -42,6 +42,12 @@ pub struct Layout {
     pub task_mm: u32,
     pub task_signal: u32,
     pub task_cgroups: u32,
+    pub task_thread_pid: u32,
+    // struct pid / struct upid: the pid as the task's own namespace sees it
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    pub upid_nr: u32,
     // struct signal_struct
     pub signal_oom_score_adj: u32,
     // struct mm_struct
@@ -102,7 +108,7 @@ impl Layout {
     pub const ABSENT: u32 = u32::MAX;
 }
 
-const _: () = assert!(size_of::<Layout>() == 45 * 4);
+const _: () = assert!(size_of::<Layout>() == 50 * 4);
 
 #[cfg(feature = "user")]
 // SAFETY: `Layout` is `#[repr(C)]`, made only of `u32`s, with no padding and no invalid bit

@@ -251,6 +251,10 @@ fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
         TASK_COMM_LEN as u32,
         task + layout!(task_comm) as u64,
     );
+    if let Some(ns_pid) = namespace_pid(task) {
+        event.victim_ns_pid = ns_pid;
+        *event_flags |= flags::NS_PID_VALID;
+    }
     if let Ok(signal) = read::<u64>(task, layout!(task_signal)) {
         if let Ok(adj) = read::<i16>(signal, layout!(signal_oom_score_adj)) {
             event.victim_oom_score_adj = adj as i32;
@@ -280,6 +284,20 @@ fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
         event.rss_shmem_pages = shmem;
         *event_flags |= flags::RSS_VALID;
     }
+}
+
+/// The task's pid in the innermost pid namespace it lives in:
+/// `task->thread_pid->numbers[task->thread_pid->level].nr`.
+#[inline(always)]
+fn namespace_pid(task: u64) -> Option<u32> {
+    let pid = read::<u64>(task, layout!(task_thread_pid)).ok()?;
+    let level = read::<u32>(pid, layout!(pid_level)).ok()?;
+    // Pid namespaces nest at most 32 deep (MAX_PID_NS_LEVEL).
+    if level > 32 {
+        return None;
+    }
+    let upid = layout!(pid_numbers) + level * layout!(upid_size);
+    read::<u32>(pid, upid + layout!(upid_nr)).ok()
 }
 
 #[inline(always)]

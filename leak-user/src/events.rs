@@ -159,6 +159,18 @@ pub struct Kill {
     pub trigger: Trigger,
     /// The victim's cgroup first, then its ancestors up to the root (or the depth bound).
     pub cgroups: Vec<CgroupState>,
+    /// The victim's pid inside its own pid namespace.
+    pub victim_ns_pid: Option<u32>,
+    /// Whether the victim was pid 1 of its pid namespace: a container's main process. When
+    /// false inside a container, the container survives the kill and the kubelet never
+    /// reports it as `OOMKilled`.
+    pub main_process: Option<bool>,
+    /// Kubernetes names of the victim's cgroup; empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    /// What the cgroup path and the node's logs say about the victim's pod, when it is one.
+    pub kubernetes: Option<crate::k8s::Attribution>,
     /// The victim's task could not be read in the kernel; `cgroups` are the trigger's.
     pub victim_task_resolved: bool,
     /// The cgroup chain ended early on an unreadable pointer.
@@ -172,6 +184,10 @@ pub struct Context<'a> {
     pub realtime_offset_ns: i128,
     pub attach_mode: &'a str,
     pub seq: u64,
+    /// The cgroup the previous report of the same OOM (same triggering task, moments before)
+    /// found at its limit: a group kill marks its members one after another while the first
+    /// victims already release memory, so later members may no longer show the limit reached.
+    pub same_oom_cgroup_id: Option<u64>,
 }
 
 fn c_string(bytes: &[u8]) -> String {
@@ -272,7 +288,10 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
             constraint_name(event.oc_constraint),
         )
     } else {
-        let level = infer_oom_level(levels, page);
+        let level = infer_oom_level(levels, page).or_else(|| {
+            let id = context.same_oom_cgroup_id?;
+            levels.iter().position(|s| s.cgroup_id == id)
+        });
         let constraint = if level.is_some() { "memcg" } else { "none" };
         (level, Attribution::Inferred, constraint)
     };
@@ -307,6 +326,8 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
     let described = oom_level.or(if cgroups.is_empty() { None } else { Some(0) });
     let described = described.and_then(|level| cgroups.get(level));
     let victim_resolved = event.flags & flags::VICTIM_TASK != 0;
+    let ns_pid =
+        (victim_resolved && event.flags & flags::NS_PID_VALID != 0).then_some(event.victim_ns_pid);
     let unix_ns = event.boot_ns as i128 + context.realtime_offset_ns;
     let unix_ns = unix_ns.max(0) as u128;
 
@@ -359,8 +380,37 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
             comm: c_string(&event.trigger_comm),
         },
         cgroups,
+        victim_ns_pid: ns_pid,
+        main_process: ns_pid.map(|pid| pid == 1),
+        namespace: String::new(),
+        pod: String::new(),
+        container: String::new(),
+        kubernetes: None,
         victim_task_resolved: victim_resolved,
         cgroups_truncated: event.flags & flags::CHAIN_TRUNCATED != 0,
+    }
+}
+
+/// Fills in the victim's process id and name from procfs when the kernel program could not
+/// read its task (the classic tracepoint gives a thread id only). The victim is dying but stays
+/// in procfs until it is reaped, which is usually long after we look.
+pub fn fill_from_procfs(kill: &mut Kill, proc_root: &std::path::Path) {
+    if kill.victim_task_resolved {
+        return;
+    }
+    let status = proc_root.join(kill.victim_tid.to_string()).join("status");
+    let Ok(status) = std::fs::read_to_string(status) else {
+        return;
+    };
+    for line in status.lines() {
+        if let Some(name) = line.strip_prefix("Name:") {
+            kill.victim_comm = Some(name.trim().to_owned());
+        } else if let Some(tgid) = line.strip_prefix("Tgid:") {
+            if let Ok(tgid) = tgid.trim().parse() {
+                kill.victim_tgid = Some(tgid);
+                kill.victim_pid = tgid;
+            }
+        }
     }
 }
 

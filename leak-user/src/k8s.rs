@@ -1038,3 +1038,52 @@ mod tests {
         assert!(err.to_string().contains("--rootfs"), "{err}");
     }
 }
+
+/// The Kubernetes side of a kill, as served in `/kills`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attribution {
+    pub pod_uid: String,
+    pub qos_class: QosClass,
+    pub driver: CgroupDriver,
+    /// `pod` when the victim's cgroup is the pod's own, `container` or `monitor` otherwise.
+    pub level: &'static str,
+    pub container_id: Option<String>,
+    pub runtime: Option<Runtime>,
+    /// Names of the cgroup that hit its limit, when it is a pod's or a container's (the pod's
+    /// limit can be the one hit).
+    pub oom_pod: Option<String>,
+    pub oom_container: Option<String>,
+    /// The cgroup that hit its limit is the pod's own rather than a container's.
+    pub pod_limit_hit: bool,
+}
+
+/// Fills a kill's Kubernetes names from its cgroup paths; kills outside Kubernetes keep empty
+/// names.
+pub fn attribute(kill: &mut crate::events::Kill, names: &mut K8sNames) {
+    let Some(identity) = parse_cgroup_path(&kill.cgroup) else {
+        return;
+    };
+    let found = names.lookup(&identity);
+    let oom_identity = kill.oom_cgroup.as_deref().and_then(parse_cgroup_path);
+    let oom_names = oom_identity.as_ref().and_then(|oom| names.lookup(oom));
+    if let Some(found) = &found {
+        kill.namespace = found.namespace.clone();
+        kill.pod = found.pod.clone();
+        kill.container = found.container.clone().unwrap_or_default();
+    }
+    kill.kubernetes = Some(Attribution {
+        pod_uid: identity.pod_uid.clone(),
+        qos_class: identity.qos,
+        driver: identity.driver,
+        level: match identity.level {
+            CgroupLevel::Pod => "pod",
+            CgroupLevel::Container { .. } => "container",
+            CgroupLevel::Monitor { .. } => "monitor",
+        },
+        container_id: identity.container_id().map(str::to_owned),
+        runtime: identity.runtime(),
+        oom_pod: oom_names.as_ref().map(|n| n.pod.clone()),
+        oom_container: oom_names.as_ref().and_then(|n| n.container.clone()),
+        pod_limit_hit: oom_identity.is_some_and(|oom| oom.level == CgroupLevel::Pod),
+    });
+}

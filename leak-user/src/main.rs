@@ -51,6 +51,10 @@ struct TraceArgs {
     /// Kernel BTF to resolve struct layouts from.
     #[arg(long, default_value = VMLINUX_BTF)]
     btf: PathBuf,
+    /// The node's root filesystem, where /var/log/pods and /var/log/containers name pods and
+    /// containers (mount the host's at e.g. /host when running in a container).
+    #[arg(long, default_value = "/", env = "LEAK_ROOTFS")]
+    rootfs: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
             max_kills: args.max_kills,
             ring_buffer_bytes: args.ring_buffer,
             btf: args.btf,
+            rootfs: args.rootfs,
         })
         .await
         .context("leak trace")?,

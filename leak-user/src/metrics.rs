@@ -27,8 +27,9 @@ pub struct Metrics {
     last_kill: Gauge,
 }
 
-/// Labels of the per-cgroup gauges: the victim's cgroup and the one that hit its limit.
-const KILL_LABELS: &[&str] = &["cgroup", "oom_cgroup"];
+/// Labels of the per-cgroup gauges: the victim's cgroup, the one that hit its limit, and the
+/// victim's Kubernetes names (empty outside Kubernetes).
+const KILL_LABELS: &[&str] = &["cgroup", "oom_cgroup", "namespace", "pod", "container"];
 
 impl Metrics {
     pub fn new(kernel_release: &str) -> Result<Self, MetricsError> {
@@ -42,9 +43,18 @@ impl Metrics {
             Opts::new(
                 "oom_kills_total",
                 "OOM-killer victims, by the victim's memory cgroup, the cgroup that hit its \
-                 limit (empty for a global OOM) and the constraint",
+                 limit (empty for a global OOM), Kubernetes names, the constraint, and whether \
+                 the victim was its pid namespace's main process",
             ),
-            &["cgroup", "oom_cgroup", "constraint"],
+            &[
+                "cgroup",
+                "oom_cgroup",
+                "namespace",
+                "pod",
+                "container",
+                "constraint",
+                "main_process",
+            ],
         )?;
         registry.register(Box::new(kills.clone()))?;
         let usage = gauge(
@@ -144,10 +154,29 @@ impl Metrics {
 
     pub fn record_kill(&self, kill: &Kill) {
         let oom_cgroup = kill.oom_cgroup.as_deref().unwrap_or("");
+        let main_process = match kill.main_process {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "",
+        };
+        let labels = [
+            kill.cgroup.as_str(),
+            oom_cgroup,
+            kill.namespace.as_str(),
+            kill.pod.as_str(),
+            kill.container.as_str(),
+        ];
         self.kills
-            .with_label_values(&[kill.cgroup.as_str(), oom_cgroup, kill.constraint])
+            .with_label_values(&[
+                labels[0],
+                labels[1],
+                labels[2],
+                labels[3],
+                labels[4],
+                kill.constraint,
+                main_process,
+            ])
             .inc();
-        let labels = [kill.cgroup.as_str(), oom_cgroup];
         self.usage
             .with_label_values(&labels)
             .set(kill.usage_bytes as f64);

@@ -2,8 +2,13 @@
 //! serves it until SIGINT/SIGTERM, then detaches every probe.
 
 use std::{
-    collections::VecDeque, future::IntoFuture, net::SocketAddr, os::fd::AsRawFd, path::PathBuf,
-    sync::Arc, time::Duration,
+    collections::VecDeque,
+    future::IntoFuture,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use log::{error, info, warn};
@@ -16,6 +21,7 @@ use crate::{
     cgroup::{CgroupPaths, MemoryHierarchy},
     events::{self, Context, Kill},
     http::{self, Shared},
+    k8s::{self, K8sNames},
     metrics::{Metrics, MetricsError},
     probes::{AttachMode, LoadOptions, ProbeError, Probes},
 };
@@ -27,6 +33,8 @@ pub struct TraceOptions {
     pub max_kills: usize,
     pub ring_buffer_bytes: u32,
     pub btf: PathBuf,
+    /// Where the node's root filesystem is (`/`, or the host's mounted into a container).
+    pub rootfs: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +112,11 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         let _ = stop_tx.send(true);
     });
 
-    let result = event_loop(&mut probes, &shared, &mut paths, stop_rx).await;
+    let mut names = K8sNames::new(options.rootfs.clone());
+    if let Err(err) = names.refresh() {
+        warn!("{err}");
+    }
+    let result = event_loop(&mut probes, &shared, &mut paths, &mut names, stop_rx).await;
     probes.detach();
     match server.await {
         Ok(Ok(())) => {}
@@ -118,6 +130,7 @@ async fn event_loop(
     probes: &mut Probes,
     shared: &Shared,
     paths: &mut CgroupPaths,
+    names: &mut K8sNames,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), TraceError> {
     let mut ring = readable(probes.take_events()?)?;
@@ -130,6 +143,8 @@ async fn event_loop(
     let mode = probes.mode().to_string();
     let mut seq = 0u64;
     let mut dedup = events::VictimDedup::default();
+    // (triggering thread, boot_ns, cgroup id) of the last kill attributed to a cgroup.
+    let mut last_attribution: Option<(u32, u64, u64)> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => {
@@ -148,8 +163,19 @@ async fn event_loop(
                                 realtime_offset_ns: realtime_offset_ns(),
                                 attach_mode: &mode,
                                 seq,
+                                same_oom_cgroup_id: last_attribution
+                                    .filter(|(trigger, at, _)| {
+                                        *trigger == event.trigger_pid
+                                            && event.boot_ns.abs_diff(*at) < SAME_OOM_NS
+                                    })
+                                    .map(|(_, _, id)| id),
                             };
-                            let kill = events::build_kill(&event, &context, paths);
+                            let mut kill = events::build_kill(&event, &context, paths);
+                            events::fill_from_procfs(&mut kill, Path::new("/proc"));
+                            if let Some(id) = kill.oom_cgroup_id {
+                                last_attribution = Some((event.trigger_pid, event.boot_ns, id));
+                            }
+                            k8s::attribute(&mut kill, names);
                             if !dedup.first_report(&kill) {
                                 log::debug!(
                                     "pid {} (thread {}) was already reported dying",
@@ -192,13 +218,24 @@ fn readable<T: AsRawFd>(map: T) -> std::io::Result<AsyncFd<T>> {
     unsafe { AsyncFd::register_with_interest(map, Interest::READABLE) }.map_err(Into::into)
 }
 
+/// Reports this close together from the same triggering thread belong to one OOM.
+const SAME_OOM_NS: u64 = 1_000_000_000;
+
 fn log_kill(kill: &Kill) {
     info!(
-        "OOM kill: pid {} ({}) in {}; limit hit by {}; usage {} limit {} working set {} \
+        "OOM kill: pid {} ({}) in {}{}; limit hit by {}; usage {} limit {} working set {} \
          inactive_file {} bytes",
         kill.victim_pid,
         kill.victim_comm.as_deref().unwrap_or("?"),
         kill.cgroup,
+        if kill.pod.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (pod {}/{} container {:?})",
+                kill.namespace, kill.pod, kill.container
+            )
+        },
         kill.oom_cgroup.as_deref().unwrap_or("(global OOM)"),
         kill.usage_bytes,
         kill.limit_bytes

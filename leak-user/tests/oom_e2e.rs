@@ -206,7 +206,8 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
     );
 
     let counter = format!(
-        "leak_oom_kills_total{{cgroup=\"{}\",constraint=\"memcg\",oom_cgroup=\"{}\"}} 1",
+        "leak_oom_kills_total{{cgroup=\"{0}\",constraint=\"memcg\",container=\"\",\
+         main_process=\"false\",namespace=\"\",oom_cgroup=\"{1}\",pod=\"\"}} 1",
         victim.relative, oom_cgroup.relative
     );
     assert!(
@@ -214,12 +215,15 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
         "missing `{counter}` in\n{metrics}"
     );
     let gauge = format!(
-        "leak_oom_kill_working_set_bytes{{cgroup=\"{}\",oom_cgroup=\"{}\"}} {}",
+        "leak_oom_kill_working_set_bytes{{cgroup=\"{}\",container=\"\",namespace=\"\",\
+         oom_cgroup=\"{}\",pod=\"\"}} {}",
         victim.relative,
         oom_cgroup.relative,
         bytes(kill, "working_set_bytes")
     );
     assert!(metrics.contains(&gauge), "missing `{gauge}` in\n{metrics}");
+    // The workload is not pid 1 of a pid namespace: outside a container, not a main process.
+    assert_eq!(kill["main_process"], Value::Bool(false), "{kill:#}");
     let info = "leak_attach_info{hook=\"mark_victim\",mode=\"";
     assert!(metrics.contains(info), "no attach info in\n{metrics}");
     promtool_check(metrics);

@@ -9,11 +9,14 @@ use anyhow::{bail, Result};
 
 use crate::{
     bootstrap::{self, say},
-    kernels,
+    kernels, vm,
 };
 
 /// Kernels whose BTF the layout resolver is tested against, besides the running one.
 const BTF_KERNELS: &[&str] = &["5.10", "6.1"];
+/// Kernels the end-to-end tests boot under QEMU: 5.10 (`mark_victim(int pid)` before its
+/// backport, RLIMIT_MEMLOCK accounting, inline memcg stats) and 6.1 (stats behind a pointer).
+const VM_KERNELS: &[&str] = &["5.10", "6.1"];
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -127,6 +130,20 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut (u64, u64)) -
             bail!("cargo test: {failed} failed");
         }
         Ok(())
+    })?;
+    stages.time("VM kernels (5.10, 6.1)", || {
+        let settings = vm::Settings {
+            k8s: true,
+            modes: vm::ALL_MODES.into(),
+            expect_auto: "fentry".into(),
+            timeout: Duration::from_secs(1500),
+            filter: options.filter.clone(),
+        };
+        let series: Vec<String> = VM_KERNELS.iter().map(|s| (*s).to_owned()).collect();
+        let outcomes = vm::run_kernels(&series, &settings)?;
+        totals.0 += outcomes.iter().filter(|o| o.passed).count() as u64;
+        totals.1 += outcomes.iter().filter(|o| !o.passed).count() as u64;
+        vm::report(&outcomes)
     })?;
     Ok(())
 }

@@ -38,12 +38,17 @@ pub struct Options {
     /// Hard limit for one kernel's boot and tests, in seconds.
     #[arg(long, default_value_t = 1500)]
     timeout: u64,
+    /// Skip the Kubernetes-layout tests.
+    #[arg(long)]
+    no_k8s: bool,
     /// Only run tests whose name contains this.
     #[arg(last = true)]
     filter: Vec<String>,
 }
 
 pub struct Settings {
+    /// Also run the Kubernetes-layout tests (once, in mode auto).
+    pub k8s: bool,
     pub modes: String,
     pub expect_auto: String,
     pub timeout: Duration,
@@ -60,6 +65,7 @@ pub struct Outcome {
 
 pub fn run(options: Options) -> Result<()> {
     let settings = Settings {
+        k8s: !options.no_k8s,
         modes: options.modes,
         expect_auto: options.expect_auto,
         timeout: Duration::from_secs(options.timeout),
@@ -125,8 +131,12 @@ pub fn run_kernels(series: &[String], settings: &Settings) -> Result<Vec<Outcome
 
 struct Binaries {
     leak: PathBuf,
-    tests: PathBuf,
+    /// The end-to-end test executables by target name (`oom_e2e`, `k8s_e2e`).
+    tests: Vec<(String, PathBuf)>,
 }
+
+/// The end-to-end test targets the VMs run.
+const TEST_TARGETS: &[&str] = &["oom_e2e", "k8s_e2e"];
 
 /// The agent and the end-to-end test binary, release builds.
 fn build_binaries() -> Result<Binaries> {
@@ -153,12 +163,20 @@ fn build_binaries() -> Result<Binaries> {
             .current_dir(&root)
             .env("PATH", bootstrap::path_with_cargo_bin()),
     )?;
-    let tests = messages
+    let artifacts: Vec<serde_json::Value> = messages
         .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "oom_e2e")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo did not report the oom_e2e test executable")?;
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|m: &serde_json::Value| m["reason"] == "compiler-artifact")
+        .collect();
+    let mut tests = Vec::new();
+    for target in TEST_TARGETS {
+        let executable = artifacts
+            .iter()
+            .filter(|m| m["target"]["name"] == *target)
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .with_context(|| format!("cargo did not report the {target} test executable"))?;
+        tests.push(((*target).to_owned(), executable));
+    }
     Ok(Binaries {
         leak: root.join("target/release/leak"),
         tests,
@@ -288,11 +306,16 @@ modes=$(arg modes | tr ',' ' ')
 filter=$(arg filter)
 echo "LEAK-VM kernel $(uname -r), modes: $modes"
 for mode in $modes; do
-  CI=true LEAK_BIN=/bin/leak LEAK_TEST_DISK_DIR=/disk LEAK_TEST_NO_PROMTOOL=1 \
+  CI=true LEAK_BIN=/bin/leak LEAK_TEST_DISK_DIR=/disk LEAK_TEST_NO_PROMETHEUS=1 \
     LEAK_TEST_ATTACH=$mode LEAK_TEST_EXPECT_AUTO=$(arg expect_auto) RUST_BACKTRACE=1 \
     /tests/oom_e2e --test-threads=1 --nocapture $filter
   if [ $? -eq 0 ]; then echo "LEAK-VM-RESULT $mode pass"; else echo "LEAK-VM-RESULT $mode fail"; fi
 done
+if [ "$(arg k8s)" = 1 ]; then
+  CI=true LEAK_BIN=/bin/leak LEAK_TEST_NO_PROMETHEUS=1 RUST_BACKTRACE=1 \
+    /tests/k8s_e2e --test-threads=1 --nocapture $filter
+  if [ $? -eq 0 ]; then echo "LEAK-VM-RESULT k8s pass"; else echo "LEAK-VM-RESULT k8s fail"; fi
+fi
 echo "LEAK-VM-DONE"
 sync
 poweroff -f
@@ -318,9 +341,11 @@ fn initramfs(kernel: &Kernel, binaries: &Binaries, path: &Path) -> Result<()> {
     archive.file("/bin/busybox", 0o755, &fs::read(which("busybox")?)?);
     archive.file("/init", 0o755, INIT.as_bytes());
     archive.file("/bin/leak", 0o755, &fs::read(&binaries.leak)?);
-    archive.file("/tests/oom_e2e", 0o755, &fs::read(&binaries.tests)?);
     let mut libraries: Vec<PathBuf> = shared_libraries(&binaries.leak)?;
-    libraries.extend(shared_libraries(&binaries.tests)?);
+    for (name, path) in &binaries.tests {
+        archive.file(&format!("/tests/{name}"), 0o755, &fs::read(path)?);
+        libraries.extend(shared_libraries(path)?);
+    }
     libraries.sort();
     libraries.dedup();
     for library in libraries {
@@ -360,8 +385,10 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
     bootstrap::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk))?;
 
     let mut append = format!(
-        "console=ttyS0 panic=-1 oops=panic loglevel=4 leak.modes={} leak.expect_auto={}",
-        settings.modes, settings.expect_auto
+        "console=ttyS0 panic=-1 oops=panic loglevel=4 leak.modes={} leak.expect_auto={} leak.k8s={}",
+        settings.modes,
+        settings.expect_auto,
+        u8::from(settings.k8s)
     );
     if let Some(filter) = settings.filter.first() {
         append.push_str(&format!(" leak.filter={filter}"));
@@ -466,7 +493,8 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             detail: "the VM stopped before finishing its tests".into(),
         });
     }
-    let expected = settings.modes.split(',').filter(|m| !m.is_empty()).count();
+    let expected =
+        settings.modes.split(',').filter(|m| !m.is_empty()).count() + usize::from(settings.k8s);
     let reported = outcomes.iter().filter(|o| o.mode != "vm").count();
     if reported < expected && done {
         outcomes.push(Outcome {

@@ -35,12 +35,12 @@ fn event(levels: &[MemcgSnapshot]) -> OomKillEvent {
     OomKillEvent {
         boot_ns: 5_000_000_000,
         hook: hook::TP_BTF_MARK_VICTIM,
-        flags: flags::VICTIM_TASK | flags::FAILCNT_VALID | flags::RSS_VALID,
+        flags: flags::VICTIM_TASK | flags::FAILCNT_VALID | flags::RSS_VALID | flags::NS_PID_VALID,
         victim_pid: 4242,
         victim_tgid: 4242,
         victim_comm: comm("leak"),
         victim_oom_score_adj: 0,
-        _pad0: 0,
+        victim_ns_pid: 1,
         rss_anon_pages: 100,
         rss_file_pages: 2,
         rss_shmem_pages: 0,
@@ -75,6 +75,7 @@ fn context() -> Context<'static> {
         realtime_offset_ns: 1_700_000_000_000_000_000,
         attach_mode: "tp_btf",
         seq: 1,
+        same_oom_cgroup_id: None,
     }
 }
 
@@ -261,4 +262,47 @@ fn threads_and_repeats_of_one_process_are_one_victim() {
     let mut later = event(&levels);
     later.boot_ns += 60_000_000_000;
     assert!(dedup.first_report(&build_kill(&later, &context(), &mut paths)));
+}
+
+#[test]
+fn a_later_member_of_the_same_oom_inherits_its_cgroup() {
+    // The group's usage already fell well below its limit when this member was marked.
+    let levels = [
+        level(30, "group", 100, 1000, 0),
+        level(1, "", 5000, UNLIMITED, 0),
+    ];
+    let mut context = context();
+    let kill = build_kill(&event(&levels), &context, &mut CgroupPaths::new(None));
+    assert_eq!(kill.oom_cgroup, None);
+    context.same_oom_cgroup_id = Some(30);
+    let kill = build_kill(&event(&levels), &context, &mut CgroupPaths::new(None));
+    assert_eq!(kill.oom_cgroup.as_deref(), Some("/group"));
+    assert_eq!(kill.constraint, "memcg");
+    // A hint outside the victim's chain is ignored.
+    context.same_oom_cgroup_id = Some(99);
+    let kill = build_kill(&event(&levels), &context, &mut CgroupPaths::new(None));
+    assert_eq!(kill.oom_cgroup, None);
+}
+
+#[test]
+fn an_unresolved_victim_is_named_from_procfs() {
+    let root = std::env::temp_dir().join(format!("leak-procfs-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("4243")).unwrap();
+    std::fs::write(
+        root.join("4243/status"),
+        "Name:\ttokio-rt-worker\nTgid:\t4242\nPid:\t4243\n",
+    )
+    .unwrap();
+    let mut ev = event(&[level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
+    ev.flags &= !flags::VICTIM_TASK;
+    ev.victim_pid = 4243;
+    let mut kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    fill_from_procfs(&mut kill, &root);
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!((kill.victim_pid, kill.victim_tid), (4242, 4243));
+    assert_eq!(kill.victim_comm.as_deref(), Some("tokio-rt-worker"));
+    assert!(
+        !kill.victim_task_resolved,
+        "the snapshot itself is still the trigger's"
+    );
 }

@@ -61,7 +61,12 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn create(hierarchy: &MemoryHierarchy, name: &str) -> Self {
-        let relative = format!("/{name}-{}", std::process::id());
+        Self::create_at(hierarchy, &format!("/{name}-{}", std::process::id()))
+    }
+
+    /// Creates the cgroup at exactly `relative` (its parent must exist).
+    pub fn create_at(hierarchy: &MemoryHierarchy, relative: &str) -> Self {
+        let relative = relative.to_owned();
         let cgroup = Self {
             hierarchy: hierarchy.clone(),
             relative,
@@ -165,6 +170,13 @@ impl Drop for Process {
 /// Starts `leak workload ARGS` inside `cgroup`, moved there before it execs so that every
 /// byte it allocates is charged to it.
 pub fn spawn_in(cgroup: &Cgroup, args: &[&str]) -> Process {
+    let mut command = Command::new(leak_bin());
+    command.arg("workload").args(args);
+    spawn_command_in(cgroup, command)
+}
+
+/// Starts `command` inside `cgroup`, moved there before it execs.
+pub fn spawn_command_in(cgroup: &Cgroup, mut command: Command) -> Process {
     let procs = CString::new(
         cgroup
             .path()
@@ -173,12 +185,7 @@ pub fn spawn_in(cgroup: &Cgroup, args: &[&str]) -> Process {
             .into_encoded_bytes(),
     )
     .expect("path without NUL");
-    let mut command = Command::new(leak_bin());
-    command
-        .arg("workload")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    command.stdout(Stdio::null()).stderr(Stdio::null());
     // SAFETY: only async-signal-safe calls (open, write, close, getpid) between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -206,7 +213,9 @@ pub fn spawn_in(cgroup: &Cgroup, args: &[&str]) -> Process {
         });
     }
     Process {
-        child: command.spawn().expect("spawn leak workload"),
+        child: command
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {command:?}: {err}")),
     }
 }
 
@@ -282,6 +291,23 @@ impl Agent {
         panic!("no kill of pid {pid} on /kills; agent log:\n{}", self.log());
     }
 
+    /// Waits for a kill whose victim's cgroup is `cgroup` (for victims whose pid the test does
+    /// not know, such as a process started through `unshare`).
+    pub fn wait_for_kill_in(&self, cgroup: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(kill) = self
+                .kills()
+                .into_iter()
+                .find(|k| k["cgroup"].as_str() == Some(cgroup))
+            {
+                return kill;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no kill in {cgroup} on /kills; agent log:\n{}", self.log());
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().expect("log").clone()
     }
@@ -354,8 +380,8 @@ pub fn file_size(path: &Path) -> u64 {
 
 /// Lints a Prometheus exposition with the real `promtool check metrics`.
 pub fn promtool_check(metrics: &str) {
-    if std::env::var_os("LEAK_TEST_NO_PROMTOOL").is_some() {
-        eprintln!("promtool lint not run here (LEAK_TEST_NO_PROMTOOL); the host suite runs it");
+    if std::env::var_os("LEAK_TEST_NO_PROMETHEUS").is_some() {
+        eprintln!("promtool lint not run here (LEAK_TEST_NO_PROMETHEUS); the host suite runs it");
         return;
     }
     let child = Command::new("promtool")
