@@ -76,7 +76,7 @@ fn run_counting(command: &mut Command) -> Result<(u64, u64)> {
             let count = |word: &str| -> u64 {
                 rest.split(';')
                     .find_map(|part| part.trim().strip_suffix(word))
-                    .and_then(|n| n.trim().parse().ok())
+                    .and_then(|n| n.split_whitespace().last()?.parse().ok())
                     .unwrap_or(0)
             };
             passed += count(" passed");
