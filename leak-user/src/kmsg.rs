@@ -168,13 +168,14 @@ fn unescape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn unescapes_multi_line_records() {
-        assert_eq!(super::unescape("anon 1\\x0afile 2"), "anon 1\nfile 2");
-        assert_eq!(super::unescape("plain \\x"), "plain \\x");
+        assert_eq!(unescape("anon 1\\x0afile 2"), "anon 1\nfile 2");
+        assert_eq!(unescape("plain \\x"), "plain \\x");
     }
 
-    use super::*;
 
     #[test]
     fn parses_a_memcg_oom_report() {

@@ -150,15 +150,8 @@ fn build_binaries() -> Result<Binaries> {
     )?;
     let messages = output(
         Command::new(env!("CARGO"))
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "leak-user",
-                "--test",
-                "oom_e2e",
-                "--no-run",
-            ])
+            .args(["test", "--release", "-p", "leak-user", "--no-run"])
+            .args(TEST_TARGETS.iter().flat_map(|target| ["--test", target]))
             .args(["--message-format", "json"])
             .current_dir(&root)
             .env("PATH", bootstrap::path_with_cargo_bin()),
