@@ -132,7 +132,9 @@ pub mod counter {
     pub const LOST_EVENTS: u32 = 0;
     /// Kernel reads that failed (a pointer chain broke mid-way).
     pub const READ_ERRORS: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Charge samples dropped because their ring buffer was full.
+    pub const LOST_SAMPLES: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 #[cfg(feature = "user")]

@@ -7,3 +7,4 @@
 
 pub mod event;
 pub mod layout;
+pub mod sample;

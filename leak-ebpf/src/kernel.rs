@@ -1,7 +1,8 @@
 //! Reads of kernel memory through the layout table userspace resolved from BTF.
 
+use aya_ebpf::helpers::generated::bpf_get_current_task;
 use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str};
-use leak_common::layout::Layout;
+use leak_common::layout::{stats_scheme, Layout};
 
 /// Filled in by userspace before load (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -110,4 +111,69 @@ pub fn read_str_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
     } else {
         Ok(())
     }
+}
+
+/// The memory cgroup of `task`, through `task->cgroups->subsys[memory_cgrp_id]`.
+#[inline(always)]
+pub fn task_memcg(task: u64) -> u64 {
+    let Ok(css_set) = read::<u64>(task, layout!(task_cgroups)) else {
+        return 0;
+    };
+    let slot = layout!(css_set_subsys) + layout!(memory_subsys_id) * 8;
+    match read::<u64>(css_set, slot) {
+        Ok(css) if css != 0 => css - layout!(memcg_css) as u64,
+        _ => 0,
+    }
+}
+
+/// The memory cgroup of the running task.
+#[inline(always)]
+pub fn current_memcg() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    task_memcg(unsafe { bpf_get_current_task() })
+}
+
+/// `memcg->css.cgroup->kn->id`: the inode number of the cgroup's directory.
+#[inline(always)]
+pub fn memcg_cgroup_id(memcg: u64) -> u64 {
+    let Ok(cgroup) = read::<u64>(memcg, layout!(memcg_css) + layout!(css_cgroup)) else {
+        return 0;
+    };
+    let Ok(kn) = read::<u64>(cgroup, layout!(cgroup_kn)) else {
+        return 0;
+    };
+    read::<u64>(kn, layout!(kn_id)).unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn parent_memcg(memcg: u64) -> u64 {
+    match read::<u64>(memcg, layout!(memcg_css) + layout!(css_parent)) {
+        Ok(css) if css != 0 => css - layout!(memcg_css) as u64,
+        _ => 0,
+    }
+}
+
+/// Hierarchical page count of LRU list `lru` (`leak_common::layout::LRU_*`) of `memcg`, as of
+/// the last statistics flush.
+#[inline(always)]
+pub fn lru_pages(memcg: u64, lru: usize) -> u64 {
+    let state = match layout!(stats_scheme) {
+        stats_scheme::POINTER => match read::<u64>(memcg, layout!(memcg_vmstats)) {
+            Ok(vmstats) if vmstats != 0 => vmstats + layout!(vmstats_state) as u64,
+            _ => return 0,
+        },
+        stats_scheme::EMBEDDED_STRUCT => {
+            memcg + layout!(memcg_vmstats) as u64 + layout!(vmstats_state) as u64
+        }
+        _ => memcg + layout!(memcg_vmstats) as u64,
+    };
+    let index = match lru {
+        0 => layout!(lru_stat_index[0]),
+        1 => layout!(lru_stat_index[1]),
+        2 => layout!(lru_stat_index[2]),
+        3 => layout!(lru_stat_index[3]),
+        _ => layout!(lru_stat_index[4]),
+    };
+    // Per-CPU batching can leave a hierarchical counter briefly negative.
+    read::<i64>(state, index * 8).map_or(0, |pages| pages.max(0) as u64)
 }

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod charge;
 mod kernel;
 mod maps;
 mod oom;

@@ -2,9 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use leak_common::event::{counter, OomContext};
+use leak_common::{
+    event::{counter, OomContext},
+    sample::CgroupCounters,
+};
 
 /// OOM victims, one `OomKillEvent` each. Userspace may resize it before load.
 #[map]
@@ -14,6 +17,23 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// `mark_victim` programs that fire inside it.
 #[map]
 pub static OOM_CONTEXT: HashMap<u32, OomContext> = HashMap::with_max_entries(1024, 0);
+
+/// Charge-path samples (`ChargeSample`), apart from the kills so that a burst of samples can
+/// never crowd a kill out. Userspace may resize it before load.
+#[map]
+pub static SAMPLES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// When each (memory cgroup, sample kind) was last sampled: the per-cgroup rate limit.
+#[map]
+pub static LAST_SAMPLE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
+
+/// Limit hits and charge failures per cgroup id.
+#[map]
+pub static CGROUP_COUNTERS: LruHashMap<u64, CgroupCounters> = LruHashMap::with_max_entries(4096, 0);
+
+/// The memory cgroup a thread is charging, from the kprobe to the kretprobe.
+#[map]
+pub static CHARGING: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
 
 /// Counters indexed by `leak_common::event::counter`.
 #[map]

@@ -22,11 +22,14 @@ use leak_common::{
         counter, flags, hook, MemcgSnapshot, OomContext, OomKillEvent, CGROUP_NAME_LEN,
         MAX_CGROUP_DEPTH, TASK_COMM_LEN,
     },
-    layout::{rss_scheme, stats_scheme, Layout, LRU_COUNT},
+    layout::{rss_scheme, Layout, LRU_COUNT},
 };
 
 use crate::{
-    kernel::{layout, read, read_into, read_str_into},
+    kernel::{
+        layout, lru_pages, memcg_cgroup_id, parent_memcg, read, read_into, read_str_into,
+        task_memcg,
+    },
     maps::{count, EVENTS, OOM_CONTEXT},
 };
 
@@ -129,38 +132,6 @@ fn find_victim_task(pid: u32) -> u64 {
         }
     }
     0
-}
-
-/// The memory cgroup of `task`, through `task->cgroups->subsys[memory_cgrp_id]`.
-#[inline(always)]
-fn task_memcg(task: u64) -> u64 {
-    let Ok(css_set) = read::<u64>(task, layout!(task_cgroups)) else {
-        return 0;
-    };
-    let slot = layout!(css_set_subsys) + layout!(memory_subsys_id) * 8;
-    match read::<u64>(css_set, slot) {
-        Ok(css) if css != 0 => css - layout!(memcg_css) as u64,
-        _ => 0,
-    }
-}
-
-#[inline(always)]
-fn memcg_cgroup_id(memcg: u64) -> u64 {
-    let Ok(cgroup) = read::<u64>(memcg, layout!(memcg_css) + layout!(css_cgroup)) else {
-        return 0;
-    };
-    let Ok(kn) = read::<u64>(cgroup, layout!(cgroup_kn)) else {
-        return 0;
-    };
-    read::<u64>(kn, layout!(kn_id)).unwrap_or(0)
-}
-
-#[inline(always)]
-fn parent_memcg(memcg: u64) -> u64 {
-    match read::<u64>(memcg, layout!(memcg_css) + layout!(css_parent)) {
-        Ok(css) if css != 0 => css - layout!(memcg_css) as u64,
-        _ => 0,
-    }
 }
 
 fn report_victim(hook: u32, victim: u64, victim_pid: u32) {
@@ -312,20 +283,8 @@ fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
         snapshot.failcnt = read::<u64>(memcg, counter + failcnt).unwrap_or(0);
     }
 
-    let state = match layout!(stats_scheme) {
-        stats_scheme::POINTER => {
-            read::<u64>(memcg, layout!(memcg_vmstats))? + layout!(vmstats_state) as u64
-        }
-        stats_scheme::EMBEDDED_STRUCT => {
-            memcg + layout!(memcg_vmstats) as u64 + layout!(vmstats_state) as u64
-        }
-        _ => memcg + layout!(memcg_vmstats) as u64,
-    };
     for lru in 0..LRU_COUNT {
-        let index = layout!(lru_stat_index[lru]);
-        // Per-CPU batching can leave a hierarchical counter briefly negative.
-        let pages = read::<i64>(state, index * 8).unwrap_or(0);
-        snapshot.lru_pages[lru] = pages.max(0) as u64;
+        snapshot.lru_pages[lru] = lru_pages(memcg, lru);
     }
 
     let cgroup = read::<u64>(memcg, layout!(memcg_css) + layout!(css_cgroup))?;

@@ -176,7 +176,6 @@ mod tests {
         assert_eq!(unescape("plain \\x"), "plain \\x");
     }
 
-
     #[test]
     fn parses_a_memcg_oom_report() {
         let log = "\

@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod events;
+pub mod history;
 pub mod http;
 pub mod k8s;
 pub mod kmsg;
