@@ -132,8 +132,13 @@ fn usage_pages(memcg: u64) -> u64 {
 /// Whether a sample of `kind` for `memcg` is due, recording it if so.
 #[inline(always)]
 fn due(memcg: u64, kind: u32, now: u64) -> bool {
-    // Kernel objects are at least 8-byte aligned: the low bits are free for the kind.
-    let key = memcg | u64::from(kind);
+    // Keyed by the cgroup's address, read from memory so that the verifier sees a plain
+    // number (it forbids bit operations on a tp_btf argument's pointer); kernel objects are at
+    // least 8-byte aligned, so the low bits are free for the kind.
+    let Ok(cgroup) = read::<u64>(memcg, layout!(memcg_css) + layout!(css_cgroup)) else {
+        return false;
+    };
+    let key = cgroup | u64::from(kind);
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(last) = unsafe { LAST_SAMPLE.get(&key) } {
         if now.saturating_sub(*last) < config!(min_interval_ns) {

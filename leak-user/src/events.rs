@@ -171,6 +171,13 @@ pub struct Kill {
     pub container: String,
     /// What the cgroup path and the node's logs say about the victim's pod, when it is one.
     pub kubernetes: Option<crate::k8s::Attribution>,
+    /// The seconds before death of `oom_cgroup` (or the victim's cgroup for a global OOM),
+    /// from the charge path, oldest first.
+    pub timeline: Vec<crate::history::Point>,
+    /// The victim's own cgroup's timeline, when it is not `oom_cgroup`.
+    pub victim_timeline: Option<Vec<crate::history::Point>>,
+    /// What the timeline says: when usage reached the limit, when the working set did.
+    pub story: Option<crate::history::Story>,
     /// The victim's task could not be read in the kernel; `cgroups` are the trigger's.
     pub victim_task_resolved: bool,
     /// The cgroup chain ended early on an unreadable pointer.
@@ -386,6 +393,9 @@ pub fn build_kill(event: &OomKillEvent, context: &Context<'_>, paths: &mut Cgrou
         pod: String::new(),
         container: String::new(),
         kubernetes: None,
+        timeline: Vec::new(),
+        victim_timeline: None,
+        story: None,
         victim_task_resolved: victim_resolved,
         cgroups_truncated: event.flags & flags::CHAIN_TRUNCATED != 0,
     }

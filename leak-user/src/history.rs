@@ -23,6 +23,8 @@ pub enum SampleKind {
     Charge,
     LimitHit,
     ChargeFailed,
+    /// The kill's own snapshot, ending a kill's timeline.
+    Kill,
 }
 
 impl TryFrom<u32> for SampleKind {

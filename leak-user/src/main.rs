@@ -55,6 +55,41 @@ struct TraceArgs {
     /// containers (mount the host's at e.g. /host when running in a container).
     #[arg(long, default_value = "/", env = "LEAK_ROOTFS")]
     rootfs: PathBuf,
+    /// How to attach the charge path (the timeline before kills, live series): auto walks
+    /// fentry, kprobe, tp_btf, tracepoint; off disables it.
+    #[arg(long, value_enum, default_value_t = ChargeAttach::Auto, env = "LEAK_CHARGE_ATTACH")]
+    charge_attach: ChargeAttach,
+    /// At most one charge-path sample per cgroup (and kind) per this interval, in the kernel.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    sample_interval: Duration,
+    /// How much history to keep per cgroup and attach to each kill.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    history: Duration,
+    /// Which cgroups get a timeline and live series: those with a memory limit, or all.
+    #[arg(long, value_enum, default_value_t = Watch::Limited)]
+    watch: Watch,
+    /// At most this many cgroups are watched (the least recently active are dropped).
+    #[arg(long, default_value_t = 500)]
+    max_watched_cgroups: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ChargeAttach {
+    Auto,
+    Off,
+    Fentry,
+    Kprobe,
+    #[value(name = "tp_btf")]
+    TpBtf,
+    Tracepoint,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Watch {
+    /// Cgroups with a memory limit (and their limited ancestors).
+    Limited,
+    /// Every memory cgroup the charge path sees.
+    All,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +147,19 @@ async fn main() -> anyhow::Result<()> {
             ring_buffer_bytes: args.ring_buffer,
             btf: args.btf,
             rootfs: args.rootfs,
+            charge_attach: match args.charge_attach {
+                ChargeAttach::Off => None,
+                ChargeAttach::Auto => Some(AttachMode::Auto),
+                ChargeAttach::Fentry => Some(AttachMode::Fentry),
+                ChargeAttach::Kprobe => Some(AttachMode::Kprobe),
+                ChargeAttach::TpBtf => Some(AttachMode::TpBtf),
+                ChargeAttach::Tracepoint => Some(AttachMode::Tracepoint),
+            },
+            sample_interval: args.sample_interval,
+            history: args.history,
+            only_limited: args.watch == Watch::Limited,
+            max_watched_cgroups: args.max_watched_cgroups,
+            memory_root: None,
         })
         .await
         .context("leak trace")?,

@@ -5,7 +5,31 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::{events::Kill, probes::Attachment};
+use leak_common::sample::ChargeSample;
+
+use crate::{
+    events::Kill,
+    history::Point,
+    probes::{Attachment, KernelCounters},
+};
+
+/// The labels of a watched cgroup's live series.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupLabels {
+    pub cgroup: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+impl CgroupLabels {
+    fn values(&self) -> [&str; 4] {
+        [&self.cgroup, &self.namespace, &self.pod, &self.container]
+    }
+}
+
+/// Labels of the live per-cgroup series.
+const CGROUP_LABELS: &[&str] = &["cgroup", "namespace", "pod", "container"];
 
 #[derive(Debug, thiserror::Error)]
 #[error("metrics: {0}")]
@@ -25,6 +49,14 @@ pub struct Metrics {
     decode_errors: IntCounter,
     attach_info: IntGaugeVec,
     last_kill: Gauge,
+    lost_samples: IntCounter,
+    samples: IntCounterVec,
+    live_usage: GaugeVec,
+    live_working_set: GaugeVec,
+    live_page_cache: GaugeVec,
+    live_limit: GaugeVec,
+    limit_hits: IntCounterVec,
+    charge_failures: IntCounterVec,
 }
 
 /// Labels of the per-cgroup gauges: the victim's cgroup, the one that hit its limit, and the
@@ -123,6 +155,52 @@ impl Metrics {
             "Unix time of the most recent kill seen (0 before the first)",
         )?;
         registry.register(Box::new(last_kill.clone()))?;
+        let lost_samples = counter(
+            "samples_lost_total",
+            "Charge-path samples dropped because their ring buffer was full",
+        )?;
+        let samples = IntCounterVec::new(
+            Opts::new(
+                "charge_samples_total",
+                "Charge-path samples received, by kind (charge, limit_hit, charge_failed)",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(samples.clone()))?;
+        let live = |name: &str, help: &str| -> Result<GaugeVec, MetricsError> {
+            let gauge = GaugeVec::new(Opts::new(name, help), CGROUP_LABELS)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let live_usage = live(
+            "cgroup_usage_bytes",
+            "Memory usage of a watched cgroup at its latest charge-path sample",
+        )?;
+        let live_working_set = live(
+            "cgroup_working_set_bytes",
+            "Working set (usage - inactive_file) of a watched cgroup at its latest sample",
+        )?;
+        let live_page_cache = live(
+            "cgroup_page_cache_bytes",
+            "Page cache (active + inactive file) of a watched cgroup at its latest sample",
+        )?;
+        let live_limit = live(
+            "cgroup_limit_bytes",
+            "Memory limit of a watched cgroup (+Inf when unlimited)",
+        )?;
+        let pressure = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
+            let counter = IntCounterVec::new(Opts::new(name, help), CGROUP_LABELS)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let limit_hits = pressure(
+            "cgroup_limit_hits_total",
+            "Charges that hit the cgroup's limit and sent the kernel reclaiming",
+        )?;
+        let charge_failures = pressure(
+            "cgroup_charge_failures_total",
+            "Charges that failed (-ENOMEM) after reclaim (fentry/kprobe charge path only)",
+        )?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -141,6 +219,14 @@ impl Metrics {
             decode_errors,
             attach_info,
             last_kill,
+            lost_samples,
+            samples,
+            live_usage,
+            live_working_set,
+            live_page_cache,
+            live_limit,
+            limit_hits,
+            charge_failures,
         })
     }
 
@@ -200,16 +286,72 @@ impl Metrics {
         }
     }
 
-    /// Brings the lost-event and read-error counters up to the kernel's totals.
-    pub fn set_kernel_counters(&self, lost_events: u64, read_errors: u64) {
+    /// Brings the lost-event, lost-sample and read-error counters up to the kernel's totals.
+    pub fn set_kernel_counters(&self, counters: &KernelCounters) {
         let catch_up = |counter: &IntCounter, total: u64| {
             let seen = counter.get();
             if total > seen {
                 counter.inc_by(total - seen);
             }
         };
-        catch_up(&self.lost_events, lost_events);
-        catch_up(&self.read_errors, read_errors);
+        catch_up(&self.lost_events, counters.lost_events);
+        catch_up(&self.read_errors, counters.read_errors);
+        catch_up(&self.lost_samples, counters.lost_samples);
+    }
+
+    pub fn count_sample(&self, sample: &ChargeSample) {
+        let kind = match sample.kind {
+            leak_common::sample::kind::LIMIT_HIT => "limit_hit",
+            leak_common::sample::kind::CHARGE_FAILED => "charge_failed",
+            _ => "charge",
+        };
+        self.samples.with_label_values(&[kind]).inc();
+    }
+
+    /// The live series of a watched cgroup, from its latest sample.
+    pub fn set_cgroup_live(&self, labels: &CgroupLabels, point: &Point) {
+        let values = labels.values();
+        self.live_usage
+            .with_label_values(&values)
+            .set(point.usage_bytes as f64);
+        self.live_working_set
+            .with_label_values(&values)
+            .set(point.working_set_bytes as f64);
+        self.live_page_cache
+            .with_label_values(&values)
+            .set(point.page_cache_bytes as f64);
+        self.live_limit.with_label_values(&values).set(
+            point
+                .limit_bytes
+                .map_or(f64::INFINITY, |limit| limit as f64),
+        );
+    }
+
+    pub fn count_cgroup_pressure(&self, labels: &CgroupLabels, limit_hits: u64, failures: u64) {
+        let values = labels.values();
+        if limit_hits > 0 {
+            self.limit_hits
+                .with_label_values(&values)
+                .inc_by(limit_hits);
+        }
+        if failures > 0 {
+            self.charge_failures
+                .with_label_values(&values)
+                .inc_by(failures);
+        }
+    }
+
+    /// Drops the live series of a cgroup that is no longer watched.
+    pub fn forget_cgroup(&self, labels: &CgroupLabels) {
+        let values = labels.values();
+        for gauge in [
+            &self.live_usage,
+            &self.live_working_set,
+            &self.live_page_cache,
+            &self.live_limit,
+        ] {
+            let _ = gauge.remove_label_values(&values);
+        }
     }
 
     pub fn count_decode_error(&self) {

@@ -7,11 +7,15 @@
 use std::{fmt, fs, path::Path};
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use leak_common::{event::counter, layout::Layout};
+use leak_common::{
+    event::counter,
+    layout::Layout,
+    sample::{CgroupCounters, ChargeConfig},
+};
 use log::{info, warn};
 
 use crate::layout::{self, LayoutError, Resolver};
@@ -117,17 +121,48 @@ pub enum ProbeError {
 pub struct Probes {
     ebpf: Ebpf,
     mode: AttachMode,
+    charge_mode: Option<AttachMode>,
     attachments: Vec<Attachment>,
     counters: PerCpuArray<MapData, u64>,
+    cgroup_counters: AyaHashMap<MapData, u64, CgroupCounters>,
 }
 
 /// Options for [`Probes::load`].
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub attach: AttachMode,
+    /// How to attach the charge path; `None` leaves it off.
+    pub charge_attach: Option<AttachMode>,
     pub ring_buffer_bytes: u32,
     pub btf_path: std::path::PathBuf,
+    /// At most one charge sample per cgroup and kind per this many nanoseconds.
+    pub sample_interval_ns: u64,
+    /// Sample only cgroups with a memory limit.
+    pub only_limited: bool,
 }
+
+/// The charge path's attach modes in priority order, and what each needs from the kernel.
+pub const CHARGE_HOOK_CHAIN: &[(AttachMode, &str)] = &[
+    (
+        AttachMode::Fentry,
+        "try_charge_memcg (5.15+) or try_charge, and try_to_free_mem_cgroup_pages, in BTF; \
+         BPF trampolines allowed",
+    ),
+    (
+        AttachMode::Kprobe,
+        "CONFIG_KPROBES; try_charge_memcg or try_charge, and try_to_free_mem_cgroup_pages, in \
+         /proc/kallsyms",
+    ),
+    (
+        AttachMode::TpBtf,
+        "btf_trace_mm_vmscan_memcg_reclaim_begin in BTF (samples before the limit also need \
+         memcg:mod_memcg_lruvec_state, 6.13+)",
+    ),
+    (
+        AttachMode::Tracepoint,
+        "tracefs with events/vmscan/mm_vmscan_memcg_reclaim_begin (limit hits only)",
+    ),
+];
 
 impl Probes {
     /// Resolves the kernel layout, loads the programs and attaches the OOM hook.
@@ -145,9 +180,17 @@ impl Probes {
         info!("kernel layout resolved from {}", options.btf_path.display());
         log::debug!("{kernel_layout:?}");
 
+        let charge_config = ChargeConfig {
+            min_interval_ns: options.sample_interval_ns,
+            unlimited_pages: (i64::MAX as u64) / crate::trace::page_size(),
+            only_limited: u32::from(options.only_limited),
+            _pad: 0,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
+            .override_global("CHARGE_CONFIG", &charge_config, true)
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
+            .map_max_entries("SAMPLES", options.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .map_err(|err| match permission_denied(&err) {
                 true => ProbeError::NotRoot,
@@ -170,21 +213,64 @@ impl Probes {
             attachments: Vec::new(),
         };
         let mode = attacher.attach_oom_hook(options.attach)?;
+        let charge_mode = match options.charge_attach {
+            None => None,
+            Some(requested) => match attacher.attach_charge_path(requested) {
+                Ok(mode) => Some(mode),
+                Err(err) if requested == AttachMode::Auto => {
+                    warn!("no charge-path hook, so no timeline before kills: {err}");
+                    None
+                }
+                Err(err) => return Err(err),
+            },
+        };
         let attachments = attacher.attachments;
         for attachment in &attachments {
             info!("attached {} via {}", attachment.hook, attachment.mode);
         }
+        let cgroup_counters = ebpf
+            .take_map("CGROUP_COUNTERS")
+            .ok_or(ProbeError::MissingMap("CGROUP_COUNTERS"))?;
+        let cgroup_counters =
+            AyaHashMap::try_from(cgroup_counters).map_err(|source| ProbeError::Map {
+                name: "CGROUP_COUNTERS",
+                source,
+            })?;
         Ok(Self {
             ebpf,
             mode,
+            charge_mode,
             attachments,
             counters,
+            cgroup_counters,
         })
     }
 
     /// The OOM hook's mode in use (never `auto`).
     pub fn mode(&self) -> AttachMode {
         self.mode
+    }
+
+    /// The charge path's mode in use, `None` when it is off or unavailable.
+    pub fn charge_mode(&self) -> Option<AttachMode> {
+        self.charge_mode
+    }
+
+    /// The charge-path samples; can be taken once.
+    pub fn take_samples(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("SAMPLES")
+            .ok_or(ProbeError::MissingMap("SAMPLES"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "SAMPLES",
+            source,
+        })
+    }
+
+    /// Limit hits and charge failures per cgroup id, as the kernel counted them.
+    pub fn cgroup_counters(&self) -> Vec<(u64, CgroupCounters)> {
+        self.cgroup_counters.iter().filter_map(Result::ok).collect()
     }
 
     pub fn attachments(&self) -> &[Attachment] {
@@ -225,6 +311,7 @@ impl Probes {
         KernelCounters {
             lost_events: sum(counter::LOST_EVENTS),
             read_errors: sum(counter::READ_ERRORS),
+            lost_samples: sum(counter::LOST_SAMPLES),
         }
     }
 
@@ -240,6 +327,7 @@ impl Probes {
 pub struct KernelCounters {
     pub lost_events: u64,
     pub read_errors: u64,
+    pub lost_samples: u64,
 }
 
 struct Attacher<'a> {
@@ -308,6 +396,182 @@ impl Attacher<'_> {
                 .mark_victim_tracepoint()
                 .map_err(|err| unavailable(describe(&err))),
         }
+    }
+
+    fn attach_charge_path(&mut self, requested: AttachMode) -> Result<AttachMode, ProbeError> {
+        if requested != AttachMode::Auto {
+            self.try_charge_mode(requested)?;
+            return Ok(requested);
+        }
+        let mut reasons = String::new();
+        for &(mode, _) in CHARGE_HOOK_CHAIN {
+            match self.try_charge_mode(mode) {
+                Ok(()) => return Ok(mode),
+                Err(err) => {
+                    info!("charge-path mode {mode} skipped: {err}");
+                    reasons.push_str(&format!("  {err}\n"));
+                }
+            }
+        }
+        Err(ProbeError::NoHook(reasons))
+    }
+
+    /// `try_charge_memcg` since 5.15, `try_charge` before.
+    fn charge_function(&self, present: impl Fn(&str) -> bool) -> Option<&'static str> {
+        ["try_charge_memcg", "try_charge"]
+            .into_iter()
+            .find(|name| present(name))
+    }
+
+    fn try_charge_mode(&mut self, mode: AttachMode) -> Result<(), ProbeError> {
+        let needs = CHARGE_HOOK_CHAIN
+            .iter()
+            .find(|(candidate, _)| *candidate == mode)
+            .map_or("", |(_, needs)| needs);
+        let unavailable = |reason: String| ProbeError::ModeUnavailable {
+            mode,
+            reason: format!("charge path: {reason}"),
+            needs,
+        };
+        let result = match mode {
+            AttachMode::Auto => return Err(unavailable("auto is not a mode".into())),
+            AttachMode::Fentry => {
+                let Some(charge) = self.charge_function(|f| self.resolver.has_function(f)) else {
+                    return Err(unavailable("no try_charge_memcg/try_charge in BTF".into()));
+                };
+                if !self.resolver.has_function("try_to_free_mem_cgroup_pages") {
+                    return Err(unavailable("no try_to_free_mem_cgroup_pages in BTF".into()));
+                }
+                self.charge_fentry(charge)
+            }
+            AttachMode::Kprobe => {
+                let Some(charge) = self.charge_function(kallsyms_has) else {
+                    return Err(unavailable(
+                        "no try_charge_memcg/try_charge in kallsyms".into(),
+                    ));
+                };
+                if !kallsyms_has("try_to_free_mem_cgroup_pages") {
+                    return Err(unavailable(
+                        "no try_to_free_mem_cgroup_pages in kallsyms".into(),
+                    ));
+                }
+                self.charge_kprobe(charge)
+            }
+            AttachMode::TpBtf => self.charge_tp_btf(),
+            AttachMode::Tracepoint => self.charge_tracepoint(),
+        };
+        result.map_err(|err| {
+            self.unload_charge_programs();
+            unavailable(describe(&err))
+        })
+    }
+
+    fn unload_charge_programs(&mut self) {
+        for name in CHARGE_PROGRAMS {
+            if let Some(program) = self.ebpf.program_mut(name) {
+                let _ = match program {
+                    aya::programs::Program::FEntry(p) => p.unload(),
+                    aya::programs::Program::FExit(p) => p.unload(),
+                    aya::programs::Program::KProbe(p) => p.unload(),
+                    aya::programs::Program::BtfTracePoint(p) => p.unload(),
+                    aya::programs::Program::TracePoint(p) => p.unload(),
+                    _ => Ok(()),
+                };
+            }
+        }
+        let charge_hooks = [
+            "try_charge_memcg",
+            "try_charge",
+            "try_to_free_mem_cgroup_pages",
+            "mod_memcg_lruvec_state",
+            "mm_vmscan_memcg_reclaim_begin",
+        ];
+        self.attachments.retain(|a| !charge_hooks.contains(&a.hook));
+    }
+
+    fn charge_fentry(&mut self, charge: &'static str) -> Result<(), ProgramError> {
+        let entry: &mut FEntry = program(self.ebpf, "try_charge_fentry")?;
+        entry.load(charge, self.btf)?;
+        entry.attach()?;
+        let exit: &mut FExit = program(self.ebpf, "try_charge_fexit")?;
+        exit.load(charge, self.btf)?;
+        exit.attach()?;
+        self.attachments.push(Attachment {
+            hook: charge,
+            mode: AttachMode::Fentry,
+        });
+        let reclaim: &mut FEntry = program(self.ebpf, "reclaim_fentry")?;
+        reclaim.load("try_to_free_mem_cgroup_pages", self.btf)?;
+        reclaim.attach()?;
+        self.attachments.push(Attachment {
+            hook: "try_to_free_mem_cgroup_pages",
+            mode: AttachMode::Fentry,
+        });
+        Ok(())
+    }
+
+    fn charge_kprobe(&mut self, charge: &'static str) -> Result<(), ProgramError> {
+        for (name, function) in [
+            ("try_charge_kprobe", charge),
+            ("try_charge_kretprobe", charge),
+            ("reclaim_kprobe", "try_to_free_mem_cgroup_pages"),
+        ] {
+            let probe: &mut KProbe = program(self.ebpf, name)?;
+            probe.load()?;
+            probe.attach(function, 0)?;
+        }
+        self.attachments.push(Attachment {
+            hook: charge,
+            mode: AttachMode::Kprobe,
+        });
+        self.attachments.push(Attachment {
+            hook: "try_to_free_mem_cgroup_pages",
+            mode: AttachMode::Kprobe,
+        });
+        Ok(())
+    }
+
+    fn charge_tp_btf(&mut self) -> Result<(), ProgramError> {
+        if !self
+            .resolver
+            .has_btf_tracepoint("mm_vmscan_memcg_reclaim_begin")
+        {
+            return Err(ProgramError::Btf(aya::BtfError::UnknownBtfTypeName {
+                type_name: "btf_trace_mm_vmscan_memcg_reclaim_begin".into(),
+            }));
+        }
+        let reclaim: &mut BtfTracePoint = program(self.ebpf, "reclaim_begin_btf")?;
+        reclaim.load("mm_vmscan_memcg_reclaim_begin", self.btf)?;
+        reclaim.attach()?;
+        self.attachments.push(Attachment {
+            hook: "mm_vmscan_memcg_reclaim_begin",
+            mode: AttachMode::TpBtf,
+        });
+        // Samples before the limit: only kernels with the memcg tracepoints (6.13+) name the
+        // cgroup of every statistics update.
+        if self.resolver.has_btf_tracepoint("mod_memcg_lruvec_state") {
+            let state: &mut BtfTracePoint = program(self.ebpf, "lruvec_state_btf")?;
+            state.load("mod_memcg_lruvec_state", self.btf)?;
+            state.attach()?;
+            self.attachments.push(Attachment {
+                hook: "mod_memcg_lruvec_state",
+                mode: AttachMode::TpBtf,
+            });
+        } else {
+            info!("no memcg:mod_memcg_lruvec_state (6.13+): charge samples only at limit hits");
+        }
+        Ok(())
+    }
+
+    fn charge_tracepoint(&mut self) -> Result<(), ProgramError> {
+        let reclaim: &mut TracePoint = program(self.ebpf, "reclaim_begin_tracepoint")?;
+        reclaim.load()?;
+        reclaim.attach("vmscan", "mm_vmscan_memcg_reclaim_begin")?;
+        self.attachments.push(Attachment {
+            hook: "mm_vmscan_memcg_reclaim_begin",
+            mode: AttachMode::Tracepoint,
+        });
+        Ok(())
     }
 
     /// The per-victim path that accompanies an `oom_kill_process` hook.
@@ -442,6 +706,19 @@ where
     program.try_into()
 }
 
+/// Every charge-path program, for unloading a half-attached mode.
+const CHARGE_PROGRAMS: &[&str] = &[
+    "try_charge_fentry",
+    "try_charge_fexit",
+    "reclaim_fentry",
+    "try_charge_kprobe",
+    "try_charge_kretprobe",
+    "reclaim_kprobe",
+    "lruvec_state_btf",
+    "reclaim_begin_btf",
+    "reclaim_begin_tracepoint",
+];
+
 /// A one-line reason, with what to do for the errors users meet.
 fn describe(err: &ProgramError) -> String {
     let text = match err {
@@ -454,8 +731,19 @@ fn describe(err: &ProgramError) -> String {
             if log.is_empty() {
                 format!("load failed: {io_error}")
             } else {
-                let tail: Vec<&str> = log.lines().rev().take(3).collect();
-                format!("load failed: {io_error}; verifier: {}", tail.join(" | "))
+                // The verifier ends with statistics; the reason is the line before them.
+                let reason: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .filter(|line| {
+                        !(line.starts_with("processed ")
+                            || line.starts_with("stack depth")
+                            || line.starts_with("verification time"))
+                    })
+                    .take(2)
+                    .collect();
+                let reason: Vec<&str> = reason.into_iter().rev().collect();
+                format!("load failed: {io_error}; verifier: {}", reason.join(" | "))
             }
         }
         other => other.to_string(),

@@ -2,7 +2,7 @@
 //! serves it until SIGINT/SIGTERM, then detaches every probe.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     future::IntoFuture,
     net::SocketAddr,
     os::fd::AsRawFd,
@@ -20,11 +20,14 @@ use tokio::{
 use crate::{
     cgroup::{CgroupPaths, MemoryHierarchy},
     events::{self, Context, Kill},
+    history::{self, History, Point, SampleKind},
     http::{self, Shared},
     k8s::{self, K8sNames},
+    metrics::CgroupLabels,
     metrics::{Metrics, MetricsError},
     probes::{AttachMode, LoadOptions, ProbeError, Probes},
 };
+use leak_common::sample::CgroupCounters;
 
 #[derive(Clone, Debug)]
 pub struct TraceOptions {
@@ -35,6 +38,18 @@ pub struct TraceOptions {
     pub btf: PathBuf,
     /// Where the node's root filesystem is (`/`, or the host's mounted into a container).
     pub rootfs: PathBuf,
+    /// How to attach the charge path (`None`: off).
+    pub charge_attach: Option<AttachMode>,
+    /// At most one charge sample per cgroup and kind per this interval.
+    pub sample_interval: Duration,
+    /// How much of each cgroup's history to keep (and attach to kills).
+    pub history: Duration,
+    /// Watch only cgroups with a memory limit (else every cgroup).
+    pub only_limited: bool,
+    /// At most this many cgroups have a history and live series.
+    pub max_watched_cgroups: usize,
+    /// Set by `run`: the memory hierarchy's root directory.
+    pub memory_root: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +70,18 @@ pub enum TraceError {
 pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
     let mut probes = Probes::load(&LoadOptions {
         attach: options.attach,
+        charge_attach: options.charge_attach,
         ring_buffer_bytes: options.ring_buffer_bytes,
         btf_path: options.btf.clone(),
+        sample_interval_ns: options.sample_interval.as_nanos() as u64,
+        only_limited: options.only_limited,
     })?;
     let mode = probes.mode();
     info!("OOM hook attach mode: {mode}");
+    match probes.charge_mode() {
+        Some(charge) => info!("charge path (timeline before kills) attach mode: {charge}"),
+        None => info!("charge path off: kills carry no timeline"),
+    }
 
     let hierarchy = match MemoryHierarchy::discover() {
         Ok(hierarchy) => {
@@ -75,6 +97,8 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
             None
         }
     };
+    let mut options = options;
+    options.memory_root = hierarchy.clone();
     let mut paths = CgroupPaths::new(hierarchy);
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -116,7 +140,15 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
     if let Err(err) = names.refresh() {
         warn!("{err}");
     }
-    let result = event_loop(&mut probes, &shared, &mut paths, &mut names, stop_rx).await;
+    let result = event_loop(
+        &mut probes,
+        &shared,
+        &mut paths,
+        &mut names,
+        &options,
+        stop_rx,
+    )
+    .await;
     probes.detach();
     match server.await {
         Ok(Ok(())) => {}
@@ -126,73 +158,241 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
     result
 }
 
+/// What the event loop keeps between records.
+struct Enricher<'a> {
+    shared: &'a Shared,
+    paths: &'a mut CgroupPaths,
+    names: &'a mut K8sNames,
+    history: History,
+    page_size: u64,
+    mode: String,
+    seq: u64,
+    dedup: events::VictimDedup,
+    /// (triggering thread, boot_ns, cgroup id) of the last kill attributed to a cgroup.
+    last_attribution: Option<(u32, u64, u64)>,
+    /// Labels of each watched cgroup's live series, by cgroup id.
+    watched: HashMap<u64, CgroupLabels>,
+    /// Kernel totals already counted, by cgroup id.
+    counted: HashMap<u64, CgroupCounters>,
+}
+
+impl Enricher<'_> {
+    async fn on_kill_record(&mut self, record: &[u8]) {
+        let event = match events::decode(record) {
+            Ok(event) => event,
+            Err(err) => {
+                warn!("dropping malformed event: {err}");
+                self.shared.metrics.count_decode_error();
+                return;
+            }
+        };
+        self.seq += 1;
+        let context = Context {
+            page_size: self.page_size,
+            realtime_offset_ns: realtime_offset_ns(),
+            attach_mode: &self.mode,
+            seq: self.seq,
+            same_oom_cgroup_id: self
+                .last_attribution
+                .filter(|(trigger, at, _)| {
+                    *trigger == event.trigger_pid && event.boot_ns.abs_diff(*at) < SAME_OOM_NS
+                })
+                .map(|(_, _, id)| id),
+        };
+        let mut kill = events::build_kill(&event, &context, self.paths);
+        events::fill_from_procfs(&mut kill, Path::new("/proc"));
+        if let Some(id) = kill.oom_cgroup_id {
+            self.last_attribution = Some((event.trigger_pid, event.boot_ns, id));
+        }
+        if !self.dedup.first_report(&kill) {
+            log::debug!(
+                "pid {} (thread {}) was already reported dying",
+                kill.victim_pid,
+                kill.victim_tid
+            );
+            return;
+        }
+        k8s::attribute(&mut kill, self.names);
+        let described = kill.oom_cgroup_id.unwrap_or(kill.cgroup_id);
+        kill.timeline = self.history.timeline(described, kill.boot_ns);
+        if !kill.timeline.is_empty() {
+            if let Some(level) = kill.cgroups.iter().find(|c| c.id == described) {
+                kill.timeline.push(Point {
+                    boot_ns: kill.boot_ns,
+                    before_kill_ms: Some(0),
+                    kind: SampleKind::Kill,
+                    usage_bytes: level.usage_bytes,
+                    limit_bytes: level.limit_bytes,
+                    working_set_bytes: level.working_set_bytes,
+                    page_cache_bytes: level.inactive_file_bytes + level.active_file_bytes,
+                    inactive_file_bytes: level.inactive_file_bytes,
+                    anon_bytes: level.inactive_anon_bytes + level.active_anon_bytes,
+                });
+            }
+        }
+        if kill.cgroup_id != described {
+            kill.victim_timeline = Some(self.history.timeline(kill.cgroup_id, kill.boot_ns));
+        }
+        kill.story = (!kill.timeline.is_empty()).then(|| history::story(&kill.timeline));
+        log_kill(&kill);
+        self.shared.metrics.record_kill(&kill);
+        self.shared.push_kill(kill).await;
+    }
+
+    fn on_sample_record(&mut self, record: &[u8]) {
+        match history::decode_sample(record) {
+            Ok(sample) => {
+                self.shared.metrics.count_sample(&sample);
+                self.history.record(
+                    sample.cgroup_id,
+                    Point::from_sample(&sample, self.page_size),
+                );
+            }
+            Err(err) => {
+                warn!("dropping malformed charge sample: {err}");
+                self.shared.metrics.count_decode_error();
+            }
+        }
+    }
+
+    /// The labels of a cgroup's live series: its path and Kubernetes names.
+    fn labels(&mut self, id: u64) -> Option<CgroupLabels> {
+        if let Some(labels) = self.watched.get(&id) {
+            return Some(labels.clone());
+        }
+        let path = self.paths.lookup(id)?;
+        let mut labels = CgroupLabels {
+            cgroup: path.clone(),
+            ..CgroupLabels::default()
+        };
+        if let Some(identity) = k8s::parse_cgroup_path(&path) {
+            if let Some(found) = self.names.lookup(&identity) {
+                labels.namespace = found.namespace;
+                labels.pod = found.pod;
+                labels.container = found.container.unwrap_or_default();
+            }
+        }
+        self.watched.insert(id, labels.clone());
+        Some(labels)
+    }
+
+    /// Whether any cgroup was sampled in the last `within_ns`.
+    fn recently_sampled(&self, now_boot_ns: u64, within_ns: u64) -> bool {
+        self.history
+            .latest()
+            .any(|(_, point)| now_boot_ns.saturating_sub(point.boot_ns) < within_ns)
+    }
+
+    /// Once a second: kernel counters, live gauges, expiry of idle cgroups.
+    fn tick(&mut self, probes: &Probes) {
+        let counters = probes.kernel_counters();
+        let metrics = &self.shared.metrics;
+        metrics.set_kernel_counters(&counters);
+
+        let now = boot_ns();
+        for id in self.history.expire(now, WATCH_IDLE_NS) {
+            if let Some(labels) = self.watched.remove(&id) {
+                metrics.forget_cgroup(&labels);
+            }
+        }
+        let latest: Vec<(u64, Point)> = self
+            .history
+            .latest()
+            .map(|(id, point)| (id, point.clone()))
+            .collect();
+        for (id, point) in latest {
+            if let Some(labels) = self.labels(id) {
+                metrics.set_cgroup_live(&labels, &point);
+            }
+        }
+        for (id, totals) in probes.cgroup_counters() {
+            let seen = self.counted.entry(id).or_default();
+            // An entry the kernel's LRU map evicted and recreated starts again from zero.
+            let delta = |total: u64, seen: u64| if total >= seen { total - seen } else { total };
+            let limit_hits = delta(totals.limit_hits, seen.limit_hits);
+            let failures = delta(totals.charge_failures, seen.charge_failures);
+            *seen = totals;
+            if limit_hits == 0 && failures == 0 {
+                continue;
+            }
+            if let Some(labels) = self.labels(id) {
+                metrics.count_cgroup_pressure(&labels, limit_hits, failures);
+            }
+        }
+    }
+}
+
+/// A watched cgroup that has not been sampled for this long leaves the live series.
+const WATCH_IDLE_NS: u64 = 300_000_000_000;
+
 async fn event_loop(
     probes: &mut Probes,
     shared: &Shared,
     paths: &mut CgroupPaths,
     names: &mut K8sNames,
+    options: &TraceOptions,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), TraceError> {
     let mut ring = readable(probes.take_events()?)?;
+    let mut samples = match probes.charge_mode() {
+        Some(_) => Some(readable(probes.take_samples()?)?),
+        None => None,
+    };
     let mut logger = match probes.take_logger() {
         Some(logger) => Some(readable(logger)?),
         None => None,
     };
-    let mut counters_tick = tokio::time::interval(Duration::from_secs(1));
-    let page_size = page_size();
-    let mode = probes.mode().to_string();
-    let mut seq = 0u64;
-    let mut dedup = events::VictimDedup::default();
-    // (triggering thread, boot_ns, cgroup id) of the last kill attributed to a cgroup.
-    let mut last_attribution: Option<(u32, u64, u64)> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut flush_tick = tokio::time::interval(STATS_FLUSH_INTERVAL);
+    let stats_file = options
+        .memory_root
+        .as_ref()
+        .map(|root| root.join("memory.stat"));
+    let mut enricher = Enricher {
+        shared,
+        paths,
+        names,
+        history: History::new(
+            options.history.as_nanos() as u64,
+            MAX_POINTS_PER_CGROUP,
+            options.max_watched_cgroups,
+        ),
+        page_size: page_size(),
+        mode: probes.mode().to_string(),
+        seq: 0,
+        dedup: events::VictimDedup::default(),
+        last_attribution: None,
+        watched: HashMap::new(),
+        counted: HashMap::new(),
+    };
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => {
                 info!("shutting down");
                 break;
             }
+            // Samples first: a kill's timeline should include what led up to it.
+            guard = async { samples.as_mut()?.readable_mut().await.ok() }, if samples.is_some() => {
+                if let Some(mut guard) = guard {
+                    let ring = guard.get_inner_mut();
+                    while let Some(record) = ring.next() {
+                        enricher.on_sample_record(&record);
+                    }
+                    guard.clear_ready();
+                }
+            }
             guard = ring.readable_mut() => {
+                // Drain pending samples before the kill, so its timeline is complete.
+                if let Some(samples) = samples.as_mut() {
+                    while let Some(record) = samples.get_mut().next() {
+                        enricher.on_sample_record(&record);
+                    }
+                }
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
                 while let Some(record) = ring.next() {
-                    match events::decode(&record) {
-                        Ok(event) => {
-                            seq += 1;
-                            let context = Context {
-                                page_size,
-                                realtime_offset_ns: realtime_offset_ns(),
-                                attach_mode: &mode,
-                                seq,
-                                same_oom_cgroup_id: last_attribution
-                                    .filter(|(trigger, at, _)| {
-                                        *trigger == event.trigger_pid
-                                            && event.boot_ns.abs_diff(*at) < SAME_OOM_NS
-                                    })
-                                    .map(|(_, _, id)| id),
-                            };
-                            let mut kill = events::build_kill(&event, &context, paths);
-                            events::fill_from_procfs(&mut kill, Path::new("/proc"));
-                            if let Some(id) = kill.oom_cgroup_id {
-                                last_attribution = Some((event.trigger_pid, event.boot_ns, id));
-                            }
-                            k8s::attribute(&mut kill, names);
-                            if !dedup.first_report(&kill) {
-                                log::debug!(
-                                    "pid {} (thread {}) was already reported dying",
-                                    kill.victim_pid,
-                                    kill.victim_tid
-                                );
-                                continue;
-                            }
-                            log_kill(&kill);
-                            shared.metrics.record_kill(&kill);
-                            shared.push_kill(kill).await;
-                        }
-                        Err(err) => {
-                            warn!("dropping malformed event: {err}");
-                            shared.metrics.count_decode_error();
-                        }
-                    }
+                    let record = record.to_vec();
+                    enricher.on_kill_record(&record).await;
                 }
                 guard.clear_ready();
             }
@@ -202,13 +402,30 @@ async fn event_loop(
                     guard.clear_ready();
                 }
             }
-            _ = counters_tick.tick() => {
-                let counters = probes.kernel_counters();
-                shared.metrics.set_kernel_counters(counters.lost_events, counters.read_errors);
+            _ = tick.tick() => enricher.tick(probes),
+            // The kernel batches memcg statistics and flushes them when read or when enough
+            // piled up; the LRU figures of charge samples are as fresh as the last flush. Reading
+            // the root's memory.stat flushes the whole hierarchy, as a cAdvisor scrape would.
+            _ = flush_tick.tick(), if samples.is_some() && stats_file.is_some() => {
+                if enricher.recently_sampled(boot_ns(), STATS_FLUSH_INTERVAL.as_nanos() as u64 * 4) {
+                    if let Some(file) = &stats_file {
+                        let _ = tokio::fs::read(file).await;
+                    }
+                }
             }
         }
     }
     Ok(())
+}
+
+/// How often statistics are flushed while watched cgroups are active.
+const STATS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Points kept per cgroup: a minute at the default 10 ms rate limit, plus limit hits.
+const MAX_POINTS_PER_CGROUP: usize = 8192;
+
+fn boot_ns() -> u64 {
+    clock_ns(libc::CLOCK_BOOTTIME).max(0) as u64
 }
 
 /// Registers a map's file descriptor with tokio for readability.
