@@ -98,7 +98,12 @@ pub struct History {
     max_points: usize,
     max_cgroups: usize,
     by_cgroup: HashMap<u64, VecDeque<Point>>,
+    /// When each cgroup last saw a kill: a timeline starts after the previous OOM.
+    last_kill: HashMap<u64, u64>,
 }
+
+/// Kills this close together are one OOM (a group kill marks its members one by one).
+const SAME_OOM_NS: u64 = 1_000_000_000;
 
 impl History {
     pub fn new(window_ns: u64, max_points: usize, max_cgroups: usize) -> Self {
@@ -107,6 +112,19 @@ impl History {
             max_points: max_points.max(1),
             max_cgroups: max_cgroups.max(1),
             by_cgroup: HashMap::new(),
+            last_kill: HashMap::new(),
+        }
+    }
+
+    /// Records an OOM kill in `cgroup_id` at `boot_ns`; later timelines of the cgroup start
+    /// after it, so one OOM's story does not borrow the previous one's.
+    pub fn mark_kill(&mut self, cgroup_id: u64, boot_ns: u64) {
+        let previous = self.last_kill.insert(cgroup_id, boot_ns);
+        // Keep the first kill of a burst: the members of one group kill share a timeline.
+        if let Some(previous) = previous {
+            if boot_ns.saturating_sub(previous) < SAME_OOM_NS {
+                self.last_kill.insert(cgroup_id, previous);
+            }
         }
     }
 
@@ -136,11 +154,21 @@ impl History {
     /// The cgroup's points up to `until_boot_ns`, oldest first, each marked with how long
     /// before that moment it was taken.
     pub fn timeline(&self, cgroup_id: u64, until_boot_ns: u64) -> Vec<Point> {
+        let since = self
+            .last_kill
+            .get(&cgroup_id)
+            .copied()
+            .filter(|&kill| kill + SAME_OOM_NS <= until_boot_ns)
+            .unwrap_or(0);
         self.by_cgroup
             .get(&cgroup_id)
             .into_iter()
             .flatten()
-            .filter(|p| p.boot_ns <= until_boot_ns && until_boot_ns - p.boot_ns <= self.window_ns)
+            .filter(|p| {
+                p.boot_ns > since
+                    && p.boot_ns <= until_boot_ns
+                    && until_boot_ns - p.boot_ns <= self.window_ns
+            })
             .map(|p| Point {
                 before_kill_ms: Some((until_boot_ns - p.boot_ns) / 1_000_000),
                 ..p.clone()
@@ -169,6 +197,7 @@ impl History {
             .collect();
         for id in &expired {
             self.by_cgroup.remove(id);
+            self.last_kill.remove(id);
         }
         expired
     }
@@ -289,6 +318,21 @@ mod tests {
         assert_eq!(story.working_set_at_limit_ms_before_kill, Some(100));
         assert_eq!(story.peak_page_cache_bytes, Some(64 << 20));
         assert_eq!((story.limit_hits, story.charge_failures), (2, 1));
+    }
+
+    #[test]
+    fn a_timeline_starts_after_the_previous_kill() {
+        let mut history = History::new(u64::MAX, 1000, 10);
+        history.record(1, point(100, 64, 0, SampleKind::Charge));
+        history.mark_kill(1, 200_000_000);
+        // A second member of the same group kill still sees the shared timeline.
+        history.mark_kill(1, 300_000_000);
+        assert_eq!(history.timeline(1, 300_000_000).len(), 1);
+        history.record(1, point(5000, 10, 0, SampleKind::Charge));
+        history.record(1, point(6000, 20, 0, SampleKind::Charge));
+        let timeline = history.timeline(1, 7_000_000_000);
+        assert_eq!(timeline.len(), 2, "only the points after the first OOM");
+        assert_eq!(timeline[0].boot_ns, 5_000_000_000);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and serves them as Prometheus metrics and JSON.
 
 pub mod cgroup;
+pub mod demo;
 pub mod events;
 pub mod history;
 pub mod http;

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use leak_user::{
+    demo::{self, DemoOptions},
     layout::VMLINUX_BTF,
     probes::AttachMode,
     trace::{self, TraceOptions},
@@ -32,6 +33,31 @@ enum Command {
     Trace(TraceArgs),
     /// The leaking program of the original experiment.
     Workload(WorkloadArgs),
+    /// The original experiment end to end: a memcg, the tracer, an anonymous leak, then one
+    /// with page cache, told from the kills' timelines.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// The memory limit of the demo's cgroup.
+    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    limit: u64,
+    /// The original rate, 1 KiB every 5 ms (about 11 minutes per run at 128 MiB).
+    #[arg(long)]
+    faithful: bool,
+    /// How often the workload leaks a chunk (ignored with --faithful).
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    interval: Duration,
+    /// Bytes leaked (and written) per interval (ignored with --faithful).
+    #[arg(long, default_value = "32KiB", value_parser = parse_bytes)]
+    chunk: u64,
+    /// Directory for the page-cache run's file: a disk filesystem, not tmpfs.
+    #[arg(long, default_value = "/var/tmp")]
+    file_dir: PathBuf,
+    /// Give up on a run after this long.
+    #[arg(long, default_value = "20m", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +198,24 @@ async fn main() -> anyhow::Result<()> {
         })
         .await
         .context("leak workload")?,
+        Command::Demo(args) => {
+            let (interval, chunk) = if args.faithful {
+                (Duration::from_millis(5), 1024)
+            } else {
+                (args.interval, args.chunk)
+            };
+            let options = DemoOptions {
+                limit_bytes: args.limit,
+                interval,
+                chunk_bytes: chunk,
+                file_dir: args.file_dir,
+                timeout: args.timeout,
+            };
+            tokio::task::spawn_blocking(move || demo::run(&options))
+                .await
+                .context("leak demo")?
+                .context("leak demo")?
+        }
     }
     Ok(())
 }

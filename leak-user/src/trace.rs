@@ -234,6 +234,10 @@ impl Enricher<'_> {
             kill.victim_timeline = Some(self.history.timeline(kill.cgroup_id, kill.boot_ns));
         }
         kill.story = (!kill.timeline.is_empty()).then(|| history::story(&kill.timeline));
+        self.history.mark_kill(described, kill.boot_ns);
+        if kill.cgroup_id != described {
+            self.history.mark_kill(kill.cgroup_id, kill.boot_ns);
+        }
         log_kill(&kill);
         self.shared.metrics.record_kill(&kill);
         self.shared.push_kill(kill).await;
