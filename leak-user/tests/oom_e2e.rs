@@ -65,7 +65,8 @@ struct Outcome {
 
 /// Runs the agent, leaks in `victim` until killed, and gathers both sides.
 fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcome {
-    let mut agent = Agent::start(&["--attach", attach]);
+    // The charge path in the same mode as the OOM hook, so every mode of both is exercised.
+    let mut agent = Agent::start(&["--attach", attach, "--charge-attach", attach]);
     let (status, health) = agent.get("/healthz");
     assert_eq!(status, 200);
     let mode = health
@@ -95,6 +96,8 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
     let kill = agent.wait_for_kill(pid);
     let mut seen = Vec::new();
     let report = report_for(&mut kmsg, &mut seen, pid);
+    // Per-cgroup counters are brought up to the kernel's once a second.
+    std::thread::sleep(Duration::from_millis(1500));
     let (status, metrics) = agent.get("/metrics");
     assert_eq!(status, 200);
     let exit = agent.stop();
@@ -229,6 +232,16 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
     promtool_check(metrics);
 }
 
+/// The value of the first sample line starting with `prefix`, 0 when absent.
+fn counter_value(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
 const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
 
 fn anonymous_leak_with(attach: &str) {
@@ -262,7 +275,7 @@ fn page_cache_leak_with(attach: &str) {
             "--interval",
             "1ms",
             "--chunk",
-            "256KiB",
+            "32KiB",
             "--file",
             &path,
             "--listen",
@@ -288,6 +301,62 @@ fn page_cache_leak_with(attach: &str) {
         "working set below 90% of the limit at the kill: {kill:#}"
     );
     assert!(anon_lru + file_lru <= bytes(kill, "usage_bytes") + lru_tolerance_bytes());
+
+    // The seconds before death, from the charge path: usage reached the limit first, while
+    // page cache still filled part of it; the kill came when the working set got there.
+    let story = &kill["story"];
+    let usage_ms = story["usage_at_limit_ms_before_kill"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("usage never at the limit in the timeline: {kill:#}"));
+    let working_set_ms = story["working_set_at_limit_ms_before_kill"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("working set never at the limit: {kill:#}"));
+    assert!(
+        usage_ms > working_set_ms && usage_ms >= 100,
+        "usage at the limit {usage_ms} ms before the kill, working set {working_set_ms} ms: {story:#}"
+    );
+    let timeline = kill["timeline"].as_array().expect("timeline");
+    let first_at_limit = timeline
+        .iter()
+        .find(|p| p["before_kill_ms"].as_u64() == Some(usage_ms))
+        .expect("the point where usage reached the limit");
+    assert!(
+        bytes(first_at_limit, "working_set_bytes") < bytes(first_at_limit, "usage_bytes"),
+        "when usage reached the limit the working set was below it: {first_at_limit:#}"
+    );
+    assert!(story["peak_page_cache_bytes"].as_u64().unwrap_or(0) > 0);
+    assert!(story["limit_hits"].as_u64().unwrap_or(0) > 0, "{story:#}");
+    assert_eq!(
+        timeline.last().map(|p| &p["kind"]),
+        Some(&Value::from("kill"))
+    );
+    let hits = counter_value(
+        &outcome.metrics,
+        &format!(
+            "leak_cgroup_limit_hits_total{{cgroup=\"{}\"",
+            cgroup.relative
+        ),
+    );
+    assert!(hits > 0, "no limit hits counted:\n{}", outcome.metrics);
+    if matches!(outcome.mode.as_str(), "fentry" | "kprobe") {
+        let failures = counter_value(
+            &outcome.metrics,
+            &format!(
+                "leak_cgroup_charge_failures_total{{cgroup=\"{}\"",
+                cgroup.relative
+            ),
+        );
+        assert!(
+            failures > 0,
+            "no charge failures counted:\n{}",
+            outcome.metrics
+        );
+    }
+    eprintln!(
+        "timeline: {} points; usage at the limit {usage_ms} ms before the kill, working set \
+         {working_set_ms} ms; {hits} limit hits",
+        timeline.len()
+    );
     eprintln!(
         "page cache written {} bytes; at the kill: file LRU {file_lru}, working set {} of usage {}",
         file_size(&file.0),
@@ -402,4 +471,47 @@ fn limit_on_parent() {
 #[test]
 fn group_kill() {
     for_each_mode(group_kill_with);
+}
+
+/// `leak demo` with short settings: both runs end in a kill, and the page-cache run tells that
+/// usage sat at the limit before the working set got there.
+#[test]
+fn demo_tells_the_story() {
+    let Some(_) = privileged() else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::var("LEAK_TEST_DISK_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let output = std::process::Command::new(leak_bin())
+        .args([
+            "demo",
+            "--limit",
+            "48MiB",
+            "--timeout",
+            "5m",
+            "--file-dir",
+            &dir,
+        ])
+        .output()
+        .expect("run leak demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "leak demo failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stdout}");
+    for expected in [
+        "== run 1: anonymous memory only",
+        "== run 2: anonymous memory + page cache",
+        "usage reached the limit:",
+        "working set reached the limit:",
+        "usage sat at the limit for",
+        "it follows container_memory_working_set_bytes",
+        "leak demo: done",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
+    }
+    assert_eq!(stdout.matches("kill: pid ").count(), 2);
 }
