@@ -18,7 +18,7 @@ use leak_common::{
 
 use crate::{
     kernel::{current_memcg, layout, lru_pages, memcg_cgroup_id, parent_memcg, read},
-    maps::{count, CGROUP_COUNTERS, CHARGING, LAST_SAMPLE, SAMPLES},
+    maps::{count, CGROUP_COUNTERS, CHARGING, CPU_GATE, LAST_SAMPLE, SAMPLES},
 };
 
 /// Filled in by userspace before load.
@@ -153,9 +153,21 @@ fn due(memcg: u64, kind: u32, now: u64) -> bool {
 /// interval.
 #[inline(always)]
 fn sample_chain(memcg: u64, sample_kind: u32, sample_source: u32) {
+    let now = now();
+    // The cheapest check first: on a hot path (every LRU update with tp_btf) at most one walk
+    // per CPU per tenth of the per-cgroup interval, so one CPU can still serve ten busy cgroups
+    // at the full rate.
+    if let Some(last) = CPU_GATE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; BPF programs do not migrate mid-run.
+        unsafe {
+            if now.saturating_sub(*last) < config!(min_interval_ns) / 10 {
+                return;
+            }
+            *last = now;
+        }
+    }
     let only_limited = config!(only_limited) == 1;
     let unlimited = config!(unlimited_pages);
-    let now = now();
     let mut current = memcg;
     for _ in 0..MAX_CGROUP_DEPTH {
         if current == 0 {

@@ -27,6 +27,10 @@ pub static SAMPLES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static LAST_SAMPLE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
+/// When this CPU last walked a cgroup chain for charge samples.
+#[map]
+pub static CPU_GATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Limit hits and charge failures per cgroup id.
 #[map]
 pub static CGROUP_COUNTERS: LruHashMap<u64, CgroupCounters> = LruHashMap::with_max_entries(4096, 0);

@@ -4,19 +4,18 @@
 //! the limit, when the working set did, the page cache before and at death.
 
 use std::{
-    ffi::CString,
     fs,
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
-    os::unix::process::{CommandExt, ExitStatusExt},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use crate::cgroup::{CgroupError, MemoryHierarchy, Version};
+use crate::{
+    cgroup::MemoryHierarchy,
+    lab::{self, http_get, io, leak_until_killed, start_tracer, LabCgroup, LabError},
+};
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -29,201 +28,7 @@ pub struct DemoOptions {
     pub timeout: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DemoError {
-    #[error("leak demo needs root: it creates a memory cgroup and loads BPF programs")]
-    NotRoot,
-    #[error(transparent)]
-    Cgroup(#[from] CgroupError),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("the tracer did not start: {0}")]
-    Tracer(String),
-    #[error("{0}")]
-    Run(String),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
-    let what = what.into();
-    move |source| DemoError::Io { what, source }
-}
-
-/// A memory cgroup for the demo, removed on drop.
-struct DemoCgroup {
-    path: PathBuf,
-}
-
-impl DemoCgroup {
-    fn create(hierarchy: &MemoryHierarchy, name: &str, limit: u64) -> Result<Self, DemoError> {
-        let path = hierarchy
-            .root
-            .join(format!("leak-demo-{}-{name}", std::process::id()));
-        fs::create_dir(&path).map_err(io(format!("creating {}", path.display())))?;
-        let cgroup = Self { path };
-        fs::write(cgroup.path.join(hierarchy.limit_file()), limit.to_string())
-            .map_err(io("setting the memory limit"))?;
-        if hierarchy.version == Version::V2 {
-            let _ = fs::write(cgroup.path.join("memory.swap.max"), "0");
-        }
-        Ok(cgroup)
-    }
-}
-
-impl Drop for DemoCgroup {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            if fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// A child process, killed on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Result<String, DemoError> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(io(format!("connecting to the tracer at {addr}")))?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(io("HTTP request"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(io("HTTP response"))?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, body)| body)
-        .to_owned())
-}
-
-fn start_tracer(exe: &Path) -> Result<(Guard, SocketAddr), DemoError> {
-    let mut child = Command::new(exe)
-        .args(["trace", "--listen", "127.0.0.1:0", "--history", "120s"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io("starting leak trace"))?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| DemoError::Tracer("no stderr".into()))?;
-    let guard = Guard(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(Ok(rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()));
-            }
-            if line.contains("charge path (") || line.contains("OOM hook attach mode:") {
-                println!("  tracer: {}", line.split("] ").nth(1).unwrap_or(&line));
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        let _ = tx.send(Err(log));
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(addr)) => addr
-            .parse()
-            .map(|addr| (guard, addr))
-            .map_err(|_| DemoError::Tracer(format!("bad address {addr}"))),
-        Ok(Err(log)) => Err(DemoError::Tracer(log)),
-        Err(_) => Err(DemoError::Tracer("no answer within 60 s".into())),
-    }
-}
-
-/// Runs `leak workload ARGS` inside the cgroup until the OOM killer ends it.
-fn leak_until_killed(
-    exe: &Path,
-    cgroup: &DemoCgroup,
-    args: &[String],
-    timeout: Duration,
-) -> Result<u32, DemoError> {
-    let procs = CString::new(
-        cgroup
-            .path
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .map_err(|_| DemoError::Run("cgroup path contains NUL".into()))?;
-    let mut command = Command::new(exe);
-    command
-        .arg("workload")
-        .args(args)
-        .args(["--listen", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: between fork and exec only async-signal-safe calls: open, write, close.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // "0" moves the writing process itself, on both cgroup versions.
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = Guard(command.spawn().map_err(io("starting leak workload"))?);
-    let pid = child.0.id();
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.0.try_wait().map_err(io("waiting for the workload"))? {
-            return if status.signal() == Some(libc::SIGKILL) {
-                Ok(pid)
-            } else {
-                Err(DemoError::Run(format!(
-                    "the workload ended with {status}, not an OOM kill"
-                )))
-            };
-        }
-        if Instant::now() > deadline {
-            return Err(DemoError::Run(format!(
-                "not killed within {} s; raise --timeout or lower --limit",
-                timeout.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub type DemoError = LabError;
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
@@ -285,7 +90,7 @@ fn find_kill(addr: SocketAddr, pid: u32) -> Result<Value, DemoError> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let kills: Value = serde_json::from_str(&http_get(addr, "/kills")?)
-            .map_err(|err| DemoError::Run(format!("/kills is not JSON: {err}")))?;
+            .map_err(|err| LabError::Run(format!("/kills is not JSON: {err}")))?;
         if let Some(kill) = kills.as_array().and_then(|all| {
             all.iter()
                 .find(|k| k["victim_pid"].as_u64() == Some(u64::from(pid)))
@@ -294,16 +99,13 @@ fn find_kill(addr: SocketAddr, pid: u32) -> Result<Value, DemoError> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(DemoError::Run(format!(
+    Err(LabError::Run(format!(
         "the tracer reported no kill of pid {pid}"
     )))
 }
 
 pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(DemoError::NotRoot);
-    }
+    lab::require_root()?;
     let exe = std::env::current_exe().map_err(io("finding the leak binary"))?;
     let hierarchy = MemoryHierarchy::discover()?;
     println!(
@@ -314,7 +116,11 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
         options.chunk_bytes / 1024,
         options.interval
     );
-    let (_tracer, addr) = start_tracer(&exe)?;
+    let (_tracer, addr) = start_tracer(
+        &exe,
+        &["--history", "120s"],
+        &["charge path (", "OOM hook attach mode:"],
+    )?;
     let file = options
         .file_dir
         .join(format!("leak-demo-{}.dat", std::process::id()));
@@ -333,7 +139,7 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     ];
 
     println!("\n== run 1: anonymous memory only");
-    let cgroup = DemoCgroup::create(&hierarchy, "anon", options.limit_bytes)?;
+    let cgroup = LabCgroup::create(&hierarchy, "demo-anon", options.limit_bytes)?;
     let pid = leak_until_killed(&exe, &cgroup, &base, options.timeout)?;
     let (anon_usage, anon_ws) = tell(&find_kill(addr, pid)?);
     println!(
@@ -347,7 +153,7 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     );
     let mut args = base.clone();
     args.extend(["--file".to_owned(), file.to_string_lossy().into_owned()]);
-    let cgroup = DemoCgroup::create(&hierarchy, "file", options.limit_bytes)?;
+    let cgroup = LabCgroup::create(&hierarchy, "demo-file", options.limit_bytes)?;
     let pid = leak_until_killed(&exe, &cgroup, &args, options.timeout)?;
     let (file_usage, file_ws) = tell(&find_kill(addr, pid)?);
     match (file_usage, file_ws) {

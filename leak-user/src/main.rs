@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use leak_user::{
+    bench::{self, BenchOptions},
     demo::{self, DemoOptions},
     layout::VMLINUX_BTF,
     probes::AttachMode,
@@ -36,6 +37,44 @@ enum Command {
     /// The original experiment end to end: a memcg, the tracer, an anonymous leak, then one
     /// with page cache, told from the kills' timelines.
     Demo(DemoArgs),
+    /// Measure the tracer: throughput with and without it per charge-path mode, and the
+    /// latency from a kill to /metrics and /kills.
+    Bench(BenchArgs),
+    /// A page-fault-heavy loop for benchmarks (prints bytes per second).
+    Churn(ChurnArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Rounds; each measures the baseline and every mode back to back.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// How long each workload runs per measurement.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Bytes mapped, touched and unmapped (or written and fsynced) per round trip.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    bytes: u64,
+    /// How many OOM kills to time.
+    #[arg(long, default_value_t = 30)]
+    kills: usize,
+    /// Directory for the file workload (a disk filesystem).
+    #[arg(long, default_value = "/var/tmp")]
+    file_dir: PathBuf,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ChurnArgs {
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    bytes: u64,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Write, fsync and drop this file each round instead of mapping anonymous memory.
+    #[arg(long)]
+    file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +133,10 @@ struct TraceArgs {
     /// Which cgroups get a timeline and live series: those with a memory limit, or all.
     #[arg(long, value_enum, default_value_t = Watch::Limited)]
     watch: Watch,
+    /// With the tp_btf charge path, also sample on every memcg LRU update (kernels 6.13+):
+    /// a timeline before the limit, at a measurable cost on page-fault-heavy loads.
+    #[arg(long)]
+    dense_samples: bool,
     /// At most this many cgroups are watched (the least recently active are dropped).
     #[arg(long, default_value_t = 500)]
     max_watched_cgroups: usize,
@@ -184,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
             sample_interval: args.sample_interval,
             history: args.history,
             only_limited: args.watch == Watch::Limited,
+            dense_samples: args.dense_samples,
             max_watched_cgroups: args.max_watched_cgroups,
             memory_root: None,
         })
@@ -198,6 +242,26 @@ async fn main() -> anyhow::Result<()> {
         })
         .await
         .context("leak workload")?,
+        Command::Bench(args) => {
+            let options = BenchOptions {
+                rounds: args.rounds.max(1),
+                duration: args.duration,
+                churn_bytes: usize::try_from(args.bytes).context("--bytes is too large")?,
+                kills: args.kills.max(1),
+                file_dir: args.file_dir,
+                json: args.json,
+            };
+            tokio::task::spawn_blocking(move || bench::run(&options))
+                .await
+                .context("leak bench")?
+                .context("leak bench")?;
+        }
+        Command::Churn(args) => {
+            let bytes = usize::try_from(args.bytes).context("--bytes is too large")?;
+            let rate = workload::churn(bytes, args.duration, args.file.as_deref())
+                .context("leak churn")?;
+            println!("bytes_per_sec {rate:.0}");
+        }
         Command::Demo(args) => {
             let (interval, chunk) = if args.faithful {
                 (Duration::from_millis(5), 1024)

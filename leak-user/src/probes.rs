@@ -139,6 +139,9 @@ pub struct LoadOptions {
     pub sample_interval_ns: u64,
     /// Sample only cgroups with a memory limit.
     pub only_limited: bool,
+    /// With tp_btf, also sample on every memcg LRU update (6.13+): a timeline before the
+    /// limit, at a cost on page-fault-heavy loads (see the README's benchmark).
+    pub dense_samples: bool,
 }
 
 /// The charge path's attach modes in priority order, and what each needs from the kernel.
@@ -155,8 +158,8 @@ pub const CHARGE_HOOK_CHAIN: &[(AttachMode, &str)] = &[
     ),
     (
         AttachMode::TpBtf,
-        "btf_trace_mm_vmscan_memcg_reclaim_begin in BTF (samples before the limit also need \
-         memcg:mod_memcg_lruvec_state, 6.13+)",
+        "btf_trace_mm_vmscan_memcg_reclaim_begin in BTF (limit hits; with --dense-samples \
+         also memcg:mod_memcg_lruvec_state, 6.13+)",
     ),
     (
         AttachMode::Tracepoint,
@@ -211,6 +214,7 @@ impl Probes {
             resolver: &resolver,
             kernel_layout: &kernel_layout,
             attachments: Vec::new(),
+            dense_samples: options.dense_samples,
         };
         let mode = attacher.attach_oom_hook(options.attach)?;
         let charge_mode = match options.charge_attach {
@@ -336,6 +340,7 @@ struct Attacher<'a> {
     resolver: &'a Resolver,
     kernel_layout: &'a Layout,
     attachments: Vec<Attachment>,
+    dense_samples: bool,
 }
 
 impl Attacher<'_> {
@@ -548,8 +553,12 @@ impl Attacher<'_> {
             mode: AttachMode::TpBtf,
         });
         // Samples before the limit: only kernels with the memcg tracepoints (6.13+) name the
-        // cgroup of every statistics update.
-        if self.resolver.has_btf_tracepoint("mod_memcg_lruvec_state") {
+        // cgroup of every statistics update, and that fires for every page: opt-in.
+        if !self.dense_samples {
+            info!(
+                "tp_btf charge path samples at limit hits (--dense-samples adds every LRU update)"
+            );
+        } else if self.resolver.has_btf_tracepoint("mod_memcg_lruvec_state") {
             let state: &mut BtfTracePoint = program(self.ebpf, "lruvec_state_btf")?;
             state.load("mod_memcg_lruvec_state", self.btf)?;
             state.attach()?;

@@ -46,6 +46,8 @@ pub struct TraceOptions {
     pub history: Duration,
     /// Watch only cgroups with a memory limit (else every cgroup).
     pub only_limited: bool,
+    /// With tp_btf, also sample on every memcg LRU update (6.13+).
+    pub dense_samples: bool,
     /// At most this many cgroups have a history and live series.
     pub max_watched_cgroups: usize,
     /// Set by `run`: the memory hierarchy's root directory.
@@ -75,6 +77,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         btf_path: options.btf.clone(),
         sample_interval_ns: options.sample_interval.as_nanos() as u64,
         only_limited: options.only_limited,
+        dense_samples: options.dense_samples,
     })?;
     let mode = probes.mode();
     info!("OOM hook attach mode: {mode}");

@@ -239,3 +239,86 @@ mod tests {
         assert!(parse_bytes("99999999999999999999G").is_err());
     }
 }
+
+/// `leak churn`: a page-fault-heavy loop for benchmarks. Each round maps `bytes` of anonymous
+/// memory, writes every page (each fault charges the memory cgroup) and unmaps it; with a file,
+/// each round instead writes `bytes` to it, fsyncs and drops the cached pages, so the next round
+/// charges page cache again. Returns bytes per second.
+pub fn churn(
+    bytes: usize,
+    duration: Duration,
+    file: Option<&std::path::Path>,
+) -> Result<f64, WorkloadError> {
+    if bytes == 0 {
+        return Err(WorkloadError::EmptyChunk);
+    }
+    let page = crate::trace::page_size() as usize;
+    let mut file = match file {
+        Some(path) => Some((
+            OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|source| WorkloadError::Open {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            path.to_owned(),
+        )),
+        None => None,
+    };
+    let block = vec![0x5au8; 1 << 20];
+    let started = std::time::Instant::now();
+    let mut done = 0u64;
+    while started.elapsed() < duration {
+        match file.as_mut() {
+            None => {
+                // SAFETY: a fresh private anonymous mapping, written within its bounds and
+                // unmapped before the loop goes on; no Rust reference to it escapes.
+                unsafe {
+                    let memory = libc::mmap(
+                        std::ptr::null_mut(),
+                        bytes,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    if memory == libc::MAP_FAILED {
+                        return Err(WorkloadError::Write {
+                            path: "anonymous mapping".into(),
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                    let base = memory.cast::<u8>();
+                    for offset in (0..bytes).step_by(page) {
+                        base.add(offset).write_volatile(1);
+                    }
+                    libc::munmap(memory, bytes);
+                }
+            }
+            Some((handle, path)) => {
+                use std::{io::Seek, os::fd::AsRawFd};
+                let error = |source| WorkloadError::Write {
+                    path: path.clone(),
+                    source,
+                };
+                handle.seek(std::io::SeekFrom::Start(0)).map_err(error)?;
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(block.len());
+                    handle.write_all(&block[..n]).map_err(error)?;
+                    left -= n;
+                }
+                handle.sync_data().map_err(error)?;
+                // SAFETY: advice on our own open descriptor; no memory is touched.
+                unsafe {
+                    libc::posix_fadvise(handle.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                }
+            }
+        }
+        done += bytes as u64;
+    }
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}

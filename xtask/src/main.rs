@@ -1,5 +1,6 @@
 //! Build, run and test automation for leak: `cargo xtask run` and `cargo xtask test`.
 
+mod bench;
 mod bootstrap;
 mod cpio;
 mod kernels;
@@ -22,6 +23,8 @@ enum Command {
     Run(run::Options),
     /// Run the whole test suite as CI does.
     Test(test::Options),
+    /// Benchmark the tracer: overhead per charge-path mode and kill-to-metrics latency.
+    Bench(bench::Options),
     /// Run the end-to-end tests inside Debian kernels under QEMU, in every attach mode.
     Vm(vm::Options),
     /// Install or build every missing tool (nightly rust-src, bpf-linker, Debian packages).
@@ -38,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(options) => run::run(options),
         Command::Test(options) => test::run(options),
         Command::Vm(options) => vm::run(options),
+        Command::Bench(options) => bench::run(options),
         Command::Bootstrap => {
             bootstrap::ebpf_toolchain()?;
             bootstrap::debian_packages(&bootstrap::TEST_PACKAGES)

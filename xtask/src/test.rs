@@ -134,6 +134,7 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut (u64, u64)) -
     stages.time("VM kernels (5.10, 6.1)", || {
         let settings = vm::Settings {
             k8s: true,
+            bench: false,
             modes: vm::ALL_MODES.into(),
             expect_auto: "fentry".into(),
             timeout: Duration::from_secs(1500),

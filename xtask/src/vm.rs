@@ -49,6 +49,8 @@ pub struct Options {
 pub struct Settings {
     /// Also run the Kubernetes-layout tests (once, in mode auto).
     pub k8s: bool,
+    /// Also run `leak bench` and report its JSON.
+    pub bench: bool,
     pub modes: String,
     pub expect_auto: String,
     pub timeout: Duration,
@@ -61,11 +63,14 @@ pub struct Outcome {
     pub mode: String,
     pub passed: bool,
     pub detail: String,
+    /// `leak bench`'s JSON, for the bench line.
+    pub bench: Option<serde_json::Value>,
 }
 
 pub fn run(options: Options) -> Result<()> {
     let settings = Settings {
         k8s: !options.no_k8s,
+        bench: false,
         modes: options.modes,
         expect_auto: options.expect_auto,
         timeout: Duration::from_secs(options.timeout),
@@ -123,6 +128,7 @@ pub fn run_kernels(series: &[String], settings: &Settings) -> Result<Vec<Outcome
                 mode: "boot".into(),
                 passed: false,
                 detail: format!("{err:#}"),
+                bench: None,
             }),
         }
     }
@@ -309,6 +315,15 @@ if [ "$(arg k8s)" = 1 ]; then
     /tests/k8s_e2e --test-threads=1 --nocapture $filter
   if [ $? -eq 0 ]; then echo "LEAK-VM-RESULT k8s pass"; else echo "LEAK-VM-RESULT k8s fail"; fi
 fi
+if [ "$(arg bench)" = 1 ]; then
+  /bin/leak bench --rounds 3 --duration 1s --kills 20 --file-dir /disk --json /tmp/bench.json
+  if [ $? -eq 0 ]; then
+    echo "LEAK-VM-BENCH $(tr -d '\n' < /tmp/bench.json)"
+    echo "LEAK-VM-RESULT bench pass"
+  else
+    echo "LEAK-VM-RESULT bench fail"
+  fi
+fi
 echo "LEAK-VM-DONE"
 sync
 poweroff -f
@@ -378,10 +393,12 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
     bootstrap::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk))?;
 
     let mut append = format!(
-        "console=ttyS0 panic=-1 oops=panic loglevel=4 leak.modes={} leak.expect_auto={} leak.k8s={}",
+        "console=ttyS0 panic=-1 oops=panic loglevel=4 leak.modes={} leak.expect_auto={} \
+         leak.k8s={} leak.bench={}",
         settings.modes,
         settings.expect_auto,
-        u8::from(settings.k8s)
+        u8::from(settings.k8s),
+        u8::from(settings.bench)
     );
     if let Some(filter) = settings.filter.first() {
         append.push_str(&format!(" leak.filter={filter}"));
@@ -438,6 +455,7 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
     let mut outcomes = Vec::new();
     let mut failure = None;
     let mut done = false;
+    let mut bench = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -454,6 +472,9 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             failure = Some(format!("kernel panic: {line}"));
             break;
         }
+        if let Some(json) = line.split("LEAK-VM-BENCH ").nth(1) {
+            bench = serde_json::from_str(json).ok();
+        }
         if let Some(rest) = line.split("LEAK-VM-RESULT ").nth(1) {
             let mut parts = rest.split_whitespace();
             if let (Some(mode), Some(status)) = (parts.next(), parts.next()) {
@@ -462,6 +483,7 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
                     mode: mode.to_owned(),
                     passed: status == "pass",
                     detail: String::new(),
+                    bench: (mode == "bench").then(|| bench.take()).flatten(),
                 });
             }
         }
@@ -477,6 +499,7 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             mode: "vm".into(),
             passed: false,
             detail: failure,
+            bench: None,
         });
     } else if !done {
         outcomes.push(Outcome {
@@ -484,6 +507,7 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             mode: "vm".into(),
             passed: false,
             detail: "the VM stopped before finishing its tests".into(),
+            bench: None,
         });
     }
     let expected =
@@ -495,6 +519,7 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             mode: "vm".into(),
             passed: false,
             detail: format!("{reported} of {expected} modes reported"),
+            bench: None,
         });
     }
     Ok(outcomes)
