@@ -203,6 +203,37 @@ impl History {
     }
 }
 
+/// At most this many points of a timeline travel with a kill (kills are kept, up to
+/// `--max-kills`, with their timelines: this bounds the agent's memory).
+pub const MAX_KILL_TIMELINE_POINTS: usize = 300;
+
+/// Thins a timeline to at most `max` points, evenly over time, keeping the first, the last,
+/// and the first point of each kind (the first limit hit, the first charge failure).
+pub fn thin(timeline: Vec<Point>, max: usize) -> Vec<Point> {
+    if timeline.len() <= max || max < 2 {
+        return timeline;
+    }
+    let mut firsts: Vec<usize> = Vec::new();
+    for kind in [
+        SampleKind::Charge,
+        SampleKind::LimitHit,
+        SampleKind::ChargeFailed,
+    ] {
+        if let Some(index) = timeline.iter().position(|p| p.kind == kind) {
+            firsts.push(index);
+        }
+    }
+    let last = timeline.len() - 1;
+    let step = last as f64 / (max - 1 - firsts.len()).max(1) as f64;
+    let mut keep: Vec<usize> = (0..max - firsts.len())
+        .map(|i| ((i as f64 * step).round() as usize).min(last))
+        .chain(firsts)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    keep.into_iter().map(|i| timeline[i].clone()).collect()
+}
+
 /// What a timeline says about the road to the kill.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Story {
@@ -333,6 +364,20 @@ mod tests {
         let timeline = history.timeline(1, 7_000_000_000);
         assert_eq!(timeline.len(), 2, "only the points after the first OOM");
         assert_eq!(timeline[0].boot_ns, 5_000_000_000);
+    }
+
+    #[test]
+    fn thinning_keeps_the_ends_and_the_first_limit_hit() {
+        let mut timeline: Vec<Point> = (0..1000)
+            .map(|ms| point(ms, 1, 0, SampleKind::Charge))
+            .collect();
+        timeline[777].kind = SampleKind::LimitHit;
+        let thinned = thin(timeline, 50);
+        assert!(thinned.len() <= 50, "{}", thinned.len());
+        assert_eq!(thinned.first().map(|p| p.boot_ns), Some(0));
+        assert_eq!(thinned.last().map(|p| p.boot_ns), Some(999_000_000));
+        assert!(thinned.iter().any(|p| p.kind == SampleKind::LimitHit));
+        assert!(thinned.windows(2).all(|w| w[0].boot_ns < w[1].boot_ns));
     }
 
     #[test]

@@ -236,7 +236,15 @@ impl Enricher<'_> {
         if kill.cgroup_id != described {
             kill.victim_timeline = Some(self.history.timeline(kill.cgroup_id, kill.boot_ns));
         }
+        // The story is read from every point; what is kept with the kill is thinned.
         kill.story = (!kill.timeline.is_empty()).then(|| history::story(&kill.timeline));
+        kill.timeline = history::thin(
+            std::mem::take(&mut kill.timeline),
+            history::MAX_KILL_TIMELINE_POINTS,
+        );
+        if let Some(victim) = kill.victim_timeline.take() {
+            kill.victim_timeline = Some(history::thin(victim, history::MAX_KILL_TIMELINE_POINTS));
+        }
         self.history.mark_kill(described, kill.boot_ns);
         if kill.cgroup_id != described {
             self.history.mark_kill(kill.cgroup_id, kill.boot_ns);

@@ -212,34 +212,6 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_durations() {
-        assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_millis(5)));
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert!(parse_duration("0ms").is_err());
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
-
-    #[test]
-    fn parses_sizes() {
-        assert_eq!(parse_bytes("1024"), Ok(1024));
-        assert_eq!(parse_bytes("1KiB"), Ok(1024));
-        assert_eq!(parse_bytes("128Mi"), Ok(128 << 20));
-        assert!(parse_bytes("1 parsec").is_err());
-        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
-        assert_eq!(parse_bytes("4k"), Ok(4096));
-        assert!(parse_bytes("-1").is_err());
-        assert!(parse_bytes("99999999999999999999G").is_err());
-    }
-}
-
 /// `leak churn`: a page-fault-heavy loop for benchmarks. Each round maps `bytes` of anonymous
 /// memory, writes every page (each fault charges the memory cgroup) and unmaps it; with a file,
 /// each round instead writes `bytes` to it, fsyncs and drops the cached pages, so the next round
@@ -321,4 +293,32 @@ pub fn churn(
         done += bytes as u64;
     }
     Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("0ms").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("1KiB"), Ok(1024));
+        assert_eq!(parse_bytes("128Mi"), Ok(128 << 20));
+        assert!(parse_bytes("1 parsec").is_err());
+        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_bytes("4k"), Ok(4096));
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
 }
