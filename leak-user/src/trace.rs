@@ -291,13 +291,6 @@ impl Enricher<'_> {
         Some(labels)
     }
 
-    /// Whether any cgroup was sampled in the last `within_ns`.
-    fn recently_sampled(&self, now_boot_ns: u64, within_ns: u64) -> bool {
-        self.history
-            .latest()
-            .any(|(_, point)| now_boot_ns.saturating_sub(point.boot_ns) < within_ns)
-    }
-
     /// Once a second: kernel counters, live gauges, expiry of idle cgroups.
     fn tick(&mut self, probes: &Probes) {
         let counters = probes.kernel_counters();
@@ -419,13 +412,12 @@ async fn event_loop(
             }
             _ = tick.tick() => enricher.tick(probes),
             // The kernel batches memcg statistics and flushes them when read or when enough
-            // piled up; the LRU figures of charge samples are as fresh as the last flush. Reading
-            // the root's memory.stat flushes the whole hierarchy, as a cAdvisor scrape would.
+            // piled up; the LRU figures of charge samples are as fresh as the last flush.
+            // Reading the root's memory.stat flushes the whole hierarchy, as a cAdvisor scrape
+            // would, so that even a cgroup's first limit hit carries current figures.
             _ = flush_tick.tick(), if samples.is_some() && stats_file.is_some() => {
-                if enricher.recently_sampled(boot_ns(), STATS_FLUSH_INTERVAL.as_nanos() as u64 * 4) {
-                    if let Some(file) = &stats_file {
-                        let _ = tokio::fs::read(file).await;
-                    }
+                if let Some(file) = &stats_file {
+                    let _ = tokio::fs::read(file).await;
                 }
             }
         }
@@ -433,7 +425,7 @@ async fn event_loop(
     Ok(())
 }
 
-/// How often statistics are flushed while watched cgroups are active.
+/// How often the agent has the kernel flush memcg statistics while the charge path is on.
 const STATS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Points kept per cgroup: a minute at the default 10 ms rate limit, plus limit hits.

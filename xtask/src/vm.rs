@@ -200,7 +200,12 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 /// Module files to load, dependencies first. The package has no `modules.dep` (depmod runs at
 /// install time), so dependencies come from each module's own `.modinfo` `depends=`.
 fn module_load_order(kernel: &Kernel) -> Result<Vec<PathBuf>> {
-    let base = kernel.root.join("lib/modules").join(&kernel.release);
+    // Trixie and later merged /lib into /usr.
+    let base = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|dir| kernel.root.join(dir).join(&kernel.release))
+        .find(|dir| dir.is_dir())
+        .with_context(|| format!("{} ships no modules directory", kernel.release))?;
     let mut index = BTreeMap::new();
     let mut stack = vec![base.clone()];
     while let Some(dir) = stack.pop() {
