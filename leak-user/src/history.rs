@@ -208,12 +208,17 @@ impl History {
 pub const MAX_KILL_TIMELINE_POINTS: usize = 300;
 
 /// Thins a timeline to at most `max` points, evenly over time, keeping the first, the last,
-/// and the first point of each kind (the first limit hit, the first charge failure).
+/// the first point of each kind (the first limit hit, the first charge failure) and the points
+/// the story is told from (usage, then the working set, reaching the limit).
 pub fn thin(timeline: Vec<Point>, max: usize) -> Vec<Point> {
-    if timeline.len() <= max || max < 2 {
+    if timeline.len() <= max || max < 8 {
         return timeline;
     }
-    let mut firsts: Vec<usize> = Vec::new();
+    let (usage_at_limit, working_set_at_limit) = turning_points(&timeline);
+    let mut firsts: Vec<usize> = usage_at_limit
+        .into_iter()
+        .chain(working_set_at_limit)
+        .collect();
     for kind in [
         SampleKind::Charge,
         SampleKind::LimitHit,
@@ -224,8 +229,9 @@ pub fn thin(timeline: Vec<Point>, max: usize) -> Vec<Point> {
         }
     }
     let last = timeline.len() - 1;
-    let step = last as f64 / (max - 1 - firsts.len()).max(1) as f64;
-    let mut keep: Vec<usize> = (0..max - firsts.len())
+    let even = max - firsts.len();
+    let step = last as f64 / (even - 1).max(1) as f64;
+    let mut keep: Vec<usize> = (0..even)
         .map(|i| ((i as f64 * step).round() as usize).min(last))
         .chain(firsts)
         .collect();
@@ -250,21 +256,27 @@ pub struct Story {
 /// A charge can ask for up to a huge page: "at the limit" means within that.
 const AT_LIMIT_SLACK_BYTES: u64 = 2 << 20;
 
-pub fn story(timeline: &[Point]) -> Story {
+/// The first points where usage, and where the working set, reached the limit.
+fn turning_points(timeline: &[Point]) -> (Option<usize>, Option<usize>) {
     let at_limit = |value: u64, point: &Point| {
         point.limit_bytes.is_some_and(|limit| {
             value.saturating_add(AT_LIMIT_SLACK_BYTES.min(limit / 16)) >= limit
         })
     };
+    (
+        timeline.iter().position(|p| at_limit(p.usage_bytes, p)),
+        timeline
+            .iter()
+            .position(|p| at_limit(p.working_set_bytes, p)),
+    )
+}
+
+pub fn story(timeline: &[Point]) -> Story {
+    let (usage, working_set) = turning_points(timeline);
+    let before_kill = |index: Option<usize>| index.and_then(|i| timeline[i].before_kill_ms);
     Story {
-        usage_at_limit_ms_before_kill: timeline
-            .iter()
-            .find(|p| at_limit(p.usage_bytes, p))
-            .and_then(|p| p.before_kill_ms),
-        working_set_at_limit_ms_before_kill: timeline
-            .iter()
-            .find(|p| at_limit(p.working_set_bytes, p))
-            .and_then(|p| p.before_kill_ms),
+        usage_at_limit_ms_before_kill: before_kill(usage),
+        working_set_at_limit_ms_before_kill: before_kill(working_set),
         peak_page_cache_bytes: timeline.iter().map(|p| p.page_cache_bytes).max(),
         limit_hits: timeline
             .iter()
@@ -372,7 +384,12 @@ mod tests {
             .map(|ms| point(ms, 1, 0, SampleKind::Charge))
             .collect();
         timeline[777].kind = SampleKind::LimitHit;
+        timeline[501].usage_bytes = 128 << 20;
         let thinned = thin(timeline, 50);
+        assert!(
+            thinned.iter().any(|p| p.boot_ns == 501_000_000),
+            "usage reached the limit"
+        );
         assert!(thinned.len() <= 50, "{}", thinned.len());
         assert_eq!(thinned.first().map(|p| p.boot_ns), Some(0));
         assert_eq!(thinned.last().map(|p| p.boot_ns), Some(999_000_000));
