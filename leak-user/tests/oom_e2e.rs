@@ -534,3 +534,62 @@ fn demo_tells_the_story() {
     }
     assert_eq!(stdout.matches("kill: pid ").count(), 2);
 }
+
+/// Bad input gets a clear answer and leaves the agent serving.
+#[test]
+fn http_rejects_bad_requests_and_keeps_serving() {
+    let Some(_) = privileged() else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut agent = Agent::start(&[]);
+    let raw = |bytes: &[u8]| -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(agent.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(bytes).expect("send");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    };
+    let garbage = raw(b"\x16\x03\x01 this is not HTTP\r\n\r\n");
+    assert!(
+        garbage.starts_with("HTTP/1.1 400"),
+        "garbage got: {garbage:?}"
+    );
+    assert_eq!(agent.get("/no-such-page").0, 404);
+    let (status, body) = agent.get("/kills?limit=lots");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("limit"),
+        "the error should name the parameter: {body}"
+    );
+    assert_eq!(agent.get("/kills?limit=0"), (200, "[]".to_owned()));
+    assert_eq!(
+        agent.get("/healthz").0,
+        200,
+        "still serving after bad requests"
+    );
+    assert!(agent.stop().success());
+}
+
+/// Without root the agent says what to do instead of failing obscurely.
+#[test]
+fn refuses_to_run_unprivileged_with_a_clear_error() {
+    use std::os::unix::process::CommandExt;
+    let Some(_) = privileged() else { return };
+    // A copy anyone may execute, wherever the build tree lives.
+    let copy = std::env::temp_dir().join(format!("leak-unprivileged-{}", std::process::id()));
+    std::fs::copy(leak_bin(), &copy).expect("copy leak");
+    let _remove = TempFile(copy.clone());
+    // Dropping to nobody also drops root's supplementary groups (std does setgroups(0)).
+    let output = std::process::Command::new(&copy)
+        .args(["trace", "--listen", "127.0.0.1:0"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run leak as nobody");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("must run as root"), "{stderr}");
+}

@@ -1,0 +1,14 @@
+//! Text the agent parses: cgroup paths (Kubernetes attribution), kernel log lines,
+//! mountinfo, tracepoint format files.
+#![no_main]
+
+use leak_user::{cgroup::MemoryHierarchy, k8s, kmsg, layout};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let _ = k8s::parse_cgroup_path(&text);
+    let _ = kmsg::parse_reports(text.lines());
+    let _ = MemoryHierarchy::from_mountinfo(&text, |_| Some("memory".into()));
+    let _ = layout::tracepoint_field_offset(&text, "pid");
+});
