@@ -25,6 +25,8 @@ pub enum SampleKind {
     ChargeFailed,
     /// The kill's own snapshot, ending a kill's timeline.
     Kill,
+    /// Read from the cgroup filesystem by the agent (every few seconds).
+    Poll,
 }
 
 impl TryFrom<u32> for SampleKind {

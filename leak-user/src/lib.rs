@@ -12,6 +12,7 @@ pub mod kmsg;
 pub mod lab;
 pub mod layout;
 pub mod metrics;
+pub mod poll;
 pub mod probes;
 pub mod trace;
 pub mod workload;

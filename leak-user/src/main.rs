@@ -230,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
             dense_samples: args.dense_samples,
             max_watched_cgroups: args.max_watched_cgroups,
             memory_root: None,
+            memory_version: None,
         })
         .await
         .context("leak trace")?,

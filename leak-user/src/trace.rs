@@ -18,13 +18,14 @@ use tokio::{
 };
 
 use crate::{
-    cgroup::{CgroupPaths, MemoryHierarchy},
+    cgroup::{CgroupPaths, MemoryHierarchy, Version},
     events::{self, Context, Kill},
     history::{self, History, Point, SampleKind},
     http::{self, Shared},
     k8s::{self, K8sNames},
     metrics::CgroupLabels,
     metrics::{Metrics, MetricsError},
+    poll,
     probes::{AttachMode, LoadOptions, ProbeError, Probes},
 };
 use leak_common::sample::CgroupCounters;
@@ -50,8 +51,9 @@ pub struct TraceOptions {
     pub dense_samples: bool,
     /// At most this many cgroups have a history and live series.
     pub max_watched_cgroups: usize,
-    /// Set by `run`: the memory hierarchy's root directory.
+    /// Set by `run`: the memory hierarchy's root directory and cgroup version.
     pub memory_root: Option<PathBuf>,
+    pub memory_version: Option<Version>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +71,7 @@ pub enum TraceError {
     Io(#[from] std::io::Error),
 }
 
-pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
+pub async fn run(mut options: TraceOptions) -> Result<(), TraceError> {
     let mut probes = Probes::load(&LoadOptions {
         attach: options.attach,
         charge_attach: options.charge_attach,
@@ -93,6 +95,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
                 hierarchy.version,
                 hierarchy.root.display()
             );
+            options.memory_version = Some(hierarchy.version);
             Some(hierarchy.root)
         }
         Err(err) => {
@@ -100,7 +103,6 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
             None
         }
     };
-    let mut options = options;
     options.memory_root = hierarchy.clone();
     let mut paths = CgroupPaths::new(hierarchy);
 
@@ -270,6 +272,25 @@ impl Enricher<'_> {
         }
     }
 
+    /// Records polled points of the cgroups the charge path has not sampled within the last
+    /// poll interval (its samples are fresher and finer).
+    fn on_poll(&mut self, polled: Vec<(u64, Point)>) {
+        let recent: std::collections::HashSet<u64> = self
+            .history
+            .latest()
+            .filter(|(_, point)| {
+                point.kind != SampleKind::Poll
+                    && boot_ns().saturating_sub(point.boot_ns) < POLL_INTERVAL.as_nanos() as u64
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for (id, point) in polled {
+            if !recent.contains(&id) {
+                self.history.record(id, point);
+            }
+        }
+    }
+
     /// The labels of a cgroup's live series: its path and Kubernetes names.
     fn labels(&mut self, id: u64) -> Option<CgroupLabels> {
         if let Some(labels) = self.watched.get(&id) {
@@ -356,6 +377,8 @@ async fn event_loop(
         .memory_root
         .as_ref()
         .map(|root| root.join("memory.stat"));
+    let mut poll_tick = tokio::time::interval(POLL_INTERVAL);
+    let poll_target = options.memory_root.clone().zip(options.memory_version);
     let mut enricher = Enricher {
         shared,
         paths,
@@ -411,6 +434,18 @@ async fn event_loop(
                 }
             }
             _ = tick.tick() => enricher.tick(probes),
+            // Watched cgroups the charge path has not sampled lately, from the filesystem.
+            _ = poll_tick.tick(), if poll_target.is_some() => {
+                if let Some((root, version)) = poll_target.clone() {
+                    let (page, max) = (enricher.page_size, options.max_watched_cgroups);
+                    let polled = tokio::task::spawn_blocking(move || {
+                        poll::poll_limited(&root, version, boot_ns(), page, max)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    enricher.on_poll(polled);
+                }
+            }
             // The kernel batches memcg statistics and flushes them when read or when enough
             // piled up; the LRU figures of charge samples are as fresh as the last flush.
             // Reading the root's memory.stat flushes the whole hierarchy, as a cAdvisor scrape
@@ -424,6 +459,9 @@ async fn event_loop(
     }
     Ok(())
 }
+
+/// How often watched cgroups are read from the cgroup filesystem.
+const POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often the agent has the kernel flush memcg statistics while the charge path is on.
 const STATS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);

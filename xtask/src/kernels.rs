@@ -92,9 +92,10 @@ fn matches_series(package: &str, series: &str) -> bool {
         return false;
     };
     // "5.10.0-46", "6.12.48+deb13", "6.12.12+bpo": the series, then a '.' or '-'.
+    // An exact ABI name (`5.10.0-30`) picks that very package.
     version
         .strip_prefix(series)
-        .is_some_and(|tail| tail.starts_with('.') || tail.starts_with('-'))
+        .is_some_and(|tail| tail.is_empty() || tail.starts_with('.') || tail.starts_with('-'))
         && version.chars().next().is_some_and(|c| c.is_ascii_digit())
 }
 
@@ -307,6 +308,14 @@ mod tests {
             "6.1"
         ));
         assert!(!matches_series("linux-image-cloud-amd64", "6.1"));
+        assert!(matches_series(
+            "linux-image-5.10.0-30-cloud-amd64",
+            "5.10.0-30"
+        ));
+        assert!(!matches_series(
+            "linux-image-5.10.0-30-cloud-amd64",
+            "5.10.0-3"
+        ));
     }
 
     #[test]

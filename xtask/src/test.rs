@@ -12,11 +12,14 @@ use crate::{
     kernels, vm,
 };
 
-/// Kernels whose BTF the layout resolver is tested against, besides the running one.
-const BTF_KERNELS: &[&str] = &["5.10", "6.1"];
-/// Kernels the end-to-end tests boot under QEMU: 5.10 (`mark_victim(int pid)` before its
-/// backport, RLIMIT_MEMLOCK accounting, inline memcg stats) and 6.1 (stats behind a pointer).
-const VM_KERNELS: &[&str] = &["5.10", "6.1"];
+/// Kernels whose BTF the layout resolver is tested against, besides the running one: before
+/// and after the memcg stats pointer (6.1), the percpu rss counters (6.2) and the compact
+/// memcg stats index (6.10).
+const BTF_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1", "6.12"];
+/// Kernels the end-to-end tests boot under QEMU: 5.10.0-30 (5.10.218: `mark_victim(int pid)`,
+/// before the 5.10.235 backport of the task prototype), the newest 5.10 (RLIMIT_MEMLOCK
+/// accounting, inline memcg stats, the backported prototype) and 6.1 (stats behind a pointer).
+const VM_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1"];
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -101,7 +104,7 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut (u64, u64)) -
         bootstrap::ebpf_toolchain()?;
         bootstrap::debian_packages(&bootstrap::TEST_PACKAGES)
     })?;
-    let btf_dir = stages.time("kernel BTF (5.10, 6.1)", || {
+    let btf_dir = stages.time("kernel BTF (5.10.0-30, 5.10, 6.1, 6.12)", || {
         let dir = bootstrap::cache_dir().join("btf");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -131,7 +134,7 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut (u64, u64)) -
         }
         Ok(())
     })?;
-    stages.time("VM kernels (5.10, 6.1)", || {
+    stages.time("VM kernels (5.10.0-30, 5.10, 6.1)", || {
         let settings = vm::Settings {
             k8s: true,
             bench: false,
