@@ -92,16 +92,24 @@ fn matches_series(package: &str, series: &str) -> bool {
         return false;
     };
     // "5.10.0-46", "6.12.48+deb13", "6.12.12+bpo": the series, then a '.' or '-'.
-    // An exact ABI name (`5.10.0-30`) picks that very package.
-    version
-        .strip_prefix(series)
-        .is_some_and(|tail| tail.is_empty() || tail.starts_with('.') || tail.starts_with('-'))
+    // An exact ABI name (`5.10.0-30`, with its dash) picks that very package; a series
+    // (`6.1`) needs more after it, which also keeps out metapackages such as
+    // `linux-image-6.1-cloud-amd64`.
+    let exact = series.contains('-') && version == series;
+    exact
+        || version
+            .strip_prefix(series)
+            .is_some_and(|tail| tail.starts_with('.') || tail.starts_with('-'))
         && version.chars().next().is_some_and(|c| c.is_ascii_digit())
 }
 
 /// Sorts Debian versions with `dpkg --compare-versions` semantics, good enough for ABI names.
 fn version_key(package: &str) -> Vec<u64> {
-    package
+    // Only the version part: the `64` of `amd64` is not a version number.
+    let version = package
+        .trim_start_matches("linux-image-")
+        .trim_end_matches("-cloud-amd64");
+    version
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|part| part.parse().ok())
         .collect()
