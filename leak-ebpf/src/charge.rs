@@ -64,7 +64,7 @@ pub fn reclaim_fentry(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn try_charge_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(memcg) = ctx.arg::<u64>(0) {
-        let _ = CHARGING.insert(&(bpf_get_current_pid_tgid() as u32), &memcg, 0);
+        let _ = CHARGING.insert(bpf_get_current_pid_tgid() as u32, memcg, 0);
         sample_chain(memcg, kind::CHARGE, source::KPROBE_CHARGE);
     }
     0
@@ -74,8 +74,8 @@ pub fn try_charge_kprobe(ctx: ProbeContext) -> u32 {
 pub fn try_charge_kretprobe(ctx: RetProbeContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is plain data, copied out before the entry is removed.
-    let memcg = unsafe { CHARGING.get(&tid) }.copied();
-    let _ = CHARGING.remove(&tid);
+    let memcg = unsafe { CHARGING.get(tid) }.copied();
+    let _ = CHARGING.remove(tid);
     let result: u64 = ctx.ret();
     let result = result as i32;
     if let (Some(memcg), true) = (memcg, result != 0) {
@@ -140,12 +140,12 @@ fn due(memcg: u64, kind: u32, now: u64) -> bool {
     };
     let key = cgroup | u64::from(kind);
     // SAFETY: the value is plain data, copied out before the map can change.
-    if let Some(last) = unsafe { LAST_SAMPLE.get(&key) } {
+    if let Some(last) = unsafe { LAST_SAMPLE.get(key) } {
         if now.saturating_sub(*last) < config!(min_interval_ns) {
             return false;
         }
     }
-    let _ = LAST_SAMPLE.insert(&key, &now, 0);
+    let _ = LAST_SAMPLE.insert(key, now, 0);
     true
 }
 
@@ -157,10 +157,11 @@ fn sample_chain(memcg: u64, sample_kind: u32, sample_source: u32) {
     // The cheapest check first: on a hot path (every LRU update with tp_btf) at most one walk
     // per CPU per tenth of the per-cgroup interval, so one CPU can still serve ten busy cgroups
     // at the full rate.
+    let gate = config!(min_interval_ns) / 10;
     if let Some(last) = CPU_GATE.get_ptr_mut(0) {
         // SAFETY: this CPU's slot of a per-CPU array; BPF programs do not migrate mid-run.
         unsafe {
-            if now.saturating_sub(*last) < config!(min_interval_ns) / 10 {
+            if now.saturating_sub(*last) < gate {
                 return;
             }
             *last = now;
@@ -224,10 +225,10 @@ fn bump(memcg: u64, field: fn(&mut CgroupCounters) -> &mut u64) {
     if id == 0 {
         return;
     }
-    if CGROUP_COUNTERS.get_ptr_mut(&id).is_none() {
-        let _ = CGROUP_COUNTERS.insert(&id, &CgroupCounters::default(), 0);
+    if CGROUP_COUNTERS.get_ptr_mut(id).is_none() {
+        let _ = CGROUP_COUNTERS.insert(id, CgroupCounters::default(), 0);
     }
-    if let Some(counters) = CGROUP_COUNTERS.get_ptr_mut(&id) {
+    if let Some(counters) = CGROUP_COUNTERS.get_ptr_mut(id) {
         // SAFETY: the pointer is the map's value for `id`; a racing CPU may lose an increment,
         // which a counter of limit hits can afford.
         unsafe {

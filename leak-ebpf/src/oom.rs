@@ -107,13 +107,13 @@ fn remember_oom_control(oc: u64) {
         order: read::<i32>(oc, layout!(oc_order)).unwrap_or(0),
         _pad: 0,
     };
-    if OOM_CONTEXT.insert(&current_tid(), &context, 0).is_err() {
+    if OOM_CONTEXT.insert(current_tid(), context, 0).is_err() {
         count(counter::READ_ERRORS);
     }
 }
 
 fn forget_oom_control() {
-    let _ = OOM_CONTEXT.remove(&current_tid());
+    let _ = OOM_CONTEXT.remove(current_tid());
 }
 
 /// Finds the victim's `task_struct` when the hook only gives its pid: the OOM killer often
@@ -125,7 +125,7 @@ fn find_victim_task(pid: u32) -> u64 {
         return current;
     }
     // SAFETY: the value is plain data, copied out before the map can change.
-    if let Some(context) = unsafe { OOM_CONTEXT.get(&current_tid()) } {
+    if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
         let chosen = context.chosen;
         if read::<u32>(chosen, layout!(task_pid)) == Ok(pid) {
             return chosen;
@@ -176,7 +176,7 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
     };
 
     // SAFETY: the value is plain data, copied out before the map can change.
-    if let Some(context) = unsafe { OOM_CONTEXT.get(&current_tid()) } {
+    if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
         event_flags |= flags::HAS_OOM_CONTROL;
         event.oc_totalpages = context.totalpages;
         event.oc_chosen_points = context.chosen_points;

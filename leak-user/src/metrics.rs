@@ -50,6 +50,10 @@ pub struct Metrics {
     attach_info: IntGaugeVec,
     last_kill: Gauge,
     lost_samples: IntCounter,
+    /// Kill series by (gauge labels), each with the counter label sets seen with it, least
+    /// recently killed first.
+    kill_series: std::sync::Mutex<std::collections::VecDeque<KillSeries>>,
+    max_kill_series: usize,
     samples: IntCounterVec,
     live_usage: GaugeVec,
     live_working_set: GaugeVec,
@@ -59,11 +63,29 @@ pub struct Metrics {
     charge_failures: IntCounterVec,
 }
 
+/// Distinct kill series (victim cgroup, limit-hit cgroup, names) kept on /metrics; beyond it
+/// the least recently killed are dropped, so container churn cannot grow the exposition
+/// without bound.
+pub const MAX_KILL_SERIES: usize = 2000;
+
+/// The gauge labels of one kill series and every counter label set seen with them.
+type KillSeries = (Vec<String>, Vec<Vec<String>>);
+
 /// Labels of the per-cgroup gauges: the victim's cgroup, the one that hit its limit, and the
 /// victim's Kubernetes names (empty outside Kubernetes).
 const KILL_LABELS: &[&str] = &["cgroup", "oom_cgroup", "namespace", "pod", "container"];
 
 impl Metrics {
+    /// Like [`Metrics::new`], keeping at most `max_kill_series` distinct kill series.
+    pub fn with_kill_series_bound(
+        kernel_release: &str,
+        max_kill_series: usize,
+    ) -> Result<Self, MetricsError> {
+        let mut metrics = Self::new(kernel_release)?;
+        metrics.max_kill_series = max_kill_series.max(1);
+        Ok(metrics)
+    }
+
     pub fn new(kernel_release: &str) -> Result<Self, MetricsError> {
         let registry = Registry::new_custom(Some("leak".into()), None)?;
         let gauge = |name: &str, help: &str| -> Result<GaugeVec, MetricsError> {
@@ -220,6 +242,8 @@ impl Metrics {
             attach_info,
             last_kill,
             lost_samples,
+            kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            max_kill_series: MAX_KILL_SERIES,
             samples,
             live_usage,
             live_working_set,
@@ -252,17 +276,17 @@ impl Metrics {
             kill.pod.as_str(),
             kill.container.as_str(),
         ];
-        self.kills
-            .with_label_values(&[
-                labels[0],
-                labels[1],
-                labels[2],
-                labels[3],
-                labels[4],
-                kill.constraint,
-                main_process,
-            ])
-            .inc();
+        let counter_labels = [
+            labels[0],
+            labels[1],
+            labels[2],
+            labels[3],
+            labels[4],
+            kill.constraint,
+            main_process,
+        ];
+        self.kills.with_label_values(&counter_labels).inc();
+        self.remember_kill_series(&labels, &counter_labels);
         self.usage
             .with_label_values(&labels)
             .set(kill.usage_bytes as f64);
@@ -282,6 +306,46 @@ impl Metrics {
             if limit > 0 {
                 self.working_set_ratio
                     .observe(kill.working_set_bytes as f64 / limit as f64);
+            }
+        }
+    }
+
+    /// Records that these series were just written, and drops the least recently killed
+    /// beyond the bound.
+    fn remember_kill_series(&self, gauge: &[&str], counter: &[&str]) {
+        let owned = |labels: &[&str]| labels.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
+        let (gauge, counter) = (owned(gauge), owned(counter));
+        let Ok(mut series) = self.kill_series.lock() else {
+            return;
+        };
+        let mut counters = match series.iter().position(|(labels, _)| *labels == gauge) {
+            Some(index) => series
+                .remove(index)
+                .map(|(_, counters)| counters)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        if !counters.contains(&counter) {
+            counters.push(counter);
+        }
+        series.push_back((gauge, counters));
+        while series.len() > self.max_kill_series {
+            let Some((gauge, counters)) = series.pop_front() else {
+                break;
+            };
+            let gauge: Vec<&str> = gauge.iter().map(String::as_str).collect();
+            for family in [
+                &self.usage,
+                &self.limit,
+                &self.working_set,
+                &self.inactive_file,
+                &self.timestamp,
+            ] {
+                let _ = family.remove_label_values(&gauge);
+            }
+            for counter in &counters {
+                let counter: Vec<&str> = counter.iter().map(String::as_str).collect();
+                let _ = self.kills.remove_label_values(&counter);
             }
         }
     }

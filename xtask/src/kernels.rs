@@ -100,7 +100,7 @@ fn matches_series(package: &str, series: &str) -> bool {
         || version
             .strip_prefix(series)
             .is_some_and(|tail| tail.starts_with('.') || tail.starts_with('-'))
-        && version.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && version.chars().next().is_some_and(|c| c.is_ascii_digit())
 }
 
 /// Sorts Debian versions with `dpkg --compare-versions` semantics, good enough for ABI names.
