@@ -30,6 +30,22 @@ pub enum Version {
     V2,
 }
 
+impl Version {
+    pub fn limit_file(self) -> &'static str {
+        match self {
+            Self::V1 => "memory.limit_in_bytes",
+            Self::V2 => "memory.max",
+        }
+    }
+
+    pub fn usage_file(self) -> &'static str {
+        match self {
+            Self::V1 => "memory.usage_in_bytes",
+            Self::V2 => "memory.current",
+        }
+    }
+}
+
 /// The mounted hierarchy that carries the memory controller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryHierarchy {
@@ -94,18 +110,12 @@ impl MemoryHierarchy {
 
     /// `memory.max` (v2) or `memory.limit_in_bytes` (v1).
     pub fn limit_file(&self) -> &'static str {
-        match self.version {
-            Version::V1 => "memory.limit_in_bytes",
-            Version::V2 => "memory.max",
-        }
+        self.version.limit_file()
     }
 
     /// `memory.current` (v2) or `memory.usage_in_bytes` (v1).
     pub fn usage_file(&self) -> &'static str {
-        match self.version {
-            Version::V1 => "memory.usage_in_bytes",
-            Version::V2 => "memory.current",
-        }
+        self.version.usage_file()
     }
 }
 
@@ -205,14 +215,6 @@ impl CgroupPaths {
     /// Records a path learned elsewhere (the kernel's own names).
     pub fn learn(&mut self, id: u64, path: &str) {
         self.by_id.insert(id, path.to_owned());
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
     }
 }
 

@@ -20,16 +20,12 @@ pub fn read_point(dir: &Path, version: Version, boot_ns: u64, page_size: u64) ->
     let number = |file: &str| -> Option<u64> {
         fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
     };
-    let (limit_file, usage_file) = match version {
-        Version::V1 => ("memory.limit_in_bytes", "memory.usage_in_bytes"),
-        Version::V2 => ("memory.max", "memory.current"),
-    };
     // "max" on v2 does not parse: no limit.
-    let limit = number(limit_file)?;
+    let limit = number(version.limit_file())?;
     if limit >= (i64::MAX as u64 / page_size) * page_size {
         return None;
     }
-    let usage = number(usage_file)?;
+    let usage = number(version.usage_file())?;
     let stat = fs::read_to_string(dir.join("memory.stat")).ok()?;
     // v1 lists this cgroup's own counters and then hierarchical `total_` ones; v2's are
     // hierarchical already.

@@ -472,18 +472,7 @@ impl Attacher<'_> {
     }
 
     fn unload_charge_programs(&mut self) {
-        for name in CHARGE_PROGRAMS {
-            if let Some(program) = self.ebpf.program_mut(name) {
-                let _ = match program {
-                    aya::programs::Program::FEntry(p) => p.unload(),
-                    aya::programs::Program::FExit(p) => p.unload(),
-                    aya::programs::Program::KProbe(p) => p.unload(),
-                    aya::programs::Program::BtfTracePoint(p) => p.unload(),
-                    aya::programs::Program::TracePoint(p) => p.unload(),
-                    _ => Ok(()),
-                };
-            }
-        }
+        unload(self.ebpf, CHARGE_PROGRAMS);
         let charge_hooks = [
             "try_charge_memcg",
             "try_charge",
@@ -605,21 +594,15 @@ impl Attacher<'_> {
     }
 
     fn unload_oom_kill_process(&mut self) {
-        for name in [
-            "oom_kill_process_fentry",
-            "oom_kill_process_fexit",
-            "oom_kill_process_kprobe",
-            "oom_kill_process_kretprobe",
-        ] {
-            if let Some(program) = self.ebpf.program_mut(name) {
-                let _ = match program {
-                    aya::programs::Program::FEntry(p) => p.unload(),
-                    aya::programs::Program::FExit(p) => p.unload(),
-                    aya::programs::Program::KProbe(p) => p.unload(),
-                    _ => Ok(()),
-                };
-            }
-        }
+        unload(
+            self.ebpf,
+            &[
+                "oom_kill_process_fentry",
+                "oom_kill_process_fexit",
+                "oom_kill_process_kprobe",
+                "oom_kill_process_kretprobe",
+            ],
+        );
         self.attachments.retain(|a| a.hook != "oom_kill_process");
     }
 
@@ -713,6 +696,22 @@ where
         ))
     })?;
     program.try_into()
+}
+
+/// Unloads (and so detaches) the named programs, whatever their type; absent or never-loaded
+/// ones are skipped. Used to undo a half-attached mode before the next one is tried.
+fn unload(ebpf: &mut Ebpf, names: &[&str]) {
+    use aya::programs::Program;
+    for name in names {
+        let _ = match ebpf.program_mut(name) {
+            Some(Program::FEntry(p)) => p.unload(),
+            Some(Program::FExit(p)) => p.unload(),
+            Some(Program::KProbe(p)) => p.unload(),
+            Some(Program::BtfTracePoint(p)) => p.unload(),
+            Some(Program::TracePoint(p)) => p.unload(),
+            _ => Ok(()),
+        };
+    }
 }
 
 /// Every charge-path program, for unloading a half-attached mode.

@@ -319,10 +319,6 @@ impl Btf {
             .find(|(enumerator, _)| enumerator == name)
             .map(|&(_, value)| value)
     }
-
-    pub fn types(&self) -> usize {
-        self.types.len()
-    }
 }
 
 #[cfg(test)]

@@ -62,10 +62,6 @@ impl Resolver {
         Ok(Self::new(Btf::parse(&data)?))
     }
 
-    pub fn btf(&self) -> &Btf {
-        &self.btf
-    }
-
     /// The id of the complete definition of `struct name`.
     pub fn struct_id(&self, name: &str) -> Result<u32, LayoutError> {
         self.btf
