@@ -116,6 +116,9 @@ const _: () = assert!(
 pub struct OomContext {
     pub memcg: u64,
     pub chosen: u64,
+    /// The task `__oom_kill_process` is killing right now: the chosen victim, then each member
+    /// of a group kill in turn. Zero where that function is not hooked.
+    pub killing: u64,
     pub totalpages: u64,
     pub chosen_points: i64,
     pub constraint: u32,
@@ -124,7 +127,7 @@ pub struct OomContext {
     pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<OomContext>() == 48);
+const _: () = assert!(size_of::<OomContext>() == 56);
 
 /// Index of each counter in the `COUNTERS` per-CPU array.
 pub mod counter {

@@ -59,6 +59,23 @@ pub fn oom_kill_process_kretprobe(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// `__oom_kill_process(victim, message)` kills one task: the chosen victim, then each member of
+/// a group kill. Attached only where `oom:mark_victim` gives a bare pid (before 5.15 and its
+/// backports), so that every member's task is known when its `mark_victim` fires.
+#[fentry(function = "__oom_kill_process")]
+pub fn oom_victim_fentry(ctx: FEntryContext) -> i32 {
+    remember_killing(ctx.arg(0));
+    0
+}
+
+#[kprobe]
+pub fn oom_victim_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(task) = ctx.arg::<u64>(0) {
+        remember_killing(task);
+    }
+    0
+}
+
 #[btf_tracepoint(function = "mark_victim")]
 pub fn mark_victim_btf(ctx: BtfTracePointContext) -> i32 {
     if layout!(mark_victim_has_task) == 1 {
@@ -100,6 +117,7 @@ fn remember_oom_control(oc: u64) {
     let context = OomContext {
         memcg: read::<u64>(oc, layout!(oc_memcg)).unwrap_or(0),
         chosen: read::<u64>(oc, layout!(oc_chosen)).unwrap_or(0),
+        killing: 0,
         totalpages: read::<u64>(oc, layout!(oc_totalpages)).unwrap_or(0),
         chosen_points: read::<i64>(oc, layout!(oc_chosen_points)).unwrap_or(0),
         constraint: read::<u32>(oc, layout!(oc_constraint)).unwrap_or(u32::MAX),
@@ -112,12 +130,21 @@ fn remember_oom_control(oc: u64) {
     }
 }
 
+fn remember_killing(task: u64) {
+    if let Some(context) = OOM_CONTEXT.get_ptr_mut(current_tid()) {
+        // SAFETY: the entry belongs to this thread (keyed by its tid) and a thread runs one
+        // program at a time, so nothing else writes it concurrently.
+        unsafe { (*context).killing = task };
+    }
+}
+
 fn forget_oom_control() {
     let _ = OOM_CONTEXT.remove(current_tid());
 }
 
 /// Finds the victim's `task_struct` when the hook only gives its pid: the OOM killer often
-/// kills the very task that failed to allocate, and `oom_kill_process` told us its choice.
+/// kills the very task that failed to allocate, `__oom_kill_process` names the task it is
+/// killing, and `oom_kill_process` told us its choice.
 #[inline(always)]
 fn find_victim_task(pid: u32) -> u64 {
     let current = current_task();
@@ -126,9 +153,10 @@ fn find_victim_task(pid: u32) -> u64 {
     }
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
-        let chosen = context.chosen;
-        if read::<u32>(chosen, layout!(task_pid)) == Ok(pid) {
-            return chosen;
+        for task in [context.killing, context.chosen] {
+            if task != 0 && read::<u32>(task, layout!(task_pid)) == Ok(pid) {
+                return task;
+            }
         }
     }
     0

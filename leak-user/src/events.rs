@@ -416,9 +416,13 @@ pub fn fill_from_procfs(kill: &mut Kill, proc_root: &std::path::Path) {
         if let Some(name) = line.strip_prefix("Name:") {
             kill.victim_comm = Some(name.trim().to_owned());
         } else if let Some(tgid) = line.strip_prefix("Tgid:") {
-            if let Ok(tgid) = tgid.trim().parse() {
-                kill.victim_tgid = Some(tgid);
-                kill.victim_pid = tgid;
+            // A task already detached from its pids (the last moments of exit) reads as 0.
+            match tgid.trim().parse() {
+                Ok(0) | Err(_) => {}
+                Ok(tgid) => {
+                    kill.victim_tgid = Some(tgid);
+                    kill.victim_pid = tgid;
+                }
             }
         }
     }

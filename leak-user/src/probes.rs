@@ -382,7 +382,9 @@ impl Attacher<'_> {
                 }
                 self.fentry_pair()
                     .map_err(|err| unavailable(describe(&err)))?;
-                self.victim_path(mode, needs)
+                self.victim_path(mode, needs)?;
+                self.victim_task_hook(mode);
+                Ok(())
             }
             AttachMode::Kprobe => {
                 if !kallsyms_has("oom_kill_process") {
@@ -392,7 +394,9 @@ impl Attacher<'_> {
                 }
                 self.kprobe_pair()
                     .map_err(|err| unavailable(describe(&err)))?;
-                self.victim_path(mode, needs)
+                self.victim_path(mode, needs)?;
+                self.victim_task_hook(mode);
+                Ok(())
             }
             AttachMode::TpBtf => self
                 .mark_victim_btf()
@@ -591,6 +595,52 @@ impl Attacher<'_> {
             ),
             needs,
         })
+    }
+
+    /// Where `oom:mark_victim` gives a bare pid, hooks `__oom_kill_process` too, so that the
+    /// victim's task (its cgroups, rss and name) is read in the kernel for every member of a
+    /// group kill, not only for the chosen victim. Without it those members are named from
+    /// procfs, while they are dying.
+    fn victim_task_hook(&mut self, mode: AttachMode) {
+        if self.kernel_layout.mark_victim_has_task == 1 {
+            return;
+        }
+        const FUNCTION: &str = "__oom_kill_process";
+        let result = match mode {
+            AttachMode::Fentry if !self.resolver.has_function(FUNCTION) => {
+                Err(format!("{FUNCTION} is not in BTF (inlined?)"))
+            }
+            AttachMode::Fentry => program::<FEntry>(self.ebpf, "oom_victim_fentry")
+                .and_then(|entry| {
+                    entry.load(FUNCTION, self.btf)?;
+                    entry.attach().map(drop)
+                })
+                .map_err(|err| describe(&err)),
+            AttachMode::Kprobe if !kallsyms_has(FUNCTION) => {
+                Err(format!("{FUNCTION} is not in /proc/kallsyms (inlined?)"))
+            }
+            AttachMode::Kprobe => program::<KProbe>(self.ebpf, "oom_victim_kprobe")
+                .and_then(|probe| {
+                    probe.load()?;
+                    probe.attach(FUNCTION, 0).map(drop)
+                })
+                .map_err(|err| describe(&err)),
+            _ => return,
+        };
+        match result {
+            Ok(()) => self.attachments.push(Attachment {
+                hook: FUNCTION,
+                mode,
+            }),
+            Err(reason) => {
+                unload(self.ebpf, &["oom_victim_fentry", "oom_victim_kprobe"]);
+                warn!(
+                    "oom:mark_victim gives only a pid here and {FUNCTION} cannot be hooked \
+                     ({reason}): group-kill members other than the chosen victim are named \
+                     from procfs"
+                );
+            }
+        }
     }
 
     fn unload_oom_kill_process(&mut self) {

@@ -448,10 +448,29 @@ fn group_kill_with(attach: &str) {
             report.killed
         );
     }
+    // Every member's task is read in the kernel where the per-victim hook hands it over
+    // (mark_victim with a task, 5.15+ and backports) or `__oom_kill_process` is hooked (fentry
+    // and kprobe); otherwise members other than the chosen one are named from procfs.
+    let task_in_kernel = mark_victim_passes_task()
+        || kills
+            .iter()
+            .all(|k| matches!(k["attach_mode"].as_str(), Some("fentry" | "kprobe")));
     for kill in &kills {
         assert_eq!(kill["cgroup"].as_str(), Some(cgroup.relative.as_str()));
         assert_eq!(kill["oom_cgroup"].as_str(), Some(cgroup.relative.as_str()));
         assert_eq!(bytes(kill, "limit_bytes"), LIMIT);
+        if task_in_kernel {
+            let victim = format!(
+                "pid {} (thread {}, {}) via {}",
+                kill["victim_pid"], kill["victim_tid"], kill["victim_comm"], kill["attach_mode"]
+            );
+            assert_eq!(
+                kill["victim_task_resolved"].as_bool(),
+                Some(true),
+                "the victim's task was not read in the kernel: {victim}"
+            );
+            assert!(kill["victim_rss"].is_object(), "no rss for {victim}");
+        }
     }
     let all = agent.kills();
     for pid in &pids {
@@ -462,6 +481,13 @@ fn group_kill_with(attach: &str) {
         assert_eq!(reports, 1, "pid {pid} reported {reports} times");
     }
     assert!(agent.stop().success());
+}
+
+/// Whether this kernel's `oom:mark_victim` hands its programs the victim's task.
+fn mark_victim_passes_task() -> bool {
+    leak_user::layout::Resolver::from_file(std::path::Path::new("/sys/kernel/btf/vmlinux"))
+        .and_then(|resolver| resolver.mark_victim_passes_task())
+        .expect("read the kernel's BTF")
 }
 
 /// Runs `scenario` once per attach mode under test.

@@ -308,6 +308,23 @@ fn an_unresolved_victim_is_named_from_procfs() {
 }
 
 #[test]
+fn a_victim_detached_from_its_pids_keeps_its_thread_id() {
+    // Between the kill and the reap, /proc/<pid>/status of an exiting task reads `Tgid: 0`.
+    let root = std::env::temp_dir().join(format!("leak-procfs-exiting-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("224")).unwrap();
+    std::fs::write(root.join("224/status"), "Name:\tleak\nTgid:\t0\nPid:\t0\n").unwrap();
+    let mut ev = event(&[level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
+    ev.flags &= !flags::VICTIM_TASK;
+    ev.victim_pid = 224;
+    let mut kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    fill_from_procfs(&mut kill, &root);
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!((kill.victim_pid, kill.victim_tid), (224, 224));
+    assert_eq!(kill.victim_tgid, None);
+    assert_eq!(kill.victim_comm.as_deref(), Some("leak"));
+}
+
+#[test]
 fn metrics_keep_a_bounded_number_of_kill_series() {
     let metrics = crate::metrics::Metrics::with_kill_series_bound("test", 2).expect("metrics");
     let mut paths = CgroupPaths::new(None);
