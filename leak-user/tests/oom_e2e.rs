@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use leak_user::kmsg::{self, Kmsg, OomReport};
 use serde_json::Value;
@@ -96,10 +96,19 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
     let kill = agent.wait_for_kill(pid);
     let mut seen = Vec::new();
     let report = report_for(&mut kmsg, &mut seen, pid);
-    // Per-cgroup counters are brought up to the kernel's once a second.
-    std::thread::sleep(Duration::from_millis(1500));
-    let (status, metrics) = agent.get("/metrics");
-    assert_eq!(status, 200);
+    // Per-cgroup counters are brought up to the kernel's once a second: wait (with a generous
+    // deadline, the machine may be busy) for the limit hits of the cgroup that hit its limit.
+    let oom_cgroup = kill["oom_cgroup"].as_str().unwrap_or_default();
+    let hits = format!("leak_cgroup_limit_hits_total{{cgroup=\"{oom_cgroup}\"");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let (status, metrics) = agent.get("/metrics");
+        assert_eq!(status, 200);
+        if metrics.contains(&hits) || Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let exit = agent.stop();
     assert!(
         exit.success(),
@@ -448,13 +457,15 @@ fn group_kill_with(attach: &str) {
             report.killed
         );
     }
-    // Every member's task is read in the kernel where the per-victim hook hands it over
-    // (mark_victim with a task, 5.15+ and backports) or `__oom_kill_process` is hooked (fentry
-    // and kprobe); otherwise members other than the chosen one are named from procfs.
-    let task_in_kernel = mark_victim_passes_task()
-        || kills
-            .iter()
-            .all(|k| matches!(k["attach_mode"].as_str(), Some("fentry" | "kprobe")));
+    // Every member's task is read in the kernel where `oom_kill_process` is hooked (fentry and
+    // kprobe, with `__oom_kill_process` where mark_victim gives a bare pid) or the BTF
+    // tracepoint hands the task over (its newer prototype). The classic tracepoint only ever
+    // gives a pid: members other than the chosen one are named from procfs.
+    let task_in_kernel = kills.iter().all(|k| match k["attach_mode"].as_str() {
+        Some("fentry" | "kprobe") => true,
+        Some("tp_btf") => mark_victim_passes_task(),
+        _ => false,
+    });
     for kill in &kills {
         assert_eq!(kill["cgroup"].as_str(), Some(cgroup.relative.as_str()));
         assert_eq!(kill["oom_cgroup"].as_str(), Some(cgroup.relative.as_str()));
