@@ -22,6 +22,9 @@ const SUITES: &[(&str, &str)] = &[
     ("http://deb.debian.org/debian", "bookworm-backports"),
     ("http://deb.debian.org/debian", "trixie"),
     ("http://deb.debian.org/debian-security", "trixie-security"),
+    ("http://deb.debian.org/debian", "trixie-backports"),
+    // The newest kernels, for trying a series no release carries yet (packages come and go).
+    ("http://deb.debian.org/debian", "sid"),
 ];
 
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -77,9 +80,14 @@ fn apt_update() -> Result<()> {
     }
     fs::write(&list, sources)?;
     say("updating the private apt lists for Debian's kernel suites");
-    bootstrap::run(Command::new("apt-get").args(apt_options()).arg("update"))
-        .context("apt-get update of the kernel suites failed")?;
-    fs::write(stamp, "")?;
+    // One suite failing (sid moving under us, a mirror hiccup) leaves the others' lists in
+    // place: carry on with them, and try again next time.
+    match bootstrap::run(Command::new("apt-get").args(apt_options()).arg("update")) {
+        Ok(()) => fs::write(stamp, "")?,
+        Err(err) => say(format!(
+            "apt-get update of the kernel suites failed ({err:#}); using the lists it fetched"
+        )),
+    }
     Ok(())
 }
 
@@ -161,8 +169,7 @@ pub fn fetch(series: &str) -> Result<Kernel> {
     };
     let release = package.trim_start_matches("linux-image-").to_owned();
     let root = kernels.join(&release);
-    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
-    if !vmlinuz.exists() {
+    if find_vmlinuz(&root, &release).is_none() {
         let download = kernels.join("download");
         let _ = fs::remove_dir_all(&download);
         fs::create_dir_all(&download)?;
@@ -173,17 +180,43 @@ pub fn fetch(series: &str) -> Result<Kernel> {
                 .args(["download", &package])
                 .current_dir(&download),
         )?;
-        let deb = fs::read_dir(&download)?
+        let image = fs::read_dir(&download)?
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
             .context("apt-get download produced no .deb")?;
+        // Since 7.x (forky/sid) the image package is empty and depends on the kernel
+        // (`linux-binary-*`) and its modules (`linux-modules-*`) of the same release.
+        let depends = output(
+            Command::new("dpkg-deb")
+                .arg("-f")
+                .arg(&image)
+                .arg("Depends"),
+        )?;
+        let parts = split_packages(&depends, &release);
+        if !parts.is_empty() {
+            say(format!("downloading {}", parts.join(" ")));
+            bootstrap::run(
+                Command::new("apt-get")
+                    .args(apt_options())
+                    .arg("download")
+                    .args(&parts)
+                    .current_dir(&download),
+            )?;
+        }
         let unpacking = kernels.join(format!("{release}.partial"));
         let _ = fs::remove_dir_all(&unpacking);
-        bootstrap::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacking))?;
+        for deb in fs::read_dir(&download)?.flatten().map(|e| e.path()) {
+            if deb.extension().is_some_and(|e| e == "deb") {
+                bootstrap::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacking))?;
+            }
+        }
+        let _ = fs::remove_dir_all(&root);
         fs::rename(&unpacking, &root)?;
         let _ = fs::remove_dir_all(&download);
     }
+    let vmlinuz = find_vmlinuz(&root, &release)
+        .with_context(|| format!("{package} holds no kernel image (boot/vmlinuz-{release})"))?;
     let btf = kernels.join(format!("{release}.btf"));
     if !btf.exists() {
         say(format!("extracting BTF from {}", vmlinuz.display()));
@@ -199,6 +232,33 @@ pub fn fetch(series: &str) -> Result<Kernel> {
         vmlinuz,
         btf,
     })
+}
+
+/// The kernel image in an unpacked package: `boot/vmlinuz-<release>`, or
+/// `usr/lib/modules/<release>/vmlinuz` in the split packaging of 7.x.
+fn find_vmlinuz(root: &Path, release: &str) -> Option<PathBuf> {
+    [
+        root.join("boot").join(format!("vmlinuz-{release}")),
+        root.join("usr/lib/modules").join(release).join("vmlinuz"),
+        root.join("lib/modules").join(release).join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|path| path.is_file())
+}
+
+/// The packages of a split kernel among an image package's `Depends`: the kernel itself and
+/// its modules, of exactly this release.
+fn split_packages(depends: &str, release: &str) -> Vec<String> {
+    depends
+        .split([',', '|'])
+        .filter_map(|alternative| alternative.split_whitespace().next())
+        .filter(|name| {
+            ["linux-binary-", "linux-modules-"]
+                .iter()
+                .any(|prefix| name.strip_prefix(prefix) == Some(release))
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The ELF `vmlinux` inside an x86 bzImage: the boot header says where the compressed payload
@@ -294,6 +354,27 @@ pub fn elf_section<'a>(elf: &'a [u8], name: &str) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_kernel_packages_from_depends() {
+        let depends = "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, \
+                       linux-base-7.2.13+deb14-cloud-amd64 (= 7.2.13-1), \
+                       linux-binary-7.2.13+deb14-cloud-amd64 (= 7.2.13-1), \
+                       linux-modules-7.2.13+deb14-cloud-amd64 (= 7.2.13-1)";
+        assert_eq!(
+            split_packages(depends, "7.2.13+deb14-cloud-amd64"),
+            [
+                "linux-binary-7.2.13+deb14-cloud-amd64",
+                "linux-modules-7.2.13+deb14-cloud-amd64"
+            ]
+        );
+        // An older image package holds the kernel itself.
+        assert!(split_packages(
+            "kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool",
+            "6.1.0-57-cloud-amd64"
+        )
+        .is_empty());
+    }
 
     #[test]
     fn matches_series_names() {

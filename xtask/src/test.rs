@@ -18,8 +18,9 @@ use crate::{
 const BTF_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1", "6.12"];
 /// Kernels the end-to-end tests boot under QEMU: 5.10.0-30 (5.10.218: `mark_victim(int pid)`,
 /// before the 5.10.235 backport of the task prototype), the newest 5.10 (RLIMIT_MEMLOCK
-/// accounting, inline memcg stats, the backported prototype) and 6.1 (stats behind a pointer).
-const VM_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1"];
+/// accounting, inline memcg stats, the backported prototype), 6.1 (stats behind a pointer) and
+/// 6.12 (percpu rss counters, the compact stats index, merged /usr).
+const VM_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1", "6.12"];
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -134,7 +135,7 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut (u64, u64)) -
         }
         Ok(())
     })?;
-    stages.time("VM kernels (5.10.0-30, 5.10, 6.1)", || {
+    stages.time("VM kernels (5.10.0-30, 5.10, 6.1, 6.12)", || {
         let settings = vm::Settings {
             k8s: true,
             bench: false,
