@@ -60,8 +60,8 @@ pub fn oom_kill_process_kretprobe(_ctx: RetProbeContext) -> u32 {
 }
 
 /// `__oom_kill_process(victim, message)` kills one task: the chosen victim, then each member of
-/// a group kill. Attached only where `oom:mark_victim` gives a bare pid (before 5.15 and its
-/// backports), so that every member's task is known when its `mark_victim` fires.
+/// a group kill. Attached only where `oom:mark_victim` gives a bare pid (kernels without the
+/// task prototype), so that every member's task is known when its `mark_victim` fires.
 #[fentry(function = "__oom_kill_process")]
 pub fn oom_victim_fentry(ctx: FEntryContext) -> i32 {
     remember_killing(ctx.arg(0));
