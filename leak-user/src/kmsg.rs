@@ -27,6 +27,8 @@ pub struct OomReport {
     pub pid: Option<u32>,
     /// Pids of the `Killed process` lines (more than one for a group kill).
     pub killed: Vec<u32>,
+    /// `anon-rss` of each killed pid, in kB, as that line gives it.
+    pub anon_rss_kb: HashMap<u32, u64>,
 }
 
 /// Splits the kernel log into OOM reports. A report starts at `invoked oom-killer` and
@@ -82,6 +84,13 @@ pub fn parse_reports<'a>(messages: impl IntoIterator<Item = &'a str>) -> Vec<Oom
             let rest = &message[index + "Killed process ".len()..];
             if let Some(pid) = rest.split_whitespace().next().and_then(|p| p.parse().ok()) {
                 report.killed.push(pid);
+                let anon_rss = rest
+                    .split(", ")
+                    .find_map(|field| field.strip_prefix("anon-rss:"))
+                    .and_then(|kb| kb.strip_suffix("kB")?.parse().ok());
+                if let Some(kb) = anon_rss {
+                    report.anon_rss_kb.insert(pid, kb);
+                }
             }
         } else if in_stats {
             let mut parts = message.split_whitespace();
@@ -211,6 +220,29 @@ Memory cgroup out of memory: Killed process 4242 (leak) total-vm:80000kB, anon-r
         assert_eq!(report.task_memcg.as_deref(), Some("/leak-e2e/child"));
         assert_eq!(report.pid, Some(4242));
         assert_eq!(report.killed, vec![4242]);
+        assert_eq!(report.anon_rss_kb.get(&4242), Some(&65000));
+    }
+
+    #[test]
+    fn parses_a_global_oom_report() {
+        let log = "\
+leak invoked oom-killer: gfp_mask=0x140cca(GFP_HIGHUSER_MOVABLE|__GFP_COMP), order=0, oom_score_adj=1000
+Mem-Info:
+active_anon:1 inactive_anon:470000 isolated_anon:0
+Node 0 DMA free:0kB boost:0kB min:40kB low:52kB high:64kB
+Tasks state (memory values in pages):
+oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,mems_allowed=0,global_oom,task_memcg=/leak-e2e-global,task=leak,pid=311,uid=0
+Out of memory: Killed process 311 (leak) total-vm:1931000kB, anon-rss:1880000kB, file-rss:4kB, shmem-rss:0kB, UID:0 pgtables:3800kB oom_score_adj:1000
+";
+        let reports = parse_reports(log.lines());
+        assert_eq!(reports.len(), 1);
+        let report = &reports[0];
+        assert_eq!(report.constraint.as_deref(), Some("CONSTRAINT_NONE"));
+        assert_eq!(report.oom_memcg, None);
+        assert_eq!(report.usage_kb, None, "no cgroup hit a limit");
+        assert_eq!(report.task_memcg.as_deref(), Some("/leak-e2e-global"));
+        assert_eq!(report.killed, vec![311]);
+        assert_eq!(report.anon_rss_kb.get(&311), Some(&1880000));
     }
 
     #[test]

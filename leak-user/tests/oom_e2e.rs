@@ -28,7 +28,10 @@ fn report_for(kmsg: &mut Kmsg, seen: &mut Vec<String>, pid: u32) -> OomReport {
             .into_iter()
             .find(|r| r.pid == Some(pid) || r.killed.contains(&pid))
         {
-            if report.usage_kb.is_some() {
+            // A memcg OOM's report is whole once its `memory:` line is in; a global one has
+            // none, and ends with the `Killed process` line.
+            let global = report.constraint.as_deref() == Some("CONSTRAINT_NONE");
+            if report.usage_kb.is_some() || global && report.killed.contains(&pid) {
                 return report;
             }
         }
@@ -227,6 +230,7 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
         bytes(kill, "working_set_bytes"),
         bytes(kill, "usage_bytes").saturating_sub(bytes(kill, "inactive_file_bytes"))
     );
+    check_victim_rss(kill, report);
 
     let counter = format!(
         "leak_oom_kills_total{{cgroup=\"{0}\",constraint=\"memcg\",container=\"\",\
@@ -250,6 +254,25 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
     let info = "leak_attach_info{hook=\"mark_victim\",mode=\"";
     assert!(metrics.contains(info), "no attach info in\n{metrics}");
     promtool_check(metrics);
+}
+
+/// The victim's anonymous rss against the kernel's `Killed process ... anon-rss:` (printed just
+/// after the victim is marked). Both read the same counters; the per-CPU batches of the rss
+/// counters (6.2+) or per-thread caches (before) let them drift a little.
+fn check_victim_rss(kill: &Value, report: &OomReport) {
+    let pid = kill["victim_pid"].as_u64().expect("victim_pid") as u32;
+    let (Some(rss), Some(kernel_kb)) =
+        (kill["victim_rss"].as_object(), report.anon_rss_kb.get(&pid))
+    else {
+        return;
+    };
+    let ours = rss["anon_bytes"].as_u64().expect("anon_bytes");
+    let kernel = kernel_kb * 1024;
+    let tolerance = lru_tolerance_bytes() + kernel / 50;
+    assert!(
+        ours.abs_diff(kernel) <= tolerance,
+        "victim anon rss: agent {ours} vs kernel {kernel} (tolerance {tolerance})"
+    );
 }
 
 /// The value of the first sample line starting with `prefix`, 0 when absent.
@@ -501,6 +524,133 @@ fn mark_victim_passes_task() -> bool {
         .expect("read the kernel's BTF")
 }
 
+/// Sets a process's `oom_score_adj` (-1000 spares it, 1000 makes it the OOM killer's choice).
+fn set_oom_score_adj(pid: u32, value: i32) {
+    std::fs::write(format!("/proc/{pid}/oom_score_adj"), value.to_string())
+        .unwrap_or_else(|err| panic!("oom_score_adj of {pid}: {err}"));
+}
+
+/// Puts this process's `oom_score_adj` back when the scenario ends, even by a panic.
+struct SparedFromOom;
+
+impl Drop for SparedFromOom {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+    }
+}
+
+/// A global OOM: the machine runs out of memory and no cgroup is at a limit. It exhausts the
+/// whole machine, so it runs only where the machine is the test's own (the VMs of `cargo xtask
+/// vm`, which set LEAK_TEST_GLOBAL_OOM), never on a shared host.
+fn global_oom_with(attach: &str) {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    if std::env::var_os("LEAK_TEST_GLOBAL_OOM").is_none() {
+        eprintln!(
+            "SKIP global OOM: it exhausts the machine's memory, so it runs only in the test VMs \
+             (LEAK_TEST_GLOBAL_OOM=1)"
+        );
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // No limit: only the machine's memory bounds this cgroup.
+    let cgroup = Cgroup::create(&hierarchy, &format!("leak-e2e-global-{attach}"));
+    // This harness and the agent (which inherits it) are spared; the workload is the choice.
+    let _spared = SparedFromOom;
+    set_oom_score_adj(std::process::id(), -1000);
+    let mut agent = Agent::start(&["--attach", attach]);
+    let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
+    let mut workload = spawn_in(
+        &cgroup,
+        &["--interval", "1ms", "--chunk", "8MiB", "--listen", "off"],
+    );
+    let pid = workload.pid();
+    set_oom_score_adj(pid, 1000);
+    let status = workload
+        .wait_timeout(Duration::from_secs(300))
+        .expect("the workload was not OOM-killed within 300 s");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "workload ended by {status:?}"
+    );
+    let kill = agent.wait_for_kill(pid);
+    let mut seen = Vec::new();
+    let report = report_for(&mut kmsg, &mut seen, pid);
+    assert_eq!(report.constraint.as_deref(), Some("CONSTRAINT_NONE"));
+    assert_eq!(report.oom_memcg, None);
+    assert_eq!(report.task_memcg.as_deref(), Some(cgroup.relative.as_str()));
+
+    let mode = kill["attach_mode"].as_str().unwrap_or_default().to_owned();
+    let expected_attribution = match mode.as_str() {
+        "fentry" | "kprobe" => "oom_control",
+        _ => "inferred",
+    };
+    assert_eq!(kill["attribution"].as_str(), Some(expected_attribution));
+    assert_eq!(kill["constraint"].as_str(), Some("none"), "global OOM");
+    assert_eq!(kill["oom_cgroup"], Value::Null, "no cgroup hit a limit");
+    // The classic tracepoint gives a bare pid: the victim's task is known only when it is the
+    // task that ran out of memory, which a global OOM does not promise.
+    let resolved = kill["victim_task_resolved"] == true;
+    if resolved {
+        assert_eq!(kill["cgroup"].as_str(), Some(cgroup.relative.as_str()));
+        assert_eq!(kill["victim_comm"].as_str(), Some("leak"));
+        assert_eq!(kill["victim_oom_score_adj"].as_i64(), Some(1000));
+    } else {
+        assert_eq!(
+            mode, "tracepoint",
+            "only the classic tracepoint leaves a victim unread"
+        );
+        eprintln!("victim not the allocating task: snapshot of the trigger's cgroups");
+    }
+    if expected_attribution == "oom_control" {
+        assert_eq!(kill["oom_control"]["memcg_id"], Value::Null);
+        assert!(kill["oom_control"]["totalpages"]
+            .as_u64()
+            .is_some_and(|p| p > 0));
+    }
+    // The headline figures describe the victim's own (unlimited) cgroup, which held most of
+    // the machine's memory.
+    assert_eq!(kill["limit_bytes"], Value::Null);
+    assert!(
+        kill["cgroups"]
+            .as_array()
+            .expect("cgroups")
+            .iter()
+            .all(|c| c["hit_limit"] == false),
+        "{kill:#}"
+    );
+    let usage = bytes(&kill, "usage_bytes");
+    if resolved {
+        assert!(usage >= 512 << 20, "usage {usage} at a global OOM");
+    }
+    assert_eq!(
+        bytes(&kill, "working_set_bytes"),
+        usage.saturating_sub(bytes(&kill, "inactive_file_bytes"))
+    );
+    check_victim_rss(&kill, &report);
+    let (status, metrics) = agent.get("/metrics");
+    assert_eq!(status, 200);
+    let counter = format!(
+        "leak_oom_kills_total{{cgroup=\"{}\",constraint=\"none\",container=\"\",\
+         main_process=\"false\",namespace=\"\",oom_cgroup=\"\",pod=\"\"}} 1",
+        kill["cgroup"].as_str().unwrap_or_default()
+    );
+    assert!(
+        metrics.contains(&counter),
+        "missing `{counter}` in\n{metrics}"
+    );
+    assert!(agent.stop().success());
+    eprintln!(
+        "[{attach} -> {mode}] global OOM, pid {pid}: cgroup usage {usage}, victim anon rss {} \
+         (kernel anon-rss {}kB)",
+        kill["victim_rss"]["anon_bytes"],
+        report.anon_rss_kb.get(&pid).copied().unwrap_or(0)
+    );
+}
+
 /// Runs `scenario` once per attach mode under test.
 fn for_each_mode(scenario: fn(&str)) {
     for mode in attach_modes() {
@@ -522,6 +672,11 @@ fn page_cache_leak() {
 #[test]
 fn limit_on_parent() {
     for_each_mode(limit_on_parent_with);
+}
+
+#[test]
+fn global_oom() {
+    for_each_mode(global_oom_with);
 }
 
 #[test]

@@ -311,7 +311,7 @@ filter=$(arg filter)
 echo "LEAK-VM kernel $(uname -r), modes: $modes"
 for mode in $modes; do
   CI=true LEAK_BIN=/bin/leak LEAK_TEST_DISK_DIR=/disk LEAK_TEST_NO_PROMETHEUS=1 \
-    LEAK_TEST_ATTACH=$mode LEAK_TEST_EXPECT_AUTO=$(arg expect_auto) RUST_BACKTRACE=1 \
+    LEAK_TEST_GLOBAL_OOM=1 LEAK_TEST_ATTACH=$mode LEAK_TEST_EXPECT_AUTO=$(arg expect_auto) RUST_BACKTRACE=1 \
     /tests/oom_e2e --test-threads=1 --nocapture $filter
   if [ $? -eq 0 ]; then echo "LEAK-VM-RESULT $mode pass"; else echo "LEAK-VM-RESULT $mode fail"; fi
 done
