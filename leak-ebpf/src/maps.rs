@@ -18,6 +18,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static OOM_CONTEXT: HashMap<u32, OomContext> = HashMap::with_max_entries(1024, 0);
 
+/// The task each thread last sent SIGKILL to, where the BTF tracepoint `mark_victim` gives a
+/// bare pid and nothing else names the victim: the OOM killer sends SIGKILL to a victim just
+/// before marking it, on the same thread.
+#[map]
+pub static SIGKILLED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
+
 /// Charge-path samples (`ChargeSample`), apart from the kills so that a burst of samples can
 /// never crowd a kill out. Userspace may resize it before load.
 #[map]

@@ -30,7 +30,7 @@ use crate::{
         layout, lru_pages, memcg_cgroup_id, parent_memcg, read, read_into, read_str_into,
         task_memcg,
     },
-    maps::{count, EVENTS, OOM_CONTEXT},
+    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED},
 };
 
 #[fentry(function = "oom_kill_process")]
@@ -72,6 +72,20 @@ pub fn oom_victim_fentry(ctx: FEntryContext) -> i32 {
 pub fn oom_victim_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(task) = ctx.arg::<u64>(0) {
         remember_killing(task);
+    }
+    0
+}
+
+/// `signal:signal_generate(sig, info, task, group, result)`: `__oom_kill_process` sends SIGKILL
+/// to each victim right before marking it. Attached only in tp_btf mode where `mark_victim`
+/// gives a bare pid, so that group-kill members are read in the kernel there too.
+#[btf_tracepoint(function = "signal_generate")]
+pub fn signal_generate_btf(ctx: BtfTracePointContext) -> i32 {
+    const SIGKILL: i32 = 9;
+    let sig = ctx.arg::<u64>(0) as i32;
+    if sig == SIGKILL {
+        let task: u64 = ctx.arg(2);
+        let _ = SIGKILLED.insert(current_tid(), task, 0);
     }
     0
 }
@@ -144,7 +158,7 @@ fn forget_oom_control() {
 
 /// Finds the victim's `task_struct` when the hook only gives its pid: the OOM killer often
 /// kills the very task that failed to allocate, `__oom_kill_process` names the task it is
-/// killing, and `oom_kill_process` told us its choice.
+/// killing, `oom_kill_process` told us its choice, and the SIGKILL just sent names its target.
 #[inline(always)]
 fn find_victim_task(pid: u32) -> u64 {
     let current = current_task();
@@ -157,6 +171,12 @@ fn find_victim_task(pid: u32) -> u64 {
             if task != 0 && read::<u32>(task, layout!(task_pid)) == Ok(pid) {
                 return task;
             }
+        }
+    }
+    // SAFETY: the value is plain data, copied out before the map can change.
+    if let Some(&task) = unsafe { SIGKILLED.get(current_tid()) } {
+        if read::<u32>(task, layout!(task_pid)) == Ok(pid) {
+            return task;
         }
     }
     0

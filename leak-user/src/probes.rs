@@ -398,9 +398,12 @@ impl Attacher<'_> {
                 self.victim_task_hook(mode);
                 Ok(())
             }
-            AttachMode::TpBtf => self
-                .mark_victim_btf()
-                .map_err(|err| unavailable(describe(&err))),
+            AttachMode::TpBtf => {
+                self.mark_victim_btf()
+                    .map_err(|err| unavailable(describe(&err)))?;
+                self.victim_task_hook(mode);
+                Ok(())
+            }
             AttachMode::Tracepoint => self
                 .mark_victim_tracepoint()
                 .map_err(|err| unavailable(describe(&err))),
@@ -597,45 +600,69 @@ impl Attacher<'_> {
         })
     }
 
-    /// Where `oom:mark_victim` gives a bare pid, hooks `__oom_kill_process` too, so that the
-    /// victim's task (its cgroups, rss and name) is read in the kernel for every member of a
-    /// group kill, not only for the chosen victim. Without it those members are named from
-    /// procfs, while they are dying.
+    /// Where `oom:mark_victim` gives a bare pid, hooks `__oom_kill_process` too (or, in tp_btf
+    /// mode, the SIGKILL it sends each victim first), so that the victim's task (its cgroups,
+    /// rss and name) is read in the kernel for every member of a group kill, not only for the
+    /// chosen victim. Without it those members are named from procfs, while they are dying.
     fn victim_task_hook(&mut self, mode: AttachMode) {
         if self.kernel_layout.mark_victim_has_task == 1 {
             return;
         }
-        const FUNCTION: &str = "__oom_kill_process";
-        let result = match mode {
-            AttachMode::Fentry if !self.resolver.has_function(FUNCTION) => {
-                Err(format!("{FUNCTION} is not in BTF (inlined?)"))
-            }
-            AttachMode::Fentry => program::<FEntry>(self.ebpf, "oom_victim_fentry")
-                .and_then(|entry| {
-                    entry.load(FUNCTION, self.btf)?;
-                    entry.attach().map(drop)
-                })
-                .map_err(|err| describe(&err)),
-            AttachMode::Kprobe if !kallsyms_has(FUNCTION) => {
-                Err(format!("{FUNCTION} is not in /proc/kallsyms (inlined?)"))
-            }
-            AttachMode::Kprobe => program::<KProbe>(self.ebpf, "oom_victim_kprobe")
-                .and_then(|probe| {
-                    probe.load()?;
-                    probe.attach(FUNCTION, 0).map(drop)
-                })
-                .map_err(|err| describe(&err)),
+        let (hook, result) = match mode {
+            AttachMode::Fentry => (
+                "__oom_kill_process",
+                if self.resolver.has_function("__oom_kill_process") {
+                    program::<FEntry>(self.ebpf, "oom_victim_fentry")
+                        .and_then(|entry| {
+                            entry.load("__oom_kill_process", self.btf)?;
+                            entry.attach().map(drop)
+                        })
+                        .map_err(|err| describe(&err))
+                } else {
+                    Err("not in BTF (inlined?)".to_owned())
+                },
+            ),
+            AttachMode::Kprobe => (
+                "__oom_kill_process",
+                if kallsyms_has("__oom_kill_process") {
+                    program::<KProbe>(self.ebpf, "oom_victim_kprobe")
+                        .and_then(|probe| {
+                            probe.load()?;
+                            probe.attach("__oom_kill_process", 0).map(drop)
+                        })
+                        .map_err(|err| describe(&err))
+                } else {
+                    Err("not in /proc/kallsyms (inlined?)".to_owned())
+                },
+            ),
+            AttachMode::TpBtf => (
+                "signal_generate",
+                if self.resolver.has_btf_tracepoint("signal_generate") {
+                    program::<BtfTracePoint>(self.ebpf, "signal_generate_btf")
+                        .and_then(|program| {
+                            program.load("signal_generate", self.btf)?;
+                            program.attach().map(drop)
+                        })
+                        .map_err(|err| describe(&err))
+                } else {
+                    Err("btf_trace_signal_generate is not in BTF".to_owned())
+                },
+            ),
             _ => return,
         };
         match result {
-            Ok(()) => self.attachments.push(Attachment {
-                hook: FUNCTION,
-                mode,
-            }),
+            Ok(()) => self.attachments.push(Attachment { hook, mode }),
             Err(reason) => {
-                unload(self.ebpf, &["oom_victim_fentry", "oom_victim_kprobe"]);
+                unload(
+                    self.ebpf,
+                    &[
+                        "oom_victim_fentry",
+                        "oom_victim_kprobe",
+                        "signal_generate_btf",
+                    ],
+                );
                 warn!(
-                    "oom:mark_victim gives only a pid here and {FUNCTION} cannot be hooked \
+                    "oom:mark_victim gives only a pid here and {hook} cannot be hooked \
                      ({reason}): group-kill members other than the chosen victim are named \
                      from procfs"
                 );

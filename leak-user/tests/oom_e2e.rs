@@ -480,14 +480,15 @@ fn group_kill_with(attach: &str) {
             report.killed
         );
     }
-    // Every member's task is read in the kernel where `oom_kill_process` is hooked (fentry and
-    // kprobe, with `__oom_kill_process` where mark_victim gives a bare pid) or the BTF
-    // tracepoint hands the task over (its newer prototype). The classic tracepoint only ever
-    // gives a pid: members other than the chosen one are named from procfs.
-    let task_in_kernel = kills.iter().all(|k| match k["attach_mode"].as_str() {
-        Some("fentry" | "kprobe") => true,
-        Some("tp_btf") => mark_victim_passes_task(),
-        _ => false,
+    // Every member's task is read in the kernel in fentry, kprobe and tp_btf modes: from
+    // mark_victim's task where it passes one, else from `__oom_kill_process` (fentry, kprobe)
+    // or the SIGKILL sent just before (tp_btf). The classic tracepoint only ever gives a pid:
+    // members other than the chosen one are named from procfs.
+    let task_in_kernel = kills.iter().all(|k| {
+        matches!(
+            k["attach_mode"].as_str(),
+            Some("fentry" | "kprobe" | "tp_btf")
+        )
     });
     for kill in &kills {
         assert_eq!(kill["cgroup"].as_str(), Some(cgroup.relative.as_str()));
@@ -515,13 +516,6 @@ fn group_kill_with(attach: &str) {
         assert_eq!(reports, 1, "pid {pid} reported {reports} times");
     }
     assert!(agent.stop().success());
-}
-
-/// Whether this kernel's `oom:mark_victim` hands its programs the victim's task.
-fn mark_victim_passes_task() -> bool {
-    leak_user::layout::Resolver::from_file(std::path::Path::new("/sys/kernel/btf/vmlinux"))
-        .and_then(|resolver| resolver.mark_victim_passes_task())
-        .expect("read the kernel's BTF")
 }
 
 /// Sets a process's `oom_score_adj` (-1000 spares it, 1000 makes it the OOM killer's choice).
