@@ -86,15 +86,7 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
     let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
     let mut workload_process = spawn_in(victim, workload);
     let pid = workload_process.pid();
-    let status = workload_process
-        .wait_timeout(Duration::from_secs(120))
-        .expect("the workload was not OOM-killed within 120 s");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "workload ended by {status:?}"
-    );
+    workload_process.wait_for_oom_kill(Duration::from_secs(120));
 
     let kill = agent.wait_for_kill(pid);
     let mut seen = Vec::new();
@@ -260,12 +252,21 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
 /// after the victim is marked). Both read the same counters; the per-CPU batches of the rss
 /// counters (6.2+) or per-thread caches (before) let them drift a little.
 fn check_victim_rss(kill: &Value, report: &OomReport) {
-    let pid = kill["victim_pid"].as_u64().expect("victim_pid") as u32;
-    let (Some(rss), Some(kernel_kb)) =
-        (kill["victim_rss"].as_object(), report.anon_rss_kb.get(&pid))
-    else {
+    // Only a victim whose task the kernel program read has an rss; the classic tracepoint
+    // names some victims by pid alone.
+    if kill["victim_task_resolved"] != true {
         return;
-    };
+    }
+    let pid = kill["victim_pid"].as_u64().expect("victim_pid") as u32;
+    let rss = kill["victim_rss"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no victim_rss for a resolved victim: {kill:#}"));
+    // The kernel names the thread it found holding the mm: the process, or the marked thread.
+    let tid = kill["victim_tid"].as_u64().expect("victim_tid") as u32;
+    let kernel_kb = [pid, tid]
+        .iter()
+        .find_map(|id| report.anon_rss_kb.get(id))
+        .unwrap_or_else(|| panic!("the kernel's report has no anon-rss for {pid}"));
     let ours = rss["anon_bytes"].as_u64().expect("anon_bytes");
     let kernel = kernel_kb * 1024;
     let tolerance = lru_tolerance_bytes() + kernel / 50;
@@ -465,9 +466,7 @@ fn group_kill_with(attach: &str) {
     members.push(spawn_in(&cgroup, FAST_ANON));
     let pids: Vec<u32> = members.iter().map(Process::pid).collect();
     for member in &mut members {
-        member
-            .wait_timeout(Duration::from_secs(120))
-            .expect("a group member survived the group kill");
+        member.wait_for_oom_kill(Duration::from_secs(120));
     }
     let kills: Vec<Value> = pids.iter().map(|&pid| agent.wait_for_kill(pid)).collect();
     let mut seen = Vec::new();
@@ -524,12 +523,21 @@ fn set_oom_score_adj(pid: u32, value: i32) {
         .unwrap_or_else(|err| panic!("oom_score_adj of {pid}: {err}"));
 }
 
-/// Puts this process's `oom_score_adj` back when the scenario ends, even by a panic.
-struct SparedFromOom;
+/// Spares this process (and the children it starts) from the OOM killer until dropped, even by
+/// a panic, then puts its `oom_score_adj` back.
+struct SparedFromOom(String);
+
+impl SparedFromOom {
+    fn new() -> Self {
+        let before = std::fs::read_to_string("/proc/self/oom_score_adj").expect("oom_score_adj");
+        set_oom_score_adj(std::process::id(), -1000);
+        Self(before.trim().to_owned())
+    }
+}
 
 impl Drop for SparedFromOom {
     fn drop(&mut self) {
-        let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+        let _ = std::fs::write("/proc/self/oom_score_adj", &self.0);
     }
 }
 
@@ -551,8 +559,7 @@ fn global_oom_with(attach: &str) {
     // No limit: only the machine's memory bounds this cgroup.
     let cgroup = Cgroup::create(&hierarchy, &format!("leak-e2e-global-{attach}"));
     // This harness and the agent (which inherits it) are spared; the workload is the choice.
-    let _spared = SparedFromOom;
-    set_oom_score_adj(std::process::id(), -1000);
+    let _spared = SparedFromOom::new();
     let mut agent = Agent::start(&["--attach", attach]);
     let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
     let mut workload = spawn_in(
@@ -561,15 +568,7 @@ fn global_oom_with(attach: &str) {
     );
     let pid = workload.pid();
     set_oom_score_adj(pid, 1000);
-    let status = workload
-        .wait_timeout(Duration::from_secs(300))
-        .expect("the workload was not OOM-killed within 300 s");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "workload ended by {status:?}"
-    );
+    workload.wait_for_oom_kill(Duration::from_secs(300));
     let kill = agent.wait_for_kill(pid);
     let mut seen = Vec::new();
     let report = report_for(&mut kmsg, &mut seen, pid);

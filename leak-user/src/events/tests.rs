@@ -284,21 +284,24 @@ fn a_later_member_of_the_same_oom_inherits_its_cgroup() {
     assert_eq!(kill.oom_cgroup, None);
 }
 
-#[test]
-fn an_unresolved_victim_is_named_from_procfs() {
-    let root = std::env::temp_dir().join(format!("leak-procfs-{}", std::process::id()));
-    std::fs::create_dir_all(root.join("4243")).unwrap();
-    std::fs::write(
-        root.join("4243/status"),
-        "Name:\ttokio-rt-worker\nTgid:\t4242\nPid:\t4243\n",
-    )
-    .unwrap();
+/// A kill whose victim the kernel program named by thread id alone, completed from a fake
+/// procfs holding `/proc/<tid>/status`.
+fn named_from_procfs(tid: u32, status: &str) -> Kill {
+    let root = std::env::temp_dir().join(format!("leak-procfs-{tid}-{}", std::process::id()));
+    std::fs::create_dir_all(root.join(tid.to_string())).unwrap();
+    std::fs::write(root.join(format!("{tid}/status")), status).unwrap();
     let mut ev = event(&[level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
     ev.flags &= !flags::VICTIM_TASK;
-    ev.victim_pid = 4243;
+    ev.victim_pid = tid;
     let mut kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
     fill_from_procfs(&mut kill, &root);
     std::fs::remove_dir_all(&root).unwrap();
+    kill
+}
+
+#[test]
+fn an_unresolved_victim_is_named_from_procfs() {
+    let kill = named_from_procfs(4243, "Name:\ttokio-rt-worker\nTgid:\t4242\nPid:\t4243\n");
     assert_eq!((kill.victim_pid, kill.victim_tid), (4242, 4243));
     assert_eq!(kill.victim_comm.as_deref(), Some("tokio-rt-worker"));
     assert!(
@@ -310,15 +313,7 @@ fn an_unresolved_victim_is_named_from_procfs() {
 #[test]
 fn a_victim_detached_from_its_pids_keeps_its_thread_id() {
     // Between the kill and the reap, /proc/<pid>/status of an exiting task reads `Tgid: 0`.
-    let root = std::env::temp_dir().join(format!("leak-procfs-exiting-{}", std::process::id()));
-    std::fs::create_dir_all(root.join("224")).unwrap();
-    std::fs::write(root.join("224/status"), "Name:\tleak\nTgid:\t0\nPid:\t0\n").unwrap();
-    let mut ev = event(&[level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
-    ev.flags &= !flags::VICTIM_TASK;
-    ev.victim_pid = 224;
-    let mut kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
-    fill_from_procfs(&mut kill, &root);
-    std::fs::remove_dir_all(&root).unwrap();
+    let kill = named_from_procfs(224, "Name:\tleak\nTgid:\t0\nPid:\t0\n");
     assert_eq!((kill.victim_pid, kill.victim_tid), (224, 224));
     assert_eq!(kill.victim_tgid, None);
     assert_eq!(kill.victim_comm.as_deref(), Some("leak"));

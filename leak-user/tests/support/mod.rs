@@ -158,6 +158,24 @@ impl Process {
         }
         None
     }
+
+    /// Waits for the OOM killer to end this process, and checks that it died by SIGKILL.
+    pub fn wait_for_oom_kill(&mut self, timeout: Duration) {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.wait_timeout(timeout).unwrap_or_else(|| {
+            panic!(
+                "pid {} was not OOM-killed within {} s",
+                self.pid(),
+                timeout.as_secs()
+            )
+        });
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "pid {} ended by {status:?}",
+            self.pid()
+        );
+    }
 }
 
 impl Drop for Process {
