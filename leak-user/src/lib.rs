@@ -1,18 +1,25 @@
-//! The `leak` agent: loads the kernel programs, decodes OOM-kill snapshots, names their cgroups
-//! and serves them as Prometheus metrics and JSON.
+//! The `leak` agent. A kill goes through these stages, each a module that depends only on the
+//! ones before it:
+//!
+//! - [`kernel`]: where a kill is born: the layout table from BTF, the kernel programs and the
+//!   attach table that hooks them, the host's capabilities, the kernel's own report.
+//! - [`decode`]: ring-buffer bytes to typed records.
+//! - [`model`]: plain data every stage shares: [`model::kill::Kill`], timelines, Kubernetes
+//!   identity, memory arithmetic.
+//! - [`enrich`]: a record becomes a `Kill`: cgroup paths, procfs, Kubernetes names, dedup.
+//! - [`store`]: what is kept: per-cgroup history, recent kills.
+//! - [`serve`]: HTTP and the Prometheus registry.
+//! - [`agent`]: the loop that wires them together.
+//! - [`experiment`]: `leak workload`, `leak demo`, `leak bench` and the harness they share
+//!   with the end-to-end tests.
 
-pub mod bench;
-pub mod cgroup;
-pub mod demo;
-pub mod events;
-pub mod history;
-pub mod http;
-pub mod k8s;
-pub mod kmsg;
-pub mod lab;
-pub mod layout;
-pub mod metrics;
-pub mod poll;
-pub mod probes;
-pub mod trace;
-pub mod workload;
+pub mod agent;
+pub mod cli;
+pub mod decode;
+pub mod enrich;
+pub mod experiment;
+pub mod kernel;
+pub mod model;
+pub mod serve;
+pub mod store;
+pub mod sys;

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use leak_user::kmsg::{self, Kmsg, OomReport};
+use leak_user::kernel::kmsg::{self, Kmsg, OomReport};
 use serde_json::Value;
 use support::*;
 
@@ -440,7 +440,7 @@ fn group_kill_with(attach: &str) {
     let Some(hierarchy) = privileged() else {
         return;
     };
-    if hierarchy.version != leak_user::cgroup::Version::V2 {
+    if hierarchy.version != leak_user::enrich::cgroupfs::Version::V2 {
         eprintln!("SKIP group kill: memory.oom.group exists only on cgroup v2 (this host has v1)");
         return;
     }

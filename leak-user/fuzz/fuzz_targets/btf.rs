@@ -1,7 +1,7 @@
 //! BTF blobs: a kernel's BTF is trusted input, but `--btf PATH` takes any file.
 #![no_main]
 
-use leak_user::layout::{Btf, Resolver};
+use leak_user::kernel::layout::{Btf, Resolver};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

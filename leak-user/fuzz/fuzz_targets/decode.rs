@@ -1,23 +1,29 @@
 //! Ring buffer records, as the kernel (or a corrupted buffer) might hand them over: decoding
-//! must never panic, and whatever decodes must build a kill.
+//! must never panic, and whatever decodes must assemble into a kill that serializes.
 #![no_main]
 
-use leak_user::{cgroup::CgroupPaths, events, history};
+use leak_user::{
+    decode,
+    enrich::{
+        cgroupfs::CgroupPaths,
+        kill::{assemble, KillContext},
+    },
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(event) = events::decode(data) {
-        let context = events::Context {
-            page_size: 4096,
-            realtime_offset_ns: 0,
-            attach_mode: "fuzz",
-            seq: 1,
-            same_oom_cgroup_id: None,
-        };
-        let kill = events::build_kill(&event, &context, &mut CgroupPaths::new(None));
-        let _ = serde_json::to_string(&kill);
-    }
-    if let Ok(sample) = history::decode_sample(data) {
-        let _ = history::Point::from_sample(&sample, 4096);
+    for page_size in [4096, 65536] {
+        if let Ok(record) = decode::decode_kill(data, page_size) {
+            let context = KillContext {
+                page_size,
+                realtime_offset_ns: 0,
+                attach_mode: "fuzz",
+                seq: 1,
+                same_oom_cgroup_id: None,
+            };
+            let kill = assemble(&record, &context, &mut CgroupPaths::new(None));
+            let _ = serde_json::to_string(&kill);
+        }
+        let _ = decode::decode_sample(data, page_size);
     }
 });

@@ -2,7 +2,10 @@
 //! mountinfo, tracepoint format files.
 #![no_main]
 
-use leak_user::{cgroup::MemoryHierarchy, k8s, kmsg, layout};
+use leak_user::{
+    enrich::{cgroupfs::MemoryHierarchy, kubernetes as k8s},
+    kernel::{kmsg, layout},
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use leak_user::cgroup::{MemoryHierarchy, Version};
+use leak_user::enrich::cgroupfs::{MemoryHierarchy, Version};
 
 /// The `leak` binary: cargo's, or `$LEAK_BIN` where the tests run away from the build (VMs).
 pub fn leak_bin() -> String {

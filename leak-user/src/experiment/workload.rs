@@ -161,57 +161,6 @@ pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
     }
 }
 
-/// Parses `5ms`, `1s`, `250us`, `2m`; a bare number is milliseconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 5ms or 1s"))?;
-    let scale = match unit.trim() {
-        "" | "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        "ns" => 1e-9,
-        "s" => 1.0,
-        "m" => 60.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` (ns, us, ms, s, m)"
-            ))
-        }
-    };
-    let seconds = value * scale;
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(format!("`{text}` must be a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
-/// Parses `1024`, `1KiB`, `4k`, `1MiB`, `128M`, `1GiB` (binary multiples).
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size like 1KiB or 128MiB"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "ki" | "kb" | "kib" => 1 << 10,
-        "m" | "mi" | "mb" | "mib" => 1 << 20,
-        "g" | "gi" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` (KiB, MiB, GiB)")),
-    };
-    value
-        .checked_mul(scale)
-        .ok_or_else(|| format!("`{text}` is too large"))
-}
-
 /// `leak churn`: a page-fault-heavy loop for benchmarks. Each round maps `bytes` of anonymous
 /// memory, writes every page (each fault charges the memory cgroup) and unmaps it; with a file,
 /// each round instead writes `bytes` to it, fsyncs and drops the cached pages, so the next round
@@ -224,7 +173,7 @@ pub fn churn(
     if bytes == 0 {
         return Err(WorkloadError::EmptyChunk);
     }
-    let page = crate::trace::page_size() as usize;
+    let page = crate::sys::page_size() as usize;
     let mut file = match file {
         Some(path) => Some((
             OpenOptions::new()
@@ -293,32 +242,4 @@ pub fn churn(
         done += bytes as u64;
     }
     Ok(done as f64 / started.elapsed().as_secs_f64())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_durations() {
-        assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_millis(5)));
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert!(parse_duration("0ms").is_err());
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
-
-    #[test]
-    fn parses_sizes() {
-        assert_eq!(parse_bytes("1024"), Ok(1024));
-        assert_eq!(parse_bytes("1KiB"), Ok(1024));
-        assert_eq!(parse_bytes("128Mi"), Ok(128 << 20));
-        assert!(parse_bytes("1 parsec").is_err());
-        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
-        assert_eq!(parse_bytes("4k"), Ok(4096));
-        assert!(parse_bytes("-1").is_err());
-        assert!(parse_bytes("99999999999999999999G").is_err());
-    }
 }

@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     fs,
+    ops::ControlFlow,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -146,8 +147,34 @@ fn unescape(field: &str) -> String {
 
 /// How often a cache miss may trigger a rescan of the hierarchy.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
-/// Directories deeper than this below the root are not scanned.
-const MAX_SCAN_DEPTH: usize = 16;
+/// Directories deeper than this below the root are not walked.
+const MAX_WALK_DEPTH: usize = 16;
+
+/// Visits `root` and every cgroup directory below it (depth first, at most
+/// [`MAX_WALK_DEPTH`] levels down) with its metadata, until `visit` breaks. Directories that
+/// vanish or cannot be read on the way are skipped: cgroups come and go while we walk.
+pub fn walk(root: &Path, mut visit: impl FnMut(&Path, &fs::Metadata) -> ControlFlow<()>) {
+    let mut stack = vec![(root.to_owned(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(metadata) = fs::metadata(&dir) else {
+            continue;
+        };
+        if visit(&dir, &metadata).is_break() {
+            return;
+        }
+        if depth >= MAX_WALK_DEPTH {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+}
 
 /// Cgroup id (inode number) to path, relative to the hierarchy root (`/` is the root).
 #[derive(Debug, Default)]
@@ -174,28 +201,14 @@ impl CgroupPaths {
         let Some(root) = self.root.clone() else {
             return;
         };
-        let mut stack = vec![(root.clone(), 0usize)];
-        while let Some((dir, depth)) = stack.pop() {
-            let Ok(metadata) = fs::metadata(&dir) else {
-                continue;
-            };
+        walk(&root, |dir, metadata| {
             let relative = dir.strip_prefix(&root).map_or_else(
                 |_| "/".to_owned(),
                 |rel| format!("/{}", rel.to_string_lossy()),
             );
             self.by_id.insert(metadata.ino(), relative);
-            if depth >= MAX_SCAN_DEPTH {
-                continue;
-            }
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((entry.path(), depth + 1));
-                }
-            }
-        }
+            ControlFlow::Continue(())
+        });
     }
 
     /// The path of cgroup `id`, rescanning (at most once a second) on a miss.

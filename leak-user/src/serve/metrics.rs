@@ -5,27 +5,23 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use leak_common::sample::ChargeSample;
-
 use crate::{
-    events::Kill,
-    history::Point,
-    probes::{Attachment, KernelCounters},
+    kernel::{Attachment, KernelCounters},
+    model::{
+        kill::Kill,
+        kubernetes::CgroupLabels,
+        timeline::{Point, SampleKind},
+    },
 };
 
-/// The labels of a watched cgroup's live series.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CgroupLabels {
-    pub cgroup: String,
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
-}
-
-impl CgroupLabels {
-    fn values(&self) -> [&str; 4] {
-        [&self.cgroup, &self.namespace, &self.pod, &self.container]
-    }
+/// The values of [`CGROUP_LABELS`] for a cgroup.
+fn cgroup_label_values(labels: &CgroupLabels) -> [&str; 4] {
+    [
+        &labels.cgroup,
+        &labels.names.namespace,
+        &labels.names.pod,
+        &labels.names.container,
+    ]
 }
 
 /// Labels of the live per-cgroup series.
@@ -272,9 +268,9 @@ impl Metrics {
         let labels = [
             kill.cgroup.as_str(),
             oom_cgroup,
-            kill.namespace.as_str(),
-            kill.pod.as_str(),
-            kill.container.as_str(),
+            kill.names.namespace.as_str(),
+            kill.names.pod.as_str(),
+            kill.names.container.as_str(),
         ];
         let counter_labels = [
             labels[0],
@@ -282,7 +278,7 @@ impl Metrics {
             labels[2],
             labels[3],
             labels[4],
-            kill.constraint,
+            kill.constraint.as_str(),
             main_process,
         ];
         self.kills.with_label_values(&counter_labels).inc();
@@ -363,18 +359,13 @@ impl Metrics {
         catch_up(&self.lost_samples, counters.lost_samples);
     }
 
-    pub fn count_sample(&self, sample: &ChargeSample) {
-        let kind = match sample.kind {
-            leak_common::sample::kind::LIMIT_HIT => "limit_hit",
-            leak_common::sample::kind::CHARGE_FAILED => "charge_failed",
-            _ => "charge",
-        };
-        self.samples.with_label_values(&[kind]).inc();
+    pub fn count_sample(&self, kind: SampleKind) {
+        self.samples.with_label_values(&[kind.as_str()]).inc();
     }
 
     /// The live series of a watched cgroup, from its latest sample.
     pub fn set_cgroup_live(&self, labels: &CgroupLabels, point: &Point) {
-        let values = labels.values();
+        let values = cgroup_label_values(labels);
         self.live_usage
             .with_label_values(&values)
             .set(point.usage_bytes as f64);
@@ -392,7 +383,7 @@ impl Metrics {
     }
 
     pub fn count_cgroup_pressure(&self, labels: &CgroupLabels, limit_hits: u64, failures: u64) {
-        let values = labels.values();
+        let values = cgroup_label_values(labels);
         if limit_hits > 0 {
             self.limit_hits
                 .with_label_values(&values)
@@ -407,7 +398,7 @@ impl Metrics {
 
     /// Drops the live series of a cgroup that is no longer watched.
     pub fn forget_cgroup(&self, labels: &CgroupLabels) {
-        let values = labels.values();
+        let values = cgroup_label_values(labels);
         for gauge in [
             &self.live_usage,
             &self.live_working_set,

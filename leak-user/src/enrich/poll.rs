@@ -3,16 +3,12 @@
 //! hits), and coarse points before the limit in their timelines. Reading memory.stat also
 //! flushes the kernel's statistics.
 
-use std::{
-    fs,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{fs, ops::ControlFlow, os::unix::fs::MetadataExt, path::Path};
 
-use crate::{
-    cgroup::Version,
-    events::working_set_bytes,
-    history::{Point, SampleKind},
+use super::cgroupfs::{walk, Version};
+use crate::model::{
+    memory::{is_unlimited_bytes, working_set_bytes},
+    timeline::{Point, SampleKind},
 };
 
 /// A cgroup's memory as its files show it; `None` when it has no limit or is gone.
@@ -22,7 +18,7 @@ pub fn read_point(dir: &Path, version: Version, boot_ns: u64, page_size: u64) ->
     };
     // "max" on v2 does not parse: no limit.
     let limit = number(version.limit_file())?;
-    if limit >= (i64::MAX as u64 / page_size) * page_size {
+    if is_unlimited_bytes(limit, page_size) {
         return None;
     }
     let usage = number(version.usage_file())?;
@@ -64,28 +60,15 @@ pub fn poll_limited(
     max: usize,
 ) -> Vec<(u64, Point)> {
     let mut found = Vec::new();
-    let mut stack: Vec<(PathBuf, usize)> = vec![(root.to_owned(), 0)];
-    while let Some((dir, depth)) = stack.pop() {
+    walk(root, |dir, metadata| {
         if found.len() >= max {
-            break;
+            return ControlFlow::Break(());
         }
-        if let (Ok(metadata), Some(point)) = (
-            fs::metadata(&dir),
-            read_point(&dir, version, boot_ns, page_size),
-        ) {
+        if let Some(point) = read_point(dir, version, boot_ns, page_size) {
             found.push((metadata.ino(), point));
         }
-        if depth >= 16 {
-            continue;
-        }
-        if let Ok(entries) = fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((entry.path(), depth + 1));
-                }
-            }
-        }
-    }
+        ControlFlow::Continue(())
+    });
     found
 }
 

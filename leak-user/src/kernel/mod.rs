@@ -1,4 +1,5 @@
-//! Loading the kernel programs and attaching the OOM hook through its fallback chain.
+//! Where a kill is born: loading the kernel programs and attaching the OOM hook through its
+//! fallback chain.
 //!
 //! Kernel compatibility lives in one table, [`OOM_HOOK_CHAIN`]: the attach modes in priority
 //! order, each with how support is detected. `auto` walks it; a forced mode tries only itself
@@ -18,7 +19,11 @@ use leak_common::{
 };
 use log::{info, warn};
 
-use crate::layout::{self, LayoutError, Resolver};
+pub mod kmsg;
+pub mod layout;
+
+use self::layout::{LayoutError, Resolver};
+use crate::sys::{is_root, kallsyms_has};
 
 /// The compiled kernel programs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leak"));
@@ -185,7 +190,7 @@ impl Probes {
 
         let charge_config = ChargeConfig {
             min_interval_ns: options.sample_interval_ns,
-            unlimited_pages: (i64::MAX as u64) / crate::trace::page_size(),
+            unlimited_pages: crate::model::memory::unlimited_pages(crate::sys::page_size()),
             only_limited: u32::from(options.only_limited),
             _pad: 0,
         };
@@ -844,16 +849,11 @@ fn describe(err: &ProgramError) -> String {
 
 fn permission_denied(err: &aya::EbpfError) -> bool {
     let text = err.to_string();
-    text.contains("Operation not permitted") && !nix_is_root()
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    text.contains("Operation not permitted") && !is_root()
 }
 
 fn preflight() -> Result<(), ProbeError> {
-    if !nix_is_root() {
+    if !is_root() {
         return Err(ProbeError::NotRoot);
     }
     if let Ok(lockdown) = fs::read_to_string("/sys/kernel/security/lockdown") {
@@ -944,16 +944,4 @@ fn mount_tracefs() -> bool {
         );
         false
     }
-}
-
-fn kallsyms_has(symbol: &str) -> bool {
-    let Ok(kallsyms) = fs::read_to_string("/proc/kallsyms") else {
-        return false;
-    };
-    kallsyms.lines().any(|line| {
-        let mut fields = line.split_whitespace();
-        let kind = fields.nth(1);
-        let name = fields.next();
-        matches!(kind, Some("t" | "T")) && name == Some(symbol)
-    })
 }

@@ -6,15 +6,16 @@
 use std::{
     fs,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
-
 use crate::{
-    cgroup::MemoryHierarchy,
-    lab::{self, http_get, io, leak_until_killed, start_tracer, LabCgroup, LabError},
+    enrich::cgroupfs::MemoryHierarchy,
+    experiment::harness::{
+        self, io, leak_until_killed, start_tracer, LabCgroup, LabError, RemoveOnDrop,
+    },
+    model::kill::Kill,
 };
 
 #[derive(Clone, Debug)]
@@ -26,6 +27,8 @@ pub struct DemoOptions {
     pub file_dir: PathBuf,
     /// Give up on a run after this long.
     pub timeout: Duration,
+    /// Also write both runs' kills here, as JSON ([`DemoKills`]).
+    pub json: Option<PathBuf>,
 }
 
 pub type DemoError = LabError;
@@ -41,29 +44,23 @@ fn seconds(ms: Option<u64>) -> String {
     )
 }
 
-/// Prints one run's account; returns (usage at limit, working set at limit) in ms before death.
-fn tell(kill: &Value) -> (Option<u64>, Option<u64>) {
-    let story = &kill["story"];
-    let usage_ms = story["usage_at_limit_ms_before_kill"].as_u64();
-    let working_set_ms = story["working_set_at_limit_ms_before_kill"].as_u64();
-    let timeline = kill["timeline"].as_array().cloned().unwrap_or_default();
-    let peak_cache = timeline
+/// Prints one run's account, from the kill's own timeline.
+fn tell(kill: &Kill) {
+    let story = kill.story.clone().unwrap_or_default();
+    let peak_cache = kill
+        .timeline
         .iter()
-        .filter_map(|p| p["page_cache_bytes"].as_u64())
+        .map(|p| p.page_cache_bytes)
         .max()
         .unwrap_or(0);
-    let level = kill["cgroups"]
-        .as_array()
-        .and_then(|levels| levels.iter().find(|c| c["hit_limit"] == Value::Bool(true)))
-        .cloned()
-        .unwrap_or(Value::Null);
-    let at_death_cache = level["inactive_file_bytes"].as_u64().unwrap_or(0)
-        + level["active_file_bytes"].as_u64().unwrap_or(0);
-    let field = |key: &str| kill[key].as_u64().unwrap_or(0);
-    println!("  usage reached the limit:        {}", seconds(usage_ms));
+    let at_death_cache = kill.oom_level().map_or(0, |level| level.page_cache_bytes());
+    println!(
+        "  usage reached the limit:        {}",
+        seconds(story.usage_at_limit_ms_before_kill)
+    );
     println!(
         "  working set reached the limit:  {}",
-        seconds(working_set_ms)
+        seconds(story.working_set_at_limit_ms_before_kill)
     );
     println!(
         "  page cache: peak {} in the timeline, {} at death",
@@ -73,29 +70,26 @@ fn tell(kill: &Value) -> (Option<u64>, Option<u64>) {
     println!(
         "  kill: pid {} ({}) in {}; usage {}, limit {}, working set {}, inactive_file {} \
          ({} timeline points, {} limit hits)",
-        field("victim_pid"),
-        kill["victim_comm"].as_str().unwrap_or("?"),
-        kill["cgroup"].as_str().unwrap_or("?"),
-        mib(field("usage_bytes")),
-        mib(field("limit_bytes")),
-        mib(field("working_set_bytes")),
-        mib(field("inactive_file_bytes")),
-        timeline.len(),
-        story["limit_hits"].as_u64().unwrap_or(0),
+        kill.victim_pid,
+        kill.victim_comm.as_deref().unwrap_or("?"),
+        kill.cgroup,
+        mib(kill.usage_bytes),
+        mib(kill.limit_bytes.unwrap_or(0)),
+        mib(kill.working_set_bytes),
+        mib(kill.inactive_file_bytes),
+        kill.timeline.len(),
+        story.limit_hits,
     );
-    (usage_ms, working_set_ms)
 }
 
-fn find_kill(addr: SocketAddr, pid: u32) -> Result<Value, DemoError> {
+fn find_kill(addr: SocketAddr, pid: u32) -> Result<Kill, DemoError> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let kills: Value = serde_json::from_str(&http_get(addr, "/kills")?)
-            .map_err(|err| LabError::Run(format!("/kills is not JSON: {err}")))?;
-        if let Some(kill) = kills.as_array().and_then(|all| {
-            all.iter()
-                .find(|k| k["victim_pid"].as_u64() == Some(u64::from(pid)))
-        }) {
-            return Ok(kill.clone());
+        if let Some(kill) = harness::kills(addr, "")?
+            .into_iter()
+            .find(|k| k.victim_pid == pid)
+        {
+            return Ok(kill);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -104,8 +98,17 @@ fn find_kill(addr: SocketAddr, pid: u32) -> Result<Value, DemoError> {
     )))
 }
 
+/// What `leak demo --json` writes: each run's kill as `/kills` served it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct DemoKills {
+    /// The run that leaks anonymous memory only.
+    pub anon: Kill,
+    /// The run that also writes a file with fsync (page cache).
+    pub page_cache: Kill,
+}
+
 pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
-    lab::require_root()?;
+    harness::require_root()?;
     let exe = std::env::current_exe().map_err(io("finding the leak binary"))?;
     let hierarchy = MemoryHierarchy::discover()?;
     println!(
@@ -124,13 +127,7 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     let file = options
         .file_dir
         .join(format!("leak-demo-{}.dat", std::process::id()));
-    struct RemoveFile<'a>(&'a Path);
-    impl Drop for RemoveFile<'_> {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(self.0);
-        }
-    }
-    let _remove = RemoveFile(&file);
+    let _remove = RemoveOnDrop(file.clone());
     let base = vec![
         "--interval".to_owned(),
         format!("{}us", options.interval.as_micros()),
@@ -141,7 +138,8 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     println!("\n== run 1: anonymous memory only");
     let cgroup = LabCgroup::create(&hierarchy, "demo-anon", options.limit_bytes)?;
     let pid = leak_until_killed(&exe, &cgroup, &base, options.timeout)?;
-    let (anon_usage, anon_ws) = tell(&find_kill(addr, pid)?);
+    let anon = find_kill(addr, pid)?;
+    tell(&anon);
     println!(
         "  => usage and working set rose together: for an anonymous leak \
          container_memory_usage_bytes and container_memory_working_set_bytes track 1:1."
@@ -155,7 +153,13 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     args.extend(["--file".to_owned(), file.to_string_lossy().into_owned()]);
     let cgroup = LabCgroup::create(&hierarchy, "demo-file", options.limit_bytes)?;
     let pid = leak_until_killed(&exe, &cgroup, &args, options.timeout)?;
-    let (file_usage, file_ws) = tell(&find_kill(addr, pid)?);
+    let page_cache = find_kill(addr, pid)?;
+    tell(&page_cache);
+    let story = page_cache.story.clone().unwrap_or_default();
+    let (file_usage, file_ws) = (
+        story.usage_at_limit_ms_before_kill,
+        story.working_set_at_limit_ms_before_kill,
+    );
     match (file_usage, file_ws) {
         (Some(usage), Some(working_set)) if usage > working_set => println!(
             "  => usage sat at the limit for {:.2} s while the kernel reclaimed page cache; the \
@@ -168,7 +172,12 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
             seconds(file_ws)
         ),
     }
-    let _ = (anon_usage, anon_ws);
+    if let Some(path) = &options.json {
+        let kills = DemoKills { anon, page_cache };
+        let text = serde_json::to_string_pretty(&kills)
+            .map_err(|err| LabError::Run(format!("encoding the kills: {err}")))?;
+        fs::write(path, text).map_err(io(format!("writing {}", path.display())))?;
+    }
     println!("\nleak demo: done");
     Ok(())
 }

@@ -12,11 +12,11 @@ use std::{
 };
 
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::{
-    cgroup::MemoryHierarchy,
-    lab::{self, http_get, io, spawn_in, start_tracer, LabCgroup, LabError},
+    enrich::cgroupfs::MemoryHierarchy,
+    experiment::harness::{self, http_get, io, spawn_in, start_tracer, LabCgroup, LabError},
+    sys::boot_ns,
 };
 
 #[derive(Clone, Debug)]
@@ -76,16 +76,6 @@ fn mode_args(mode: &str) -> &'static [&'static str] {
         .iter()
         .find(|(name, _)| *name == mode)
         .map_or(&[], |(_, args)| args)
-}
-
-fn boot_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer; CLOCK_BOOTTIME exists on every supported kernel.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Runs `leak churn` in the cgroup; bytes per second.
@@ -273,14 +263,10 @@ fn watch_for_kill(addr: SocketAddr, cgroup: &str) -> Result<(u64, u64, u64), Lab
     let mut on_metrics: Option<u64> = None;
     while Instant::now() < deadline {
         if on_kills.is_none() {
-            let body = http_get(addr, "/kills?limit=8")?;
+            let kills = harness::kills(addr, "?limit=8")?;
             let now = boot_ns();
-            let kills: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-            if let Some(kill) = kills
-                .as_array()
-                .and_then(|all| all.iter().find(|k| k["cgroup"].as_str() == Some(cgroup)))
-            {
-                on_kills = Some((kill["boot_ns"].as_u64().unwrap_or(now), now));
+            if let Some(kill) = kills.iter().find(|k| k.cgroup == cgroup) {
+                on_kills = Some((kill.boot_ns, now));
             }
         }
         if on_metrics.is_none() {
@@ -301,7 +287,7 @@ fn watch_for_kill(addr: SocketAddr, cgroup: &str) -> Result<(u64, u64, u64), Lab
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchResult, LabError> {
-    lab::require_root()?;
+    harness::require_root()?;
     let exe = std::env::current_exe().map_err(io("finding the leak binary"))?;
     let hierarchy = MemoryHierarchy::discover()?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::cgroup::{CgroupError, MemoryHierarchy, Version};
+use crate::{
+    enrich::cgroupfs::{CgroupError, MemoryHierarchy, Version},
+    model::kill::Kill,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -38,11 +41,10 @@ pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
 }
 
 pub fn require_root() -> Result<(), LabError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(LabError::NotRoot);
+    match crate::sys::is_root() {
+        true => Ok(()),
+        false => Err(LabError::NotRoot),
     }
-    Ok(())
 }
 
 /// A memory cgroup made for the occasion, removed (its processes killed) on drop.
@@ -82,6 +84,15 @@ impl Drop for LabCgroup {
     }
 }
 
+/// A file removed on drop.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// A child process, killed on drop.
 pub struct Guard(pub Child);
 
@@ -114,6 +125,13 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, LabError> {
         .split_once("\r\n\r\n")
         .map_or("", |(_, body)| body)
         .to_owned())
+}
+
+/// The tracer's `/kills` (newest first), typed; `query` is appended to the path (`?limit=8`).
+pub fn kills(addr: SocketAddr, query: &str) -> Result<Vec<Kill>, LabError> {
+    let body = http_get(addr, &format!("/kills{query}"))?;
+    serde_json::from_str(&body)
+        .map_err(|err| LabError::Run(format!("/kills is not a list of kills: {err}: {body}")))
 }
 
 /// Starts `leak trace --listen 127.0.0.1:0 ARGS` and waits for its address; the tracer's lines

@@ -1,6 +1,6 @@
 //! `/metrics`, `/kills` and `/healthz`, served concurrently with graceful shutdown.
 
-use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     extract::{Query, State},
@@ -11,24 +11,21 @@ use axum::{
 };
 use tokio::{net::TcpListener, sync::RwLock};
 
-use crate::{events::Kill, metrics::Metrics};
+use super::metrics::Metrics;
+use crate::{model::kill::Kill, store::RecentKills};
 
 /// What the handlers read.
 pub struct Shared {
     pub metrics: Metrics,
-    /// Newest last; bounded by `max_kills`.
-    pub kills: RwLock<VecDeque<Kill>>,
-    pub max_kills: usize,
+    pub kills: RwLock<RecentKills>,
     pub attach_mode: String,
 }
 
 impl Shared {
-    pub async fn push_kill(&self, kill: Kill) {
-        let mut kills = self.kills.write().await;
-        while kills.len() >= self.max_kills.max(1) {
-            kills.pop_front();
-        }
-        kills.push_back(kill);
+    /// Counts the kill and keeps it for `/kills`.
+    pub async fn publish_kill(&self, kill: Kill) {
+        self.metrics.record_kill(&kill);
+        self.kills.write().await.push(kill);
     }
 }
 
@@ -66,7 +63,7 @@ async fn kills(
 ) -> Json<Vec<Kill>> {
     let kills = shared.kills.read().await;
     let limit = query.limit.unwrap_or(usize::MAX);
-    Json(kills.iter().rev().take(limit).cloned().collect())
+    Json(kills.newest_first().take(limit).cloned().collect())
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> String {

@@ -1,76 +1,14 @@
-use leak_common::event::{constraint, MemcgSnapshot, OomKillEvent, CGROUP_NAME_LEN, TASK_COMM_LEN};
+use leak_common::event::{constraint, flags, MemcgSnapshot, OomKillEvent, MAX_CGROUP_DEPTH};
 
 use super::*;
+use crate::{
+    decode::event::fixtures::{event, level, record, PAGE, UNLIMITED},
+    enrich::{dedup::VictimDedup, procfs::fill_from_procfs},
+    model::kill::OomAttribution as Attribution,
+};
 
-const PAGE: u64 = 4096;
-const UNLIMITED: u64 = (i64::MAX as u64) / PAGE;
-
-fn name(text: &str) -> [u8; CGROUP_NAME_LEN] {
-    let mut out = [0u8; CGROUP_NAME_LEN];
-    out[..text.len()].copy_from_slice(text.as_bytes());
-    out
-}
-
-fn comm(text: &str) -> [u8; TASK_COMM_LEN] {
-    let mut out = [0u8; TASK_COMM_LEN];
-    out[..text.len()].copy_from_slice(text.as_bytes());
-    out
-}
-
-fn level(id: u64, leaf: &str, usage: u64, limit: u64, inactive_file: u64) -> MemcgSnapshot {
-    MemcgSnapshot {
-        cgroup_id: id,
-        usage_pages: usage,
-        limit_pages: limit,
-        watermark_pages: usage,
-        failcnt: 7,
-        lru_pages: [usage - inactive_file, 0, inactive_file, 0, 0],
-        name: name(leaf),
-    }
-}
-
-fn event(levels: &[MemcgSnapshot]) -> OomKillEvent {
-    let mut cgroups = [level(0, "", 0, 0, 0); MAX_CGROUP_DEPTH];
-    cgroups[..levels.len()].copy_from_slice(levels);
-    OomKillEvent {
-        boot_ns: 5_000_000_000,
-        hook: hook::TP_BTF_MARK_VICTIM,
-        flags: flags::VICTIM_TASK | flags::FAILCNT_VALID | flags::RSS_VALID | flags::NS_PID_VALID,
-        victim_pid: 4242,
-        victim_tgid: 4242,
-        victim_comm: comm("leak"),
-        victim_oom_score_adj: 0,
-        victim_ns_pid: 1,
-        rss_anon_pages: 100,
-        rss_file_pages: 2,
-        rss_shmem_pages: 0,
-        trigger_pid: 4242,
-        trigger_tgid: 4242,
-        trigger_comm: comm("leak"),
-        oc_totalpages: 0,
-        oc_chosen_points: 0,
-        oc_memcg_cgroup_id: 0,
-        oc_constraint: 0,
-        oc_gfp_mask: 0,
-        oc_order: 0,
-        depth: levels.len() as u32,
-        cgroups,
-    }
-}
-
-fn bytes_of(event: &OomKillEvent) -> Vec<u8> {
-    // SAFETY: OomKillEvent is plain old data; we only read its bytes.
-    unsafe {
-        std::slice::from_raw_parts(
-            (event as *const OomKillEvent).cast::<u8>(),
-            size_of::<OomKillEvent>(),
-        )
-    }
-    .to_vec()
-}
-
-fn context() -> Context<'static> {
-    Context {
+fn context() -> KillContext<'static> {
+    KillContext {
         page_size: PAGE,
         realtime_offset_ns: 1_700_000_000_000_000_000,
         attach_mode: "tp_btf",
@@ -79,33 +17,9 @@ fn context() -> Context<'static> {
     }
 }
 
-#[test]
-fn decode_checks_size_hook_and_depth() {
-    let good = event(&[level(10, "a", 10, 10, 0), level(1, "", 100, UNLIMITED, 0)]);
-    let bytes = bytes_of(&good);
-    assert_eq!(decode(&bytes).expect("decodes").victim_pid, 4242);
-    assert!(matches!(decode(&bytes[1..]), Err(DecodeError::Size { .. })));
-    assert!(matches!(decode(&[]), Err(DecodeError::Size { .. })));
-
-    let mut bad_hook = good;
-    bad_hook.hook = 99;
-    assert_eq!(
-        decode(&bytes_of(&bad_hook)).err(),
-        Some(DecodeError::UnknownHook(99))
-    );
-    let mut bad_depth = good;
-    bad_depth.depth = 9;
-    assert_eq!(
-        decode(&bytes_of(&bad_depth)).err(),
-        Some(DecodeError::Depth(9))
-    );
-}
-
-#[test]
-fn working_set_is_usage_minus_inactive_file_floored() {
-    assert_eq!(working_set_bytes(100, 30), 70);
-    assert_eq!(working_set_bytes(30, 100), 0);
-    assert_eq!(working_set_bytes(0, 0), 0);
+/// Decodes `event` and assembles its kill, as the agent does.
+fn build_kill(event: &OomKillEvent, context: &KillContext<'_>, paths: &mut CgroupPaths) -> Kill {
+    assemble(&record(event), context, paths)
 }
 
 #[test]
@@ -122,7 +36,7 @@ fn builds_paths_from_kernel_names_when_the_chain_reaches_the_root() {
     // The child is far below its (absent) limit; the parent's usage reached its limit.
     assert_eq!(kill.oom_cgroup.as_deref(), Some("/parent"));
     assert_eq!(kill.attribution, Attribution::Inferred);
-    assert_eq!(kill.constraint, "memcg");
+    assert_eq!(kill.constraint, Constraint::Memcg);
     assert_eq!(kill.usage_bytes, 1024 * PAGE);
     assert_eq!(kill.limit_bytes, Some(1024 * PAGE));
     assert_eq!(kill.inactive_file_bytes, 200 * PAGE);
@@ -149,7 +63,7 @@ fn oom_control_names_the_cgroup_and_a_global_oom_has_none() {
     ev.oc_memcg_cgroup_id = 0;
     let kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
     assert_eq!(kill.oom_cgroup, None, "global OOM: no cgroup hit a limit");
-    assert_eq!(kill.constraint, "none");
+    assert_eq!(kill.constraint, Constraint::None);
     assert_eq!(kill.attribution, Attribution::OomControl);
     // For a global OOM the headline figures describe the victim's own cgroup.
     assert_eq!(kill.usage_bytes, 10 * PAGE);
@@ -158,7 +72,7 @@ fn oom_control_names_the_cgroup_and_a_global_oom_has_none() {
     ev.oc_memcg_cgroup_id = 1;
     let kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
     assert_eq!(kill.oom_cgroup.as_deref(), Some("/"));
-    assert_eq!(kill.constraint, "memcg");
+    assert_eq!(kill.constraint, Constraint::Memcg);
     assert_eq!(kill.limit_bytes, None);
 }
 
@@ -176,7 +90,7 @@ fn inference_allows_one_huge_page_of_slack_and_no_more() {
     ]);
     let kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
     assert_eq!(kill.oom_cgroup, None);
-    assert_eq!(kill.constraint, "none");
+    assert_eq!(kill.constraint, Constraint::None);
 }
 
 #[test]
@@ -201,19 +115,6 @@ fn an_unresolved_victim_keeps_only_its_pid() {
     assert_eq!(kill.victim_comm, None);
     assert_eq!(kill.victim_rss, None);
     assert!(!kill.victim_task_resolved);
-}
-
-#[test]
-fn formats_rfc3339() {
-    assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
-    assert_eq!(
-        rfc3339(1_795_978_173_529_311_299),
-        "2026-11-29T18:49:33.529311Z"
-    );
-    assert_eq!(
-        rfc3339(951_782_400_000_000_000),
-        "2000-02-29T00:00:00.000000Z"
-    );
 }
 
 #[test]
@@ -277,7 +178,7 @@ fn a_later_member_of_the_same_oom_inherits_its_cgroup() {
     context.same_oom_cgroup_id = Some(30);
     let kill = build_kill(&event(&levels), &context, &mut CgroupPaths::new(None));
     assert_eq!(kill.oom_cgroup.as_deref(), Some("/group"));
-    assert_eq!(kill.constraint, "memcg");
+    assert_eq!(kill.constraint, Constraint::Memcg);
     // A hint outside the victim's chain is ignored.
     context.same_oom_cgroup_id = Some(99);
     let kill = build_kill(&event(&levels), &context, &mut CgroupPaths::new(None));
@@ -321,7 +222,8 @@ fn a_victim_detached_from_its_pids_keeps_its_thread_id() {
 
 #[test]
 fn metrics_keep_a_bounded_number_of_kill_series() {
-    let metrics = crate::metrics::Metrics::with_kill_series_bound("test", 2).expect("metrics");
+    let metrics =
+        crate::serve::metrics::Metrics::with_kill_series_bound("test", 2).expect("metrics");
     let mut paths = CgroupPaths::new(None);
     for (id, name) in [(31, "first"), (32, "second"), (33, "third")] {
         let ev = event(&[level(id, name, 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);

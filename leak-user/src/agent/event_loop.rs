@@ -1,0 +1,290 @@
+//! The loop: ring-buffer records through decode, enrich and store to what is served, plus the
+//! periodic work (kernel counters, live series, the cgroupfs poll, the statistics flush).
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use leak_common::sample::CgroupCounters;
+use log::{info, warn};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::watch,
+};
+
+use super::{Hierarchy, TraceError, TraceOptions};
+use crate::{
+    decode::{decode_kill, decode_sample},
+    enrich::{poll, Enricher},
+    kernel::Probes,
+    model::{kill::Kill, kubernetes::CgroupLabels, timeline::SampleKind},
+    serve::http::Shared,
+    store::History,
+    sys,
+};
+
+/// How often watched cgroups are read from the cgroup filesystem.
+const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the agent has the kernel flush memcg statistics while the charge path is on.
+const STATS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Points kept per cgroup: a minute at the default 10 ms rate limit, plus limit hits.
+const MAX_POINTS_PER_CGROUP: usize = 8192;
+
+/// A watched cgroup that has not been sampled for this long leaves the live series.
+const WATCH_IDLE_NS: u64 = 300_000_000_000;
+
+/// What the loop keeps between records.
+struct State<'a> {
+    shared: &'a Shared,
+    enricher: Enricher,
+    history: History,
+    page_size: u64,
+    /// Labels of each watched cgroup's live series, by cgroup id.
+    watched: HashMap<u64, CgroupLabels>,
+    /// Kernel totals already counted, by cgroup id.
+    counted: HashMap<u64, CgroupCounters>,
+}
+
+impl State<'_> {
+    async fn on_kill_record(&mut self, record: &[u8]) {
+        let record = match decode_kill(record, self.page_size) {
+            Ok(record) => record,
+            Err(err) => {
+                warn!("dropping malformed event: {err}");
+                self.shared.metrics.count_decode_error();
+                return;
+            }
+        };
+        let Some(kill) = self
+            .enricher
+            .kill(&record, sys::realtime_offset_ns(), &self.history)
+        else {
+            return;
+        };
+        let described = kill.described_cgroup_id();
+        self.history.mark_kill(described, kill.boot_ns);
+        if kill.cgroup_id != described {
+            self.history.mark_kill(kill.cgroup_id, kill.boot_ns);
+        }
+        log_kill(&kill);
+        self.shared.publish_kill(kill).await;
+    }
+
+    fn on_sample_record(&mut self, record: &[u8]) {
+        match decode_sample(record, self.page_size) {
+            Ok(sample) => {
+                self.shared.metrics.count_sample(sample.point.kind);
+                self.history.record(sample.cgroup_id, sample.point);
+            }
+            Err(err) => {
+                warn!("dropping malformed charge sample: {err}");
+                self.shared.metrics.count_decode_error();
+            }
+        }
+    }
+
+    /// Records polled points of the cgroups the charge path has not sampled within the last
+    /// poll interval (its samples are fresher and finer).
+    fn on_poll(&mut self, polled: Vec<(u64, crate::model::timeline::Point)>) {
+        let now = sys::boot_ns();
+        let recent: HashSet<u64> = self
+            .history
+            .latest()
+            .filter(|(_, point)| {
+                point.kind != SampleKind::Poll
+                    && u128::from(now.saturating_sub(point.boot_ns)) < POLL_INTERVAL.as_nanos()
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for (id, point) in polled {
+            if !recent.contains(&id) {
+                self.history.record(id, point);
+            }
+        }
+    }
+
+    /// The labels of a cgroup's live series, learned once per watched cgroup.
+    fn labels(&mut self, id: u64) -> Option<CgroupLabels> {
+        if let Some(labels) = self.watched.get(&id) {
+            return Some(labels.clone());
+        }
+        let labels = self.enricher.cgroup_labels(id)?;
+        self.watched.insert(id, labels.clone());
+        Some(labels)
+    }
+
+    /// Once a second: kernel counters, live gauges, expiry of idle cgroups.
+    fn tick(&mut self, probes: &Probes) {
+        let metrics = &self.shared.metrics;
+        metrics.set_kernel_counters(&probes.kernel_counters());
+
+        for id in self.history.expire(sys::boot_ns(), WATCH_IDLE_NS) {
+            if let Some(labels) = self.watched.remove(&id) {
+                metrics.forget_cgroup(&labels);
+            }
+        }
+        let latest: Vec<_> = self
+            .history
+            .latest()
+            .map(|(id, point)| (id, point.clone()))
+            .collect();
+        for (id, point) in latest {
+            if let Some(labels) = self.labels(id) {
+                self.shared.metrics.set_cgroup_live(&labels, &point);
+            }
+        }
+        for (id, totals) in probes.cgroup_counters() {
+            let seen = self.counted.entry(id).or_default();
+            // An entry the kernel's LRU map evicted and recreated starts again from zero.
+            let delta = |total: u64, seen: u64| if total >= seen { total - seen } else { total };
+            let limit_hits = delta(totals.limit_hits, seen.limit_hits);
+            let failures = delta(totals.charge_failures, seen.charge_failures);
+            *seen = totals;
+            if limit_hits == 0 && failures == 0 {
+                continue;
+            }
+            if let Some(labels) = self.labels(id) {
+                self.shared
+                    .metrics
+                    .count_cgroup_pressure(&labels, limit_hits, failures);
+            }
+        }
+    }
+}
+
+pub(super) async fn run(
+    probes: &mut Probes,
+    shared: &Shared,
+    hierarchy: Hierarchy,
+    options: &TraceOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), TraceError> {
+    let mut ring = readable(probes.take_events()?)?;
+    let mut samples = match probes.charge_mode() {
+        Some(_) => Some(readable(probes.take_samples()?)?),
+        None => None,
+    };
+    let mut logger = match probes.take_logger() {
+        Some(logger) => Some(readable(logger)?),
+        None => None,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut flush_tick = tokio::time::interval(STATS_FLUSH_INTERVAL);
+    let stats_file = hierarchy.as_ref().map(|(root, _)| root.join("memory.stat"));
+    let mut poll_tick = tokio::time::interval(POLL_INTERVAL);
+    let page_size = sys::page_size();
+    let mut state = State {
+        shared,
+        enricher: Enricher::new(
+            hierarchy.as_ref().map(|(root, _)| root.clone()),
+            options.rootfs.clone(),
+            page_size,
+            probes.mode().as_str(),
+        ),
+        history: History::new(
+            u64::try_from(options.history.as_nanos()).unwrap_or(u64::MAX),
+            MAX_POINTS_PER_CGROUP,
+            options.max_watched_cgroups,
+        ),
+        page_size,
+        watched: HashMap::new(),
+        counted: HashMap::new(),
+    };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => {
+                info!("shutting down");
+                break;
+            }
+            // Samples first: a kill's timeline should include what led up to it.
+            guard = async { samples.as_mut()?.readable_mut().await.ok() }, if samples.is_some() => {
+                if let Some(mut guard) = guard {
+                    let ring = guard.get_inner_mut();
+                    while let Some(record) = ring.next() {
+                        state.on_sample_record(&record);
+                    }
+                    guard.clear_ready();
+                }
+            }
+            guard = ring.readable_mut() => {
+                // Drain pending samples before the kill, so its timeline is complete.
+                if let Some(samples) = samples.as_mut() {
+                    while let Some(record) = samples.get_mut().next() {
+                        state.on_sample_record(&record);
+                    }
+                }
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                while let Some(record) = ring.next() {
+                    let record = record.to_vec();
+                    state.on_kill_record(&record).await;
+                }
+                guard.clear_ready();
+            }
+            guard = async { logger.as_mut()?.readable_mut().await.ok() }, if logger.is_some() => {
+                if let Some(mut guard) = guard {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            }
+            _ = tick.tick() => state.tick(probes),
+            // Watched cgroups the charge path has not sampled lately, from the filesystem.
+            _ = poll_tick.tick(), if hierarchy.is_some() => {
+                if let Some((root, version)) = hierarchy.clone() {
+                    let max = options.max_watched_cgroups;
+                    let polled = tokio::task::spawn_blocking(move || {
+                        poll::poll_limited(&root, version, sys::boot_ns(), page_size, max)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    state.on_poll(polled);
+                }
+            }
+            // The kernel batches memcg statistics and flushes them when read or when enough
+            // piled up; the LRU figures of charge samples are as fresh as the last flush.
+            // Reading the root's memory.stat flushes the whole hierarchy, as a cAdvisor scrape
+            // would, so that even a cgroup's first limit hit carries current figures.
+            _ = flush_tick.tick(), if samples.is_some() && stats_file.is_some() => {
+                if let Some(file) = &stats_file {
+                    let _ = tokio::fs::read(file).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Registers a map's file descriptor with tokio for readability.
+fn readable<T: AsRawFd>(map: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: `map` owns its file descriptor (an aya map) and keeps it open, unchanged, for as
+    // long as it lives, which is as long as the AsyncFd that owns it.
+    unsafe { AsyncFd::register_with_interest(map, Interest::READABLE) }.map_err(Into::into)
+}
+
+fn log_kill(kill: &Kill) {
+    info!(
+        "OOM kill: pid {} ({}) in {}{}; limit hit by {}; usage {} limit {} working set {} \
+         inactive_file {} bytes",
+        kill.victim_pid,
+        kill.victim_comm.as_deref().unwrap_or("?"),
+        kill.cgroup,
+        if kill.names.pod.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (pod {}/{} container {:?})",
+                kill.names.namespace, kill.names.pod, kill.names.container
+            )
+        },
+        kill.oom_cgroup.as_deref().unwrap_or("(global OOM)"),
+        kill.usage_bytes,
+        kill.limit_bytes
+            .map_or_else(|| "unlimited".into(), |l| l.to_string()),
+        kill.working_set_bytes,
+        kill.inactive_file_bytes,
+    );
+}

@@ -1,0 +1,347 @@
+//! OOM-kill records: the victim, the triggering task, the kernel's `oom_control` when it was
+//! captured, and the memory cgroup chain, in bytes.
+
+use leak_common::{
+    event::{constraint, flags, hook, MemcgSnapshot, OomKillEvent, MAX_CGROUP_DEPTH},
+    layout::{
+        LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_UNEVICTABLE,
+    },
+};
+
+use super::{bytes, read_record, DecodeError};
+use crate::model::{
+    kill::{Constraint, Rss, Trigger, VictimHook},
+    memory::is_unlimited,
+};
+
+/// One memory cgroup of the chain, as the kernel program read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemcgRecord {
+    pub id: u64,
+    /// The kernfs leaf name.
+    pub name: String,
+    /// The name filled the kernel's buffer and may have been cut short.
+    pub name_may_be_truncated: bool,
+    pub usage_bytes: u64,
+    /// `None` when the cgroup has no limit.
+    pub limit_bytes: Option<u64>,
+    pub peak_bytes: u64,
+    /// `None` where the kernel does not keep it.
+    pub failcnt: Option<u64>,
+    pub inactive_anon_bytes: u64,
+    pub active_anon_bytes: u64,
+    pub inactive_file_bytes: u64,
+    pub active_file_bytes: u64,
+    pub unevictable_bytes: u64,
+}
+
+/// The kernel's `oom_control`, captured on `oom_kill_process`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OomControlRecord {
+    pub totalpages: u64,
+    pub chosen_points: i64,
+    /// The cgroup id of `oc->memcg`; `None` for a global OOM.
+    pub memcg_id: Option<u64>,
+    pub constraint: Constraint,
+    pub gfp_mask: u32,
+    pub order: i32,
+}
+
+/// A decoded OOM-kill record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KillRecord {
+    pub boot_ns: u64,
+    pub hook: VictimHook,
+    /// The thread the kernel marked.
+    pub victim_tid: u32,
+    /// The victim's task was read in the kernel; otherwise `cgroups` are the triggering
+    /// task's and the victim's other fields are unknown.
+    pub victim_task_resolved: bool,
+    pub victim_tgid: Option<u32>,
+    pub victim_comm: Option<String>,
+    pub victim_oom_score_adj: Option<i32>,
+    /// The victim's pid in its own pid namespace.
+    pub victim_ns_pid: Option<u32>,
+    pub victim_rss: Option<Rss>,
+    pub trigger: Trigger,
+    pub oom_control: Option<OomControlRecord>,
+    /// The victim's memory cgroup first, then its ancestors.
+    pub cgroups: Vec<MemcgRecord>,
+    /// The chain stopped early because a pointer could not be read.
+    pub chain_truncated: bool,
+}
+
+impl KillRecord {
+    /// Whether `cgroups` end at the root of the hierarchy (so their names make whole paths).
+    pub fn reached_root(&self) -> bool {
+        self.cgroups.len() < MAX_CGROUP_DEPTH && !self.chain_truncated
+    }
+}
+
+fn victim_hook(tag: u32) -> Result<VictimHook, DecodeError> {
+    match tag {
+        hook::TP_BTF_MARK_VICTIM => Ok(VictimHook::TpBtf),
+        hook::TRACEPOINT_MARK_VICTIM => Ok(VictimHook::Tracepoint),
+        other => Err(DecodeError::UnknownHook(other)),
+    }
+}
+
+fn constraint(tag: u32) -> Constraint {
+    match tag {
+        constraint::NONE => Constraint::None,
+        constraint::CPUSET => Constraint::Cpuset,
+        constraint::MEMORY_POLICY => Constraint::MemoryPolicy,
+        constraint::MEMCG => Constraint::Memcg,
+        _ => Constraint::Unknown,
+    }
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn memcg(
+    snapshot: &MemcgSnapshot,
+    failcnt_valid: bool,
+    page: u64,
+) -> Result<MemcgRecord, DecodeError> {
+    let lru = |index: usize, field: &'static str| bytes(field, snapshot.lru_pages[index], page);
+    let name = c_string(&snapshot.name);
+    Ok(MemcgRecord {
+        id: snapshot.cgroup_id,
+        name_may_be_truncated: name.len() + 1 >= snapshot.name.len(),
+        name,
+        usage_bytes: bytes("usage", snapshot.usage_pages, page)?,
+        limit_bytes: match is_unlimited(snapshot.limit_pages, page) {
+            true => None,
+            false => Some(bytes("limit", snapshot.limit_pages, page)?),
+        },
+        peak_bytes: bytes("peak", snapshot.watermark_pages, page)?,
+        failcnt: failcnt_valid.then_some(snapshot.failcnt),
+        inactive_anon_bytes: lru(LRU_INACTIVE_ANON, "inactive_anon")?,
+        active_anon_bytes: lru(LRU_ACTIVE_ANON, "active_anon")?,
+        inactive_file_bytes: lru(LRU_INACTIVE_FILE, "inactive_file")?,
+        active_file_bytes: lru(LRU_ACTIVE_FILE, "active_file")?,
+        unevictable_bytes: lru(LRU_UNEVICTABLE, "unevictable")?,
+    })
+}
+
+/// Decodes an [`OomKillEvent`] record.
+pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeError> {
+    let event: OomKillEvent = read_record(record)?;
+    let hook = victim_hook(event.hook)?;
+    let depth = event.depth as usize;
+    if depth > MAX_CGROUP_DEPTH {
+        return Err(DecodeError::Depth {
+            got: event.depth,
+            max: MAX_CGROUP_DEPTH,
+        });
+    }
+    let has = |flag: u32| event.flags & flag != 0;
+    let resolved = has(flags::VICTIM_TASK);
+    let cgroups = event.cgroups[..depth]
+        .iter()
+        .map(|snapshot| memcg(snapshot, has(flags::FAILCNT_VALID), page_size))
+        .collect::<Result<Vec<_>, _>>()?;
+    let victim_rss = match has(flags::RSS_VALID) {
+        true => Some(Rss {
+            anon_bytes: bytes("rss_anon", event.rss_anon_pages, page_size)?,
+            file_bytes: bytes("rss_file", event.rss_file_pages, page_size)?,
+            shmem_bytes: bytes("rss_shmem", event.rss_shmem_pages, page_size)?,
+        }),
+        false => None,
+    };
+    Ok(KillRecord {
+        boot_ns: event.boot_ns,
+        hook,
+        victim_tid: event.victim_pid,
+        victim_task_resolved: resolved,
+        victim_tgid: resolved.then_some(event.victim_tgid),
+        victim_comm: resolved.then(|| c_string(&event.victim_comm)),
+        victim_oom_score_adj: has(flags::OOM_SCORE_ADJ_VALID).then_some(event.victim_oom_score_adj),
+        victim_ns_pid: (resolved && has(flags::NS_PID_VALID)).then_some(event.victim_ns_pid),
+        victim_rss,
+        trigger: Trigger {
+            pid: event.trigger_pid,
+            tgid: event.trigger_tgid,
+            comm: c_string(&event.trigger_comm),
+        },
+        oom_control: has(flags::HAS_OOM_CONTROL).then(|| OomControlRecord {
+            totalpages: event.oc_totalpages,
+            chosen_points: event.oc_chosen_points,
+            memcg_id: (event.oc_memcg_cgroup_id != 0).then_some(event.oc_memcg_cgroup_id),
+            constraint: constraint(event.oc_constraint),
+            gfp_mask: event.oc_gfp_mask,
+            order: event.oc_order,
+        }),
+        cgroups,
+        chain_truncated: has(flags::CHAIN_TRUNCATED),
+    })
+}
+
+/// Records as the kernel programs write them, for the tests of every stage after decoding.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use leak_common::event::{
+        flags, hook, MemcgSnapshot, OomKillEvent, CGROUP_NAME_LEN, MAX_CGROUP_DEPTH, TASK_COMM_LEN,
+    };
+
+    pub const PAGE: u64 = 4096;
+    pub const UNLIMITED: u64 = (i64::MAX as u64) / PAGE;
+
+    fn name(text: &str) -> [u8; CGROUP_NAME_LEN] {
+        let mut out = [0u8; CGROUP_NAME_LEN];
+        out[..text.len()].copy_from_slice(text.as_bytes());
+        out
+    }
+
+    fn comm(text: &str) -> [u8; TASK_COMM_LEN] {
+        let mut out = [0u8; TASK_COMM_LEN];
+        out[..text.len()].copy_from_slice(text.as_bytes());
+        out
+    }
+
+    pub fn level(id: u64, leaf: &str, usage: u64, limit: u64, inactive_file: u64) -> MemcgSnapshot {
+        MemcgSnapshot {
+            cgroup_id: id,
+            usage_pages: usage,
+            limit_pages: limit,
+            watermark_pages: usage,
+            failcnt: 7,
+            lru_pages: [usage - inactive_file, 0, inactive_file, 0, 0],
+            name: name(leaf),
+        }
+    }
+
+    pub fn event(levels: &[MemcgSnapshot]) -> OomKillEvent {
+        let mut cgroups = [level(0, "", 0, 0, 0); MAX_CGROUP_DEPTH];
+        cgroups[..levels.len()].copy_from_slice(levels);
+        OomKillEvent {
+            boot_ns: 5_000_000_000,
+            hook: hook::TP_BTF_MARK_VICTIM,
+            flags: flags::VICTIM_TASK
+                | flags::FAILCNT_VALID
+                | flags::RSS_VALID
+                | flags::NS_PID_VALID,
+            victim_pid: 4242,
+            victim_tgid: 4242,
+            victim_comm: comm("leak"),
+            victim_oom_score_adj: 0,
+            victim_ns_pid: 1,
+            rss_anon_pages: 100,
+            rss_file_pages: 2,
+            rss_shmem_pages: 0,
+            trigger_pid: 4242,
+            trigger_tgid: 4242,
+            trigger_comm: comm("leak"),
+            oc_totalpages: 0,
+            oc_chosen_points: 0,
+            oc_memcg_cgroup_id: 0,
+            oc_constraint: 0,
+            oc_gfp_mask: 0,
+            oc_order: 0,
+            depth: levels.len() as u32,
+            cgroups,
+        }
+    }
+
+    pub fn bytes_of(event: &OomKillEvent) -> Vec<u8> {
+        // SAFETY: OomKillEvent is plain old data; we only read its bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const OomKillEvent).cast::<u8>(),
+                size_of::<OomKillEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    /// Decodes an event the way the agent does.
+    pub fn record(event: &OomKillEvent) -> super::KillRecord {
+        super::decode_kill(&bytes_of(event), PAGE).expect("a well-formed event decodes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
+
+    #[test]
+    fn decode_checks_size_hook_and_depth() {
+        let good = event(&[level(10, "a", 10, 10, 0), level(1, "", 100, UNLIMITED, 0)]);
+        let bytes = bytes_of(&good);
+        let decoded = decode_kill(&bytes, PAGE).expect("decodes");
+        assert_eq!(decoded.victim_tid, 4242);
+        assert_eq!(decoded.hook, VictimHook::TpBtf);
+        assert_eq!(decoded.cgroups[0].limit_bytes, Some(10 * PAGE));
+        assert_eq!(decoded.cgroups[1].limit_bytes, None);
+        assert!(matches!(
+            decode_kill(&bytes[1..], PAGE),
+            Err(DecodeError::Size { .. })
+        ));
+        assert!(matches!(
+            decode_kill(&[], PAGE),
+            Err(DecodeError::Size { .. })
+        ));
+
+        let mut bad_hook = good;
+        bad_hook.hook = 99;
+        assert_eq!(
+            decode_kill(&bytes_of(&bad_hook), PAGE).err(),
+            Some(DecodeError::UnknownHook(99))
+        );
+        let mut bad_depth = good;
+        bad_depth.depth = 9;
+        assert_eq!(
+            decode_kill(&bytes_of(&bad_depth), PAGE).err(),
+            Some(DecodeError::Depth {
+                got: 9,
+                max: MAX_CGROUP_DEPTH
+            })
+        );
+    }
+
+    #[test]
+    fn page_counts_that_overflow_bytes_are_an_error_not_a_panic() {
+        let mut huge = event(&[level(10, "a", 10, 10, 0)]);
+        huge.cgroups[0].watermark_pages = u64::MAX / 3;
+        assert!(matches!(
+            decode_kill(&bytes_of(&huge), PAGE),
+            Err(DecodeError::Overflow { field: "peak", .. })
+        ));
+        let mut huge = event(&[level(10, "a", 10, 10, 0)]);
+        huge.rss_anon_pages = u64::MAX;
+        assert!(matches!(
+            decode_kill(&bytes_of(&huge), PAGE),
+            Err(DecodeError::Overflow {
+                field: "rss_anon",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn an_unresolved_victim_keeps_only_its_thread_id() {
+        let mut ev = event(&[level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
+        ev.flags &= !(flags::VICTIM_TASK | flags::RSS_VALID);
+        let record = record(&ev);
+        assert_eq!(record.victim_tid, 4242);
+        assert_eq!(
+            (record.victim_tgid, record.victim_comm, record.victim_rss),
+            (None, None, None)
+        );
+        assert_eq!(record.victim_ns_pid, None, "a pid namespace is the task's");
+        assert!(!record.victim_task_resolved);
+    }
+
+    #[test]
+    fn unknown_constraints_are_named_unknown() {
+        let mut ev = event(&[level(30, "a", 10, 10, 0)]);
+        ev.flags |= flags::HAS_OOM_CONTROL;
+        ev.oc_constraint = 17;
+        let control = record(&ev).oom_control.expect("oom_control");
+        assert_eq!(control.constraint, Constraint::Unknown);
+        assert_eq!(control.memcg_id, None);
+    }
+}

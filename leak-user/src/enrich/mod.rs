@@ -1,0 +1,146 @@
+//! A decoded record becomes a [`Kill`] here, in one place: the cgroup paths from the cgroup
+//! filesystem, the victim from procfs when the kernel could not read it, one report per dying
+//! process, the Kubernetes names from the node, and the timeline before death.
+
+pub mod cgroupfs;
+pub mod dedup;
+pub mod kill;
+pub mod kubernetes;
+pub mod poll;
+pub mod procfs;
+
+use std::path::{Path, PathBuf};
+
+use crate::{
+    decode::KillRecord,
+    model::{
+        kill::{Kill, SAME_OOM_NS},
+        kubernetes::CgroupLabels,
+        timeline::{self, Timelines, MAX_KILL_TIMELINE_POINTS},
+    },
+};
+
+use self::{
+    cgroupfs::CgroupPaths,
+    dedup::VictimDedup,
+    kill::{assemble, KillContext},
+    kubernetes::K8sNames,
+};
+
+/// The state enrichment keeps between records.
+pub struct Enricher {
+    paths: CgroupPaths,
+    names: K8sNames,
+    dedup: VictimDedup,
+    page_size: u64,
+    attach_mode: String,
+    proc_root: PathBuf,
+    seq: u64,
+    /// (triggering thread, boot_ns, cgroup id) of the last kill attributed to a cgroup.
+    last_attribution: Option<(u32, u64, u64)>,
+}
+
+impl Enricher {
+    /// `memory_root` is the memory hierarchy's root directory, when one is mounted; `rootfs`
+    /// the node's root filesystem (for the kubelet's log directories).
+    pub fn new(
+        memory_root: Option<PathBuf>,
+        rootfs: PathBuf,
+        page_size: u64,
+        attach_mode: &str,
+    ) -> Self {
+        let mut names = K8sNames::new(rootfs);
+        if let Err(err) = names.refresh() {
+            log::warn!("{err}");
+        }
+        Self {
+            paths: CgroupPaths::new(memory_root),
+            names,
+            dedup: VictimDedup::default(),
+            page_size,
+            attach_mode: attach_mode.to_owned(),
+            proc_root: PathBuf::from("/proc"),
+            seq: 0,
+            last_attribution: None,
+        }
+    }
+
+    /// The served kill of a record, or `None` when it repeats a death already reported.
+    pub fn kill(
+        &mut self,
+        record: &KillRecord,
+        realtime_offset_ns: i128,
+        timelines: &impl Timelines,
+    ) -> Option<Kill> {
+        self.seq += 1;
+        let context = KillContext {
+            page_size: self.page_size,
+            realtime_offset_ns,
+            attach_mode: &self.attach_mode,
+            seq: self.seq,
+            same_oom_cgroup_id: self
+                .last_attribution
+                .filter(|(trigger, at, _)| {
+                    *trigger == record.trigger.pid && record.boot_ns.abs_diff(*at) < SAME_OOM_NS
+                })
+                .map(|(_, _, id)| id),
+        };
+        let mut kill = assemble(record, &context, &mut self.paths);
+        procfs::fill_from_procfs(&mut kill, &self.proc_root);
+        if let Some(id) = kill.oom_cgroup_id {
+            self.last_attribution = Some((record.trigger.pid, record.boot_ns, id));
+        }
+        if !self.dedup.first_report(&kill) {
+            log::debug!(
+                "pid {} (thread {}) was already reported dying",
+                kill.victim_pid,
+                kill.victim_tid
+            );
+            return None;
+        }
+        kubernetes::attribute(&mut kill, &mut self.names);
+        self.attach_timelines(&mut kill, timelines);
+        Some(kill)
+    }
+
+    /// The timeline of the cgroup the figures describe, ended by the kill's own snapshot, its
+    /// story, and the victim's own timeline when that is another cgroup; thinned to a bound.
+    fn attach_timelines(&self, kill: &mut Kill, timelines: &impl Timelines) {
+        let described = kill.described_cgroup_id();
+        let mut points = timelines.timeline(described, kill.boot_ns);
+        if !points.is_empty() {
+            if let Some(level) = kill.cgroups.iter().find(|c| c.id == described) {
+                points.push(level.kill_point(kill.boot_ns));
+            }
+        }
+        // The story is read from every point; what is kept with the kill is thinned.
+        kill.story = (!points.is_empty()).then(|| timeline::story(&points, self.page_size));
+        kill.timeline = timeline::thin(points, MAX_KILL_TIMELINE_POINTS, self.page_size);
+        if kill.cgroup_id != described {
+            let victim = timelines.timeline(kill.cgroup_id, kill.boot_ns);
+            kill.victim_timeline = Some(timeline::thin(
+                victim,
+                MAX_KILL_TIMELINE_POINTS,
+                self.page_size,
+            ));
+        }
+    }
+
+    /// The labels of a cgroup's series: its path and Kubernetes names.
+    pub fn cgroup_labels(&mut self, id: u64) -> Option<CgroupLabels> {
+        let path = self.paths.lookup(id)?;
+        let names = kubernetes::parse_cgroup_path(&path)
+            .and_then(|identity| self.names.lookup(&identity))
+            .map(Into::into)
+            .unwrap_or_default();
+        Some(CgroupLabels {
+            cgroup: path,
+            names,
+        })
+    }
+
+    /// Where procfs is (tests point it at a fake one).
+    pub fn set_proc_root(&mut self, root: &Path) {
+        self.proc_root = root.to_owned();
+    }
+}

@@ -1,0 +1,200 @@
+//! A victim of the OOM killer with its cgroups' memory at the kill: what `/kills` serves and
+//! `/metrics` counts.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    kubernetes::{KubernetesKill, WorkloadNames},
+    timeline::{Point, Story},
+};
+
+/// Kills this close together, from the same triggering thread or in the same cgroup, are one
+/// OOM: a group kill marks its members one by one.
+pub const SAME_OOM_NS: u64 = 1_000_000_000;
+
+/// Which program reported the victim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VictimHook {
+    TpBtf,
+    Tracepoint,
+}
+
+/// `oom_control::constraint` (`enum oom_constraint`), or what inference concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Constraint {
+    None,
+    Cpuset,
+    MemoryPolicy,
+    Memcg,
+    /// A value this version of leak does not know (a newer kernel).
+    Unknown,
+}
+
+impl Constraint {
+    /// As `/kills` and the `constraint` label spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Cpuset => "cpuset",
+            Self::MemoryPolicy => "memory_policy",
+            Self::Memcg => "memcg",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// How `oom_cgroup` and `constraint` were established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OomAttribution {
+    /// From the kernel's own `oom_control` (fentry/kprobe on `oom_kill_process`).
+    OomControl,
+    /// The nearest cgroup, from the victim's up, whose usage had reached its limit.
+    Inferred,
+}
+
+/// One memory cgroup at the moment of the kill, in bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupState {
+    pub path: String,
+    pub id: u64,
+    pub usage_bytes: u64,
+    /// `None` when the cgroup has no limit.
+    pub limit_bytes: Option<u64>,
+    pub peak_bytes: u64,
+    pub failcnt: Option<u64>,
+    pub working_set_bytes: u64,
+    pub inactive_anon_bytes: u64,
+    pub active_anon_bytes: u64,
+    pub inactive_file_bytes: u64,
+    pub active_file_bytes: u64,
+    pub unevictable_bytes: u64,
+    /// This is the cgroup whose limit the kill was about.
+    pub hit_limit: bool,
+}
+
+impl CgroupState {
+    pub fn page_cache_bytes(&self) -> u64 {
+        self.inactive_file_bytes
+            .saturating_add(self.active_file_bytes)
+    }
+
+    pub fn anon_bytes(&self) -> u64 {
+        self.inactive_anon_bytes
+            .saturating_add(self.active_anon_bytes)
+    }
+
+    /// This cgroup at the kill, as the last point of its timeline.
+    pub fn kill_point(&self, boot_ns: u64) -> Point {
+        Point {
+            boot_ns,
+            before_kill_ms: Some(0),
+            kind: super::timeline::SampleKind::Kill,
+            usage_bytes: self.usage_bytes,
+            limit_bytes: self.limit_bytes,
+            working_set_bytes: self.working_set_bytes,
+            page_cache_bytes: self.page_cache_bytes(),
+            inactive_file_bytes: self.inactive_file_bytes,
+            anon_bytes: self.anon_bytes(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rss {
+    pub anon_bytes: u64,
+    pub file_bytes: u64,
+    pub shmem_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomControl {
+    pub totalpages: u64,
+    pub chosen_points: i64,
+    pub gfp_mask: String,
+    pub order: i32,
+    pub memcg_id: Option<u64>,
+}
+
+/// A victim of the OOM killer with its cgroups' memory at the kill.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kill {
+    /// Monotonic sequence number assigned by the agent.
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+    pub timestamp_unix_ns: u128,
+    pub boot_ns: u64,
+    pub attach_mode: String,
+    pub victim_hook: VictimHook,
+    /// The victim process (its thread-group id; the kernel's pid when the task was not read).
+    pub victim_pid: u32,
+    /// The thread the kernel marked (differs from `victim_pid` when a group kill marks threads).
+    pub victim_tid: u32,
+    pub victim_tgid: Option<u32>,
+    pub victim_comm: Option<String>,
+    pub victim_oom_score_adj: Option<i32>,
+    pub victim_rss: Option<Rss>,
+    /// Path of the victim's memory cgroup (relative to the memory hierarchy's root).
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    /// Path of the cgroup that hit its limit; `None` for a global OOM.
+    pub oom_cgroup: Option<String>,
+    pub oom_cgroup_id: Option<u64>,
+    /// `usage_bytes` .. `inactive_file_bytes` describe `oom_cgroup` (or, for a global OOM, the
+    /// victim's cgroup).
+    pub usage_bytes: u64,
+    pub limit_bytes: Option<u64>,
+    pub working_set_bytes: u64,
+    pub inactive_file_bytes: u64,
+    pub constraint: Constraint,
+    pub attribution: OomAttribution,
+    pub oom_control: Option<OomControl>,
+    pub trigger: Trigger,
+    /// The victim's cgroup first, then its ancestors up to the root (or the depth bound).
+    pub cgroups: Vec<CgroupState>,
+    /// The victim's pid inside its own pid namespace.
+    pub victim_ns_pid: Option<u32>,
+    /// Whether the victim was pid 1 of its pid namespace: a container's main process. When
+    /// false inside a container, the container survives the kill and the kubelet never
+    /// reports it as `OOMKilled`.
+    pub main_process: Option<bool>,
+    /// Kubernetes names of the victim's cgroup (`namespace`, `pod`, `container`); empty
+    /// outside Kubernetes.
+    #[serde(flatten)]
+    pub names: WorkloadNames,
+    /// What the cgroup path and the node's logs say about the victim's pod, when it is one.
+    pub kubernetes: Option<KubernetesKill>,
+    /// The seconds before death of `oom_cgroup` (or the victim's cgroup for a global OOM),
+    /// from the charge path, oldest first.
+    pub timeline: Vec<Point>,
+    /// The victim's own cgroup's timeline, when it is not `oom_cgroup`.
+    pub victim_timeline: Option<Vec<Point>>,
+    /// What the timeline says: when usage reached the limit, when the working set did.
+    pub story: Option<Story>,
+    /// The victim's task could not be read in the kernel; `cgroups` are the trigger's.
+    pub victim_task_resolved: bool,
+    /// The cgroup chain ended early on an unreadable pointer.
+    pub cgroups_truncated: bool,
+}
+
+impl Kill {
+    /// The cgroup the figures describe: `oom_cgroup`, or the victim's for a global OOM.
+    pub fn described_cgroup_id(&self) -> u64 {
+        self.oom_cgroup_id.unwrap_or(self.cgroup_id)
+    }
+
+    /// The level of `cgroups` that hit its limit.
+    pub fn oom_level(&self) -> Option<&CgroupState> {
+        self.cgroups.iter().find(|c| c.hit_limit)
+    }
+}

@@ -1,0 +1,7 @@
+//! What the agent keeps: the recent history of each watched cgroup, and the recent kills.
+
+pub mod history;
+pub mod kills;
+
+pub use history::History;
+pub use kills::RecentKills;
