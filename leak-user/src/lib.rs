@@ -23,3 +23,6 @@ pub mod model;
 pub mod serve;
 pub mod store;
 pub mod sys;
+
+#[cfg(test)]
+mod architecture_tests;

@@ -219,21 +219,3 @@ fn a_victim_detached_from_its_pids_keeps_its_thread_id() {
     assert_eq!(kill.victim_tgid, None);
     assert_eq!(kill.victim_comm.as_deref(), Some("leak"));
 }
-
-#[test]
-fn metrics_keep_a_bounded_number_of_kill_series() {
-    let metrics =
-        crate::serve::metrics::Metrics::with_kill_series_bound("test", 2).expect("metrics");
-    let mut paths = CgroupPaths::new(None);
-    for (id, name) in [(31, "first"), (32, "second"), (33, "third")] {
-        let ev = event(&[level(id, name, 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
-        metrics.record_kill(&build_kill(&ev, &context(), &mut paths));
-    }
-    let text = metrics.render().expect("render");
-    assert!(
-        !text.contains("cgroup=\"/first\""),
-        "the oldest series is dropped:\n{text}"
-    );
-    assert!(text.contains("leak_oom_kills_total{cgroup=\"/second\""));
-    assert!(text.contains("leak_oom_kill_working_set_bytes{cgroup=\"/third\""));
-}

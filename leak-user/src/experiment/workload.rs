@@ -5,9 +5,8 @@
 
 use std::{fs::OpenOptions, io::Write, net::SocketAddr, path::PathBuf, time::Duration};
 
-use axum::{http::header, routing::get, Router};
 use log::info;
-use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
+use prometheus::{IntCounter, Registry};
 
 #[derive(Clone, Debug)]
 pub struct WorkloadOptions {
@@ -67,21 +66,13 @@ impl WorkloadMetrics {
             written,
         })
     }
-
-    fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
-            return format!("# encoding failed: {err}\n");
-        }
-        String::from_utf8_lossy(&buffer).into_owned()
-    }
 }
 
 pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
     if options.chunk == 0 {
         return Err(WorkloadError::EmptyChunk);
     }
-    let metrics = std::sync::Arc::new(WorkloadMetrics::new()?);
+    let metrics = WorkloadMetrics::new()?;
     if let Some(addr) = options.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -90,23 +81,7 @@ pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
             .local_addr()
             .map_err(|source| WorkloadError::Listen { addr, source })?;
         info!("workload metrics on http://{local}/metrics");
-        let metrics = metrics.clone();
-        let app = Router::new().route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        metrics.render(),
-                    )
-                }
-            }),
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        crate::serve::http::serve_registry(listener, metrics.registry.clone());
     }
 
     let mut file = match &options.file {

@@ -43,7 +43,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.metrics.render() {
+    exposition(shared.metrics.render())
+}
+
+/// A Prometheus text exposition as an HTTP response (or the reason it could not be encoded).
+pub fn exposition<E: std::fmt::Display>(body: Result<String, E>) -> Response {
+    match body {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
@@ -54,6 +59,27 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             .into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
     }
+}
+
+/// Encodes every metric of `registry` in the text format.
+pub fn encode(registry: &prometheus::Registry) -> Result<String, prometheus::Error> {
+    use prometheus::Encoder as _;
+    let mut buffer = Vec::new();
+    prometheus::TextEncoder::new().encode(&registry.gather(), &mut buffer)?;
+    Ok(String::from_utf8_lossy(&buffer).into_owned())
+}
+
+/// Serves `registry` on `/metrics` alone, until the process ends (`leak workload`).
+pub fn serve_registry(listener: TcpListener, registry: prometheus::Registry) {
+    let registry = Arc::new(registry);
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move { exposition(encode(&registry)) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
 }
 
 /// The most recent kills, newest first; `?limit=N` caps the count.

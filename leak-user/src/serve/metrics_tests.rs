@@ -1,0 +1,42 @@
+//! The registry fed with kills assembled the way the agent assembles them.
+
+use super::Metrics;
+use crate::{
+    decode::event::fixtures::{event, level, record, PAGE, UNLIMITED},
+    enrich::{
+        cgroupfs::CgroupPaths,
+        kill::{assemble, KillContext},
+    },
+    model::kill::Kill,
+};
+
+fn build_kill(levels: &[leak_common::event::MemcgSnapshot], paths: &mut CgroupPaths) -> Kill {
+    let context = KillContext {
+        page_size: PAGE,
+        realtime_offset_ns: 0,
+        attach_mode: "tp_btf",
+        seq: 1,
+        same_oom_cgroup_id: None,
+    };
+    assemble(&record(&event(levels)), &context, paths)
+}
+
+#[test]
+fn metrics_keep_a_bounded_number_of_kill_series() {
+    let metrics = Metrics::with_kill_series_bound("test", 2).expect("metrics");
+    let mut paths = CgroupPaths::new(None);
+    for (id, name) in [(31, "first"), (32, "second"), (33, "third")] {
+        let kill = build_kill(
+            &[level(id, name, 10, 10, 0), level(1, "", 50, UNLIMITED, 0)],
+            &mut paths,
+        );
+        metrics.record_kill(&kill);
+    }
+    let text = metrics.render().expect("render");
+    assert!(
+        !text.contains("cgroup=\"/first\""),
+        "the oldest series is dropped:\n{text}"
+    );
+    assert!(text.contains("leak_oom_kills_total{cgroup=\"/second\""));
+    assert!(text.contains("leak_oom_kill_working_set_bytes{cgroup=\"/third\""));
+}
