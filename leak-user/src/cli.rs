@@ -102,6 +102,9 @@ pub struct DemoArgs {
     /// Also write the runs' kills, as served on /kills, to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also draw both runs side by side, from the kills' timelines, as an SVG figure.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

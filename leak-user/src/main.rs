@@ -76,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
                 file_dir: args.file_dir,
                 timeout: args.timeout,
                 json: args.json,
+                svg: args.svg,
             };
             tokio::task::spawn_blocking(move || demo::run(&options))
                 .await

@@ -19,8 +19,12 @@ use crate::{
     decode::{decode_kill, decode_sample},
     enrich::{poll, Enricher},
     kernel::Probes,
-    model::{kill::Kill, kubernetes::CgroupLabels, timeline::SampleKind},
-    serve::http::Shared,
+    model::{
+        kill::Kill,
+        kubernetes::CgroupLabels,
+        timeline::{self, SampleKind},
+    },
+    serve::{html::LiveSeries, http::Shared},
     store::History,
     sys,
 };
@@ -33,6 +37,9 @@ const STATS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Points kept per cgroup: a minute at the default 10 ms rate limit, plus limit hits.
 const MAX_POINTS_PER_CGROUP: usize = 8192;
+
+/// Points per cgroup on the live page.
+const LIVE_POINTS: usize = 200;
 
 /// A watched cgroup that has not been sampled for this long leaves the live series.
 const WATCH_IDLE_NS: u64 = 300_000_000_000;
@@ -89,7 +96,7 @@ impl State<'_> {
 
     /// Records polled points of the cgroups the charge path has not sampled within the last
     /// poll interval (its samples are fresher and finer).
-    fn on_poll(&mut self, polled: Vec<(u64, crate::model::timeline::Point)>) {
+    fn on_poll(&mut self, polled: Vec<(u64, timeline::Point)>) {
         let now = sys::boot_ns();
         let recent: HashSet<u64> = self
             .history
@@ -132,10 +139,21 @@ impl State<'_> {
             .latest()
             .map(|(id, point)| (id, point.clone()))
             .collect();
+        let mut live = Vec::new();
         for (id, point) in latest {
             if let Some(labels) = self.labels(id) {
                 self.shared.metrics.set_cgroup_live(&labels, &point);
+                let points = self.history.points(id).cloned().collect();
+                live.push(LiveSeries {
+                    labels,
+                    points: timeline::thin(points, LIVE_POINTS, self.page_size),
+                });
             }
+        }
+        live.sort_by(|a, b| a.labels.cgroup.cmp(&b.labels.cgroup));
+        // The page may be rendering the previous second's; it will get the next one.
+        if let Ok(mut shared) = self.shared.live.try_write() {
+            *shared = live;
         }
         for (id, totals) in probes.cgroup_counters() {
             let seen = self.counted.entry(id).or_default();

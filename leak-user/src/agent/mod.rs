@@ -96,6 +96,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         metrics,
         kills: tokio::sync::RwLock::new(RecentKills::new(options.max_kills)),
         attach_mode: mode.to_string(),
+        live: tokio::sync::RwLock::new(Vec::new()),
     });
 
     let (listener, local) =
@@ -105,7 +106,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
                 addr: options.listen,
                 source,
             })?;
-    info!("listening on http://{local} (/metrics, /kills, /healthz)");
+    info!("listening on http://{local} (/metrics, /kills, /healthz; pages at /)");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_stop = stop_rx.clone();

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     enrich::cgroupfs::MemoryHierarchy,
-    experiment::harness::{self, http_get, io, spawn_in, start_tracer, LabCgroup, LabError},
+    experiment::harness::{self, http_get, io, spawn_in, Cgroup, LabError, RemoveOnDrop, Tracer},
     sys::boot_ns,
 };
 
@@ -81,7 +81,7 @@ fn mode_args(mode: &str) -> &'static [&'static str] {
 /// Runs `leak churn` in the cgroup; bytes per second.
 fn churn(
     exe: &Path,
-    cgroup: &LabCgroup,
+    cgroup: &Cgroup,
     options: &BenchOptions,
     file: Option<&Path>,
 ) -> Result<f64, LabError> {
@@ -99,10 +99,10 @@ fn churn(
     command.stdout(Stdio::piped());
     let mut child = spawn_in(cgroup, command)?;
     let mut stdout = String::new();
-    if let Some(mut pipe) = child.0.stdout.take() {
+    if let Some(mut pipe) = child.child.stdout.take() {
         std::io::Read::read_to_string(&mut pipe, &mut stdout).map_err(io("reading leak churn"))?;
     }
-    let status = child.0.wait().map_err(io("waiting for leak churn"))?;
+    let status = child.child.wait().map_err(io("waiting for leak churn"))?;
     if !status.success() {
         return Err(LabError::Run(format!("leak churn failed: {status}")));
     }
@@ -146,7 +146,7 @@ fn available_modes(exe: &Path) -> Vec<&'static str> {
                     "/sys/kernel/tracing/events/memcg/mod_memcg_lruvec_state/format",
                 )
                 .is_ok_and(|f| !f.is_empty());
-            !dense_missing && start_tracer(exe, args, &[]).is_ok()
+            !dense_missing && Tracer::start(exe, args, &[]).is_ok()
         })
         .map(|(mode, _)| *mode)
         .collect()
@@ -158,17 +158,11 @@ fn overhead(
     options: &BenchOptions,
     modes: &[&str],
 ) -> Result<(f64, f64, std::collections::BTreeMap<String, ModeResult>), LabError> {
-    let cgroup = LabCgroup::create(hierarchy, "bench-churn", 4 << 30)?;
+    let cgroup = Cgroup::with_limit(hierarchy, "leak-bench-churn", 4 << 30)?;
     let file = options
         .file_dir
         .join(format!("leak-bench-{}.dat", std::process::id()));
-    struct RemoveFile<'a>(&'a Path);
-    impl Drop for RemoveFile<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(self.0);
-        }
-    }
-    let _remove = RemoveFile(&file);
+    let _remove = RemoveOnDrop(file.clone());
     let mut anon: std::collections::HashMap<&str, Vec<f64>> = Default::default();
     let mut written: std::collections::HashMap<&str, Vec<f64>> = Default::default();
     for round in 0..options.rounds {
@@ -176,7 +170,7 @@ fn overhead(
         for mode in std::iter::once("off").chain(modes.iter().copied()) {
             let _tracer = match mode {
                 "off" => None,
-                mode => Some(start_tracer(exe, mode_args(mode), &[])?),
+                mode => Some(Tracer::start(exe, mode_args(mode), &[])?),
             };
             let a = churn(exe, &cgroup, options, None)?;
             let f = churn(exe, &cgroup, options, Some(&file))?;
@@ -222,19 +216,11 @@ fn kill_latency(
     hierarchy: &MemoryHierarchy,
     options: &BenchOptions,
 ) -> Result<(Vec<f64>, Vec<f64>), LabError> {
-    let (_tracer, addr) = start_tracer(exe, &[], &[])?;
+    let tracer = Tracer::start(exe, &[], &[])?;
     let mut to_kills = Vec::new();
     let mut to_metrics = Vec::new();
     for index in 0..options.kills {
-        let cgroup = LabCgroup::create(hierarchy, &format!("bench-kill-{index}"), 16 << 20)?;
-        let relative = format!(
-            "/{}",
-            cgroup
-                .path
-                .strip_prefix(&hierarchy.root)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
+        let cgroup = Cgroup::with_limit(hierarchy, &format!("leak-bench-kill-{index}"), 16 << 20)?;
         let mut command = Command::new(exe);
         command.args([
             "workload",
@@ -247,7 +233,7 @@ fn kill_latency(
         ]);
         command.stdout(Stdio::null()).stderr(Stdio::null());
         let _workload = spawn_in(&cgroup, command)?;
-        let (kill_boot_ns, seen_kills, seen_metrics) = watch_for_kill(addr, &relative)?;
+        let (kill_boot_ns, seen_kills, seen_metrics) = watch_for_kill(tracer.addr, &cgroup.relative)?;
         to_kills.push(seen_kills.saturating_sub(kill_boot_ns) as f64 / 1e6);
         to_metrics.push(seen_metrics.saturating_sub(kill_boot_ns) as f64 / 1e6);
     }
@@ -270,7 +256,7 @@ fn watch_for_kill(addr: SocketAddr, cgroup: &str) -> Result<(u64, u64, u64), Lab
             }
         }
         if on_metrics.is_none() {
-            let body = http_get(addr, "/metrics")?;
+            let body = http_get(addr, "/metrics")?.body;
             let now = boot_ns();
             if body.contains(&series) {
                 on_metrics = Some(now);

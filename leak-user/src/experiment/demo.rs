@@ -3,18 +3,11 @@
 //! writing a file with fsync; for each run, from the kill's own timeline: when usage reached
 //! the limit, when the working set did, the page cache before and at death.
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{fs, path::PathBuf, time::Duration};
 
 use crate::{
     enrich::cgroupfs::MemoryHierarchy,
-    experiment::harness::{
-        self, io, leak_until_killed, start_tracer, LabCgroup, LabError, RemoveOnDrop,
-    },
+    experiment::harness::{self, io, leak_until_killed, Cgroup, LabError, RemoveOnDrop, Tracer},
     model::kill::Kill,
 };
 
@@ -29,6 +22,8 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Also write both runs' kills here, as JSON ([`DemoKills`]).
     pub json: Option<PathBuf>,
+    /// Also draw both runs here, as an SVG figure.
+    pub svg: Option<PathBuf>,
 }
 
 pub type DemoError = LabError;
@@ -82,20 +77,10 @@ fn tell(kill: &Kill) {
     );
 }
 
-fn find_kill(addr: SocketAddr, pid: u32) -> Result<Kill, DemoError> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Some(kill) = harness::kills(addr, "")?
-            .into_iter()
-            .find(|k| k.victim_pid == pid)
-        {
-            return Ok(kill);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(LabError::Run(format!(
-        "the tracer reported no kill of pid {pid}"
-    )))
+fn find_kill(tracer: &Tracer, pid: u32) -> Result<Kill, DemoError> {
+    tracer.wait_for_kill(&format!("pid {pid}"), Duration::from_secs(20), |kill| {
+        kill.victim_pid == pid
+    })
 }
 
 /// What `leak demo --json` writes: each run's kill as `/kills` served it.
@@ -119,7 +104,7 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
         options.chunk_bytes / 1024,
         options.interval
     );
-    let (_tracer, addr) = start_tracer(
+    let tracer = Tracer::start(
         &exe,
         &["--history", "120s"],
         &["charge path (", "OOM hook attach mode:"],
@@ -136,9 +121,9 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     ];
 
     println!("\n== run 1: anonymous memory only");
-    let cgroup = LabCgroup::create(&hierarchy, "demo-anon", options.limit_bytes)?;
+    let cgroup = Cgroup::with_limit(&hierarchy, "leak-demo-anon", options.limit_bytes)?;
     let pid = leak_until_killed(&exe, &cgroup, &base, options.timeout)?;
-    let anon = find_kill(addr, pid)?;
+    let anon = find_kill(&tracer, pid)?;
     tell(&anon);
     println!(
         "  => usage and working set rose together: for an anonymous leak \
@@ -151,9 +136,9 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     );
     let mut args = base.clone();
     args.extend(["--file".to_owned(), file.to_string_lossy().into_owned()]);
-    let cgroup = LabCgroup::create(&hierarchy, "demo-file", options.limit_bytes)?;
+    let cgroup = Cgroup::with_limit(&hierarchy, "leak-demo-file", options.limit_bytes)?;
     let pid = leak_until_killed(&exe, &cgroup, &args, options.timeout)?;
-    let page_cache = find_kill(addr, pid)?;
+    let page_cache = find_kill(&tracer, pid)?;
     tell(&page_cache);
     let story = page_cache.story.clone().unwrap_or_default();
     let (file_usage, file_ws) = (
@@ -171,6 +156,19 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
             "  => the working set reached the limit {} after usage did",
             seconds(file_ws)
         ),
+    }
+    if let Some(path) = &options.svg {
+        let caption = format!(
+            "leak demo, {} limit, {} KiB every {:?}, kernel {}, {}",
+            mib(options.limit_bytes),
+            options.chunk_bytes / 1024,
+            options.interval,
+            crate::sys::kernel_release(),
+            anon.timestamp.get(..10).unwrap_or(&anon.timestamp),
+        );
+        let figure = super::figure::demo_svg(&anon, &page_cache, &caption);
+        fs::write(path, figure).map_err(io(format!("writing {}", path.display())))?;
+        println!("leak demo: figure written to {}", path.display());
     }
     if let Some(path) = &options.json {
         let kills = DemoKills { anon, page_cache };

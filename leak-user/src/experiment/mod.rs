@@ -4,5 +4,6 @@
 
 pub mod bench;
 pub mod demo;
+pub mod figure;
 pub mod harness;
 pub mod workload;

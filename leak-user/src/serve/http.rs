@@ -3,22 +3,27 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
-    extract::{Query, State},
+    extract::{Path, Query, State},
     http::{header, StatusCode},
-    response::{IntoResponse, Response},
+    response::{Html, IntoResponse, Response},
     routing::get,
     Json, Router,
 };
 use tokio::{net::TcpListener, sync::RwLock};
 
-use super::metrics::Metrics;
-use crate::{model::kill::Kill, store::RecentKills};
+use super::{
+    html::{self, LiveSeries},
+    metrics::Metrics,
+};
+use crate::{model::kill::Kill, store::RecentKills, sys};
 
 /// What the handlers read.
 pub struct Shared {
     pub metrics: Metrics,
     pub kills: RwLock<RecentKills>,
     pub attach_mode: String,
+    /// The watched cgroups' recent points, refreshed by the agent every second.
+    pub live: RwLock<Vec<LiveSeries>>,
 }
 
 impl Shared {
@@ -38,7 +43,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/kills", get(kills))
+        .route("/kills/{seq}", get(kill_json))
         .route("/healthz", get(healthz))
+        .route("/", get(index_page))
+        .route("/kill/{seq}", get(kill_page))
+        .route("/live", get(live_page))
         .with_state(shared)
 }
 
@@ -90,6 +99,50 @@ async fn kills(
     let kills = shared.kills.read().await;
     let limit = query.limit.unwrap_or(usize::MAX);
     Json(kills.newest_first().take(limit).cloned().collect())
+}
+
+/// The kill with sequence number `seq`, if it is still kept.
+async fn find_kill(shared: &Shared, seq: &str) -> Result<Kill, Response> {
+    let seq: u64 = seq.parse().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            "the kill's sequence number must be a non-negative integer\n",
+        )
+            .into_response()
+    })?;
+    let kills = shared.kills.read().await;
+    let found = kills.newest_first().find(|kill| kill.seq == seq).cloned();
+    found.ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            format!("no kill #{seq} is kept (see /kills for the ones that are)\n"),
+        )
+            .into_response()
+    })
+}
+
+async fn kill_json(State(shared): State<Arc<Shared>>, Path(seq): Path<String>) -> Response {
+    match find_kill(&shared, &seq).await {
+        Ok(kill) => Json(kill).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn kill_page(State(shared): State<Arc<Shared>>, Path(seq): Path<String>) -> Response {
+    match find_kill(&shared, &seq).await {
+        Ok(kill) => Html(html::kill(&kill)).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn index_page(State(shared): State<Arc<Shared>>) -> Html<String> {
+    let kills = shared.kills.read().await;
+    Html(html::index(kills.newest_first(), &shared.attach_mode))
+}
+
+async fn live_page(State(shared): State<Arc<Shared>>) -> Html<String> {
+    let live = shared.live.read().await;
+    Html(html::live(&live, sys::boot_ns()))
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> String {

@@ -92,6 +92,11 @@ impl History {
             .collect()
     }
 
+    /// Every cgroup's points, oldest first.
+    pub fn points(&self, cgroup_id: u64) -> impl Iterator<Item = &Point> {
+        self.by_cgroup.get(&cgroup_id).into_iter().flatten()
+    }
+
     /// The newest point of every cgroup.
     pub fn latest(&self) -> impl Iterator<Item = (u64, &Point)> {
         self.by_cgroup
