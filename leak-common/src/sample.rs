@@ -10,18 +10,9 @@ pub mod kind {
     pub const CHARGE_FAILED: u32 = 3;
 }
 
-/// Which program took a sample (`u32` tag).
-pub mod source {
-    pub const FENTRY_CHARGE: u32 = 1;
-    pub const FEXIT_CHARGE: u32 = 2;
-    pub const FENTRY_RECLAIM: u32 = 3;
-    pub const KPROBE_CHARGE: u32 = 4;
-    pub const KRETPROBE_CHARGE: u32 = 5;
-    pub const KPROBE_RECLAIM: u32 = 6;
-    pub const TP_BTF_LRUVEC_STATE: u32 = 7;
-    pub const TP_BTF_RECLAIM: u32 = 8;
-    pub const TRACEPOINT_RECLAIM: u32 = 9;
-}
+/// A single charge can ask for up to one PMD-sized huge page, 512 base pages (2 MiB with 4 KiB
+/// pages), so a cgroup within this many pages of its limit is at it: its next charge may not fit.
+pub const CHARGE_SLACK_PAGES: u64 = 512;
 
 /// One memory cgroup at one moment, in pages.
 #[repr(C)]
@@ -38,8 +29,7 @@ pub struct ChargeSample {
     pub anon_pages: u64,
     /// One of [`kind`].
     pub kind: u32,
-    /// One of [`source`].
-    pub source: u32,
+    pub _pad: u32,
 }
 
 const _: () = assert!(size_of::<ChargeSample>() == 8 * 7 + 4 * 2);

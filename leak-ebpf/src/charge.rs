@@ -13,7 +13,7 @@ use aya_ebpf::{
 use leak_common::{
     event::{counter, MAX_CGROUP_DEPTH},
     layout::{LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE},
-    sample::{kind, source, CgroupCounters, ChargeConfig, ChargeSample},
+    sample::{kind, CgroupCounters, ChargeConfig, ChargeSample, CHARGE_SLACK_PAGES},
 };
 
 use crate::{
@@ -41,7 +41,7 @@ macro_rules! config {
 /// userspace at load.
 #[fentry(function = "try_charge_memcg")]
 pub fn try_charge_fentry(ctx: FEntryContext) -> i32 {
-    sample_chain(ctx.arg(0), kind::CHARGE, source::FENTRY_CHARGE);
+    sample_chain(ctx.arg(0), kind::CHARGE);
     0
 }
 
@@ -50,14 +50,14 @@ pub fn try_charge_fexit(ctx: FExitContext) -> i32 {
     // fexit sees the arguments, then the return value: (memcg, gfp_mask, nr_pages) -> int.
     let result: u64 = ctx.arg(3);
     if result as i32 != 0 {
-        charge_failed(ctx.arg(0), source::FEXIT_CHARGE);
+        charge_failed(ctx.arg(0));
     }
     0
 }
 
 #[fentry(function = "try_to_free_mem_cgroup_pages")]
 pub fn reclaim_fentry(ctx: FEntryContext) -> i32 {
-    limit_hit(ctx.arg(0), source::FENTRY_RECLAIM);
+    limit_hit(ctx.arg(0));
     0
 }
 
@@ -65,7 +65,7 @@ pub fn reclaim_fentry(ctx: FEntryContext) -> i32 {
 pub fn try_charge_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(memcg) = ctx.arg::<u64>(0) {
         let _ = CHARGING.insert(bpf_get_current_pid_tgid() as u32, memcg, 0);
-        sample_chain(memcg, kind::CHARGE, source::KPROBE_CHARGE);
+        sample_chain(memcg, kind::CHARGE);
     }
     0
 }
@@ -79,7 +79,7 @@ pub fn try_charge_kretprobe(ctx: RetProbeContext) -> u32 {
     let result: u64 = ctx.ret();
     let result = result as i32;
     if let (Some(memcg), true) = (memcg, result != 0) {
-        charge_failed(memcg, source::KRETPROBE_CHARGE);
+        charge_failed(memcg);
     }
     0
 }
@@ -87,7 +87,7 @@ pub fn try_charge_kretprobe(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn reclaim_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(memcg) = ctx.arg::<u64>(0) {
-        limit_hit(memcg, source::KPROBE_RECLAIM);
+        limit_hit(memcg);
     }
     0
 }
@@ -95,7 +95,7 @@ pub fn reclaim_kprobe(ctx: ProbeContext) -> u32 {
 /// 6.13+: every LRU statistics update names its memory cgroup.
 #[btf_tracepoint(function = "mod_memcg_lruvec_state")]
 pub fn lruvec_state_btf(ctx: BtfTracePointContext) -> i32 {
-    sample_chain(ctx.arg(0), kind::CHARGE, source::TP_BTF_LRUVEC_STATE);
+    sample_chain(ctx.arg(0), kind::CHARGE);
     0
 }
 
@@ -103,13 +103,13 @@ pub fn lruvec_state_btf(ctx: BtfTracePointContext) -> i32 {
 /// task sits below it, so the nearest limited cgroup at its limit up the task's chain is it.
 #[btf_tracepoint(function = "mm_vmscan_memcg_reclaim_begin")]
 pub fn reclaim_begin_btf(_ctx: BtfTracePointContext) -> i32 {
-    limit_hit_of_current(source::TP_BTF_RECLAIM);
+    limit_hit_of_current();
     0
 }
 
 #[tracepoint(category = "vmscan", name = "mm_vmscan_memcg_reclaim_begin")]
 pub fn reclaim_begin_tracepoint(_ctx: TracePointContext) -> u32 {
-    limit_hit_of_current(source::TRACEPOINT_RECLAIM);
+    limit_hit_of_current();
     0
 }
 
@@ -152,7 +152,7 @@ fn due(memcg: u64, kind: u32, now: u64) -> bool {
 /// Samples `memcg` and its ancestors (limited ones only, by default), each at most once per
 /// interval.
 #[inline(always)]
-fn sample_chain(memcg: u64, sample_kind: u32, sample_source: u32) {
+fn sample_chain(memcg: u64, sample_kind: u32) {
     let now = now();
     // The cheapest check first: on a hot path (every LRU update with tp_btf) at most one walk
     // per CPU per tenth of the per-cgroup interval, so one CPU can still serve ten busy cgroups
@@ -176,33 +176,31 @@ fn sample_chain(memcg: u64, sample_kind: u32, sample_source: u32) {
         }
         let limited = limit_pages(current) < unlimited;
         if (limited || !only_limited) && due(current, sample_kind, now) {
-            emit(current, sample_kind, sample_source, now);
+            emit(current, sample_kind, now);
         }
         current = parent_memcg(current);
     }
 }
 
-fn limit_hit(memcg: u64, sample_source: u32) {
+fn limit_hit(memcg: u64) {
     bump(memcg, |counters| &mut counters.limit_hits);
     let now = now();
     if due(memcg, kind::LIMIT_HIT, now) {
-        emit(memcg, kind::LIMIT_HIT, sample_source, now);
+        emit(memcg, kind::LIMIT_HIT, now);
     }
 }
 
-fn charge_failed(memcg: u64, sample_source: u32) {
+fn charge_failed(memcg: u64) {
     bump(memcg, |counters| &mut counters.charge_failures);
     let now = now();
     if due(memcg, kind::CHARGE_FAILED, now) {
-        emit(memcg, kind::CHARGE_FAILED, sample_source, now);
+        emit(memcg, kind::CHARGE_FAILED, now);
     }
 }
 
-/// Pages a single charge may ask for (a THP): how close to its limit a cgroup must be for a
-/// reclaim to be on its behalf.
-const CHARGE_SLACK_PAGES: u64 = 512;
-
-fn limit_hit_of_current(sample_source: u32) {
+/// Counts a limit hit for the nearest limited cgroup, from the running task's up, whose usage is
+/// within one charge of its limit: the reclaim that just began is on its behalf.
+fn limit_hit_of_current() {
     let unlimited = config!(unlimited_pages);
     let mut current = current_memcg();
     for _ in 0..MAX_CGROUP_DEPTH {
@@ -211,7 +209,7 @@ fn limit_hit_of_current(sample_source: u32) {
         }
         let limit = limit_pages(current);
         if limit < unlimited && usage_pages(current).saturating_add(CHARGE_SLACK_PAGES) >= limit {
-            limit_hit(current, sample_source);
+            limit_hit(current);
             return;
         }
         current = parent_memcg(current);
@@ -239,7 +237,7 @@ fn bump(memcg: u64, field: fn(&mut CgroupCounters) -> &mut u64) {
 }
 
 #[inline(never)]
-fn emit(memcg: u64, sample_kind: u32, sample_source: u32, now: u64) {
+fn emit(memcg: u64, sample_kind: u32, now: u64) {
     let Some(mut entry) = SAMPLES.reserve::<ChargeSample>(0) else {
         count(counter::LOST_SAMPLES);
         return;
@@ -254,7 +252,7 @@ fn emit(memcg: u64, sample_kind: u32, sample_source: u32, now: u64) {
         active_file_pages: lru(LRU_ACTIVE_FILE),
         anon_pages: lru(LRU_INACTIVE_ANON) + lru(LRU_ACTIVE_ANON),
         kind: sample_kind,
-        source: sample_source,
+        _pad: 0,
     });
     entry.submit(0);
 }

@@ -64,34 +64,58 @@ macro_rules! layout {
 }
 pub(crate) use layout;
 
+/// Types [`read`] may return: plain integers, for which any bytes the kernel holds are a valid
+/// value.
+///
+/// # Safety
+///
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid `Self`: no `bool`, `char`,
+/// enum, reference, pointer to be dereferenced, or padding.
+pub unsafe trait KernelScalar: Copy {}
+
+macro_rules! kernel_scalar {
+    ($($ty:ty),+) => {
+        $(
+            // SAFETY: a fixed-width integer; every bit pattern is a value.
+            unsafe impl KernelScalar for $ty {}
+        )+
+    };
+}
+kernel_scalar!(u8, u16, u32, u64, i8, i16, i32, i64);
+
 /// Reads a `T` at `base + offset` in kernel memory.
 #[inline(always)]
-pub fn read<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
+pub fn read<T: KernelScalar>(base: u64, offset: u32) -> Result<T, i64> {
     if base == 0 || offset == Layout::ABSENT {
         return Err(-1);
     }
     let mut value = core::mem::MaybeUninit::<T>::uninit();
-    // SAFETY: bpf_probe_read_kernel checks the source address and writes exactly
-    // size_of::<T>() bytes into `value`, which is only read once the helper succeeded.
+    // SAFETY: `value` has room for exactly the size_of::<T>() bytes the helper writes, and the
+    // helper checks the source address itself.
     let result = unsafe {
         bpf_probe_read_kernel(
             value.as_mut_ptr().cast(),
-            core::mem::size_of::<T>() as u32,
+            size_of::<T>() as u32,
             (base + offset as u64) as *const core::ffi::c_void,
         )
     };
     if result < 0 {
         return Err(result);
     }
-    // SAFETY: the helper succeeded, so all bytes were written.
+    // SAFETY: the helper succeeded, so every byte was written, and any bytes are a valid `T`
+    // (`KernelScalar`).
     Ok(unsafe { value.assume_init() })
 }
 
 /// Copies `len` bytes of kernel memory at `src` into `dst`.
+///
+/// # Safety
+///
+/// `dst` must be valid for writes of `len` bytes, and nothing else may read or write them during
+/// the call. `src` need not be valid: the helper checks it and fails instead.
 #[inline(always)]
-pub fn read_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
-    // SAFETY: `dst` points to at least `len` writable bytes (callers pass fields of a ring
-    // buffer reservation); the helper validates `src`.
+pub unsafe fn read_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
+    // SAFETY: the caller guarantees `dst`; the helper checks `src`.
     let result = unsafe { bpf_probe_read_kernel(dst.cast(), len, src as *const core::ffi::c_void) };
     if result < 0 {
         Err(result)
@@ -100,10 +124,15 @@ pub fn read_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
     }
 }
 
-/// Copies a NUL-terminated kernel string at `src` into `dst` (at most `len` bytes).
+/// Copies a NUL-terminated kernel string at `src` into `dst`, at most `len` bytes including the
+/// NUL, which the helper always writes.
+///
+/// # Safety
+///
+/// As for [`read_into`].
 #[inline(always)]
-pub fn read_str_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
-    // SAFETY: as for `read_into`; the helper always NUL-terminates within `len`.
+pub unsafe fn read_str_into(dst: *mut u8, len: u32, src: u64) -> Result<(), i64> {
+    // SAFETY: the caller guarantees `dst`; the helper checks `src`.
     let result =
         unsafe { bpf_probe_read_kernel_str(dst.cast(), len, src as *const core::ffi::c_void) };
     if result < 0 {

@@ -265,11 +265,9 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
 fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
     event.victim_pid = read::<u32>(task, layout!(task_pid)).unwrap_or(event.victim_pid);
     event.victim_tgid = read::<u32>(task, layout!(task_tgid)).unwrap_or(0);
-    let _ = read_into(
-        event.victim_comm.as_mut_ptr(),
-        TASK_COMM_LEN as u32,
-        task + layout!(task_comm) as u64,
-    );
+    let comm = task + layout!(task_comm) as u64;
+    // SAFETY: `victim_comm` is TASK_COMM_LEN writable bytes, borrowed mutably for the call.
+    let _ = unsafe { read_into(event.victim_comm.as_mut_ptr(), TASK_COMM_LEN as u32, comm) };
     if let Some(ns_pid) = namespace_pid(task) {
         event.victim_ns_pid = ns_pid;
         *event_flags |= flags::NS_PID_VALID;
@@ -339,7 +337,8 @@ fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
     let kn = read::<u64>(cgroup, layout!(cgroup_kn))?;
     snapshot.cgroup_id = read::<u64>(kn, layout!(kn_id))?;
     if let Ok(name) = read::<u64>(kn, layout!(kn_name)) {
-        let _ = read_str_into(snapshot.name.as_mut_ptr(), CGROUP_NAME_LEN as u32, name);
+        // SAFETY: `snapshot.name` is CGROUP_NAME_LEN writable bytes, borrowed mutably for the call.
+        let _ = unsafe { read_str_into(snapshot.name.as_mut_ptr(), CGROUP_NAME_LEN as u32, name) };
     }
     Ok(())
 }

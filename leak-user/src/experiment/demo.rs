@@ -106,7 +106,7 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     );
     let tracer = Tracer::start(
         &exe,
-        &["--history", "120s"],
+        &["--history", "120s", "--dense-samples"],
         &["charge path (", "OOM hook attach mode:"],
     )?;
     let file = options

@@ -41,7 +41,7 @@ const SERIES: &[(&str, &str, &str)] = &[
 
 const MARGIN_LEFT: f64 = 64.0;
 const MARGIN_RIGHT: f64 = 16.0;
-const MARGIN_TOP: f64 = 28.0;
+const MARGIN_TOP: f64 = 44.0;
 const MARGIN_BOTTOM: f64 = 44.0;
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -244,14 +244,14 @@ pub fn svg(id: &str, title: &str, x_label: &str, points: &[ChartPoint<'_>], size
     }
 
     // Legend.
-    let mut legend_x = MARGIN_LEFT + plot_w - 360.0;
+    let mut legend_x = MARGIN_LEFT;
     for (_, label, color) in SERIES.iter().chain([&("limit", "limit", "#555")]) {
         let _ = write!(
             out,
-            r#"<rect x="{legend_x:.1}" y="8" width="12" height="12" fill="{color}"/><text x="{:.1}" y="18">{label}</text>"#,
-            legend_x + 16.0,
+            r#"<rect x="{legend_x:.1}" y="24" width="10" height="10" fill="{color}"/><text x="{:.1}" y="33">{label}</text>"#,
+            legend_x + 14.0,
         );
-        legend_x += 90.0;
+        legend_x += 100.0;
     }
     out.push_str("</svg>");
     out

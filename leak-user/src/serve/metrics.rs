@@ -39,6 +39,7 @@ pub struct Metrics {
     working_set: GaugeVec,
     inactive_file: GaugeVec,
     timestamp: GaugeVec,
+    victim: GaugeVec,
     working_set_ratio: Histogram,
     lost_events: IntCounter,
     read_errors: IntCounter,
@@ -65,7 +66,14 @@ pub struct Metrics {
 pub const MAX_KILL_SERIES: usize = 2000;
 
 /// The gauge labels of one kill series and every counter label set seen with them.
-type KillSeries = (Vec<String>, Vec<Vec<String>>);
+#[derive(Debug)]
+struct KillSeries {
+    gauge: Vec<String>,
+    /// Label sets of `leak_oom_kills_total` seen with it.
+    counters: Vec<Vec<String>>,
+    /// Label sets of `leak_oom_kill_victim_timestamp_seconds` seen with it.
+    victims: Vec<Vec<String>>,
+}
 
 /// Labels of the per-cgroup gauges: the victim's cgroup, the one that hit its limit, and the
 /// victim's Kubernetes names (empty outside Kubernetes).
@@ -127,6 +135,23 @@ impl Metrics {
             "oom_kill_timestamp_seconds",
             "Unix time of the last kill in this cgroup",
         )?;
+        let victim = GaugeVec::new(
+            Opts::new(
+                "oom_kill_victim_timestamp_seconds",
+                "Unix time of the last kill of this process name in this cgroup, with whether it \
+                 was its pid namespace's main process (a container survives the kill of any other)",
+            ),
+            &[
+                "cgroup",
+                "oom_cgroup",
+                "namespace",
+                "pod",
+                "container",
+                "process",
+                "main_process",
+            ],
+        )?;
+        registry.register(Box::new(victim.clone()))?;
         let working_set_ratio = Histogram::with_opts(
             HistogramOpts::new(
                 "oom_kill_working_set_ratio",
@@ -231,6 +256,7 @@ impl Metrics {
             working_set,
             inactive_file,
             timestamp,
+            victim,
             working_set_ratio,
             lost_events,
             read_errors,
@@ -253,7 +279,7 @@ impl Metrics {
     pub fn set_attachments(&self, attachments: &[Attachment]) {
         for attachment in attachments {
             self.attach_info
-                .with_label_values(&[attachment.hook, attachment.mode.as_str()])
+                .with_label_values(&[attachment.hook.name(), attachment.mode.as_str()])
                 .set(1);
         }
     }
@@ -281,8 +307,18 @@ impl Metrics {
             kill.constraint.as_str(),
             main_process,
         ];
+        let process = kill.victim_comm.as_deref().unwrap_or("");
+        let victim_labels = [
+            labels[0],
+            labels[1],
+            labels[2],
+            labels[3],
+            labels[4],
+            process,
+            main_process,
+        ];
         self.kills.with_label_values(&counter_labels).inc();
-        self.remember_kill_series(&labels, &counter_labels);
+        self.remember_kill_series(&labels, &counter_labels, &victim_labels);
         self.usage
             .with_label_values(&labels)
             .set(kill.usage_bytes as f64);
@@ -297,6 +333,7 @@ impl Metrics {
             .set(kill.inactive_file_bytes as f64);
         let seconds = kill.timestamp_unix_ns as f64 / 1e9;
         self.timestamp.with_label_values(&labels).set(seconds);
+        self.victim.with_label_values(&victim_labels).set(seconds);
         self.last_kill.set(seconds);
         if let (Some(limit), Some(_)) = (kill.limit_bytes, &kill.oom_cgroup) {
             if limit > 0 {
@@ -308,28 +345,33 @@ impl Metrics {
 
     /// Records that these series were just written, and drops the least recently killed
     /// beyond the bound.
-    fn remember_kill_series(&self, gauge: &[&str], counter: &[&str]) {
+    fn remember_kill_series(&self, gauge: &[&str], counter: &[&str], victim: &[&str]) {
         let owned = |labels: &[&str]| labels.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
-        let (gauge, counter) = (owned(gauge), owned(counter));
+        let (gauge, counter, victim) = (owned(gauge), owned(counter), owned(victim));
         let Ok(mut series) = self.kill_series.lock() else {
             return;
         };
-        let mut counters = match series.iter().position(|(labels, _)| *labels == gauge) {
-            Some(index) => series
-                .remove(index)
-                .map(|(_, counters)| counters)
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        if !counters.contains(&counter) {
-            counters.push(counter);
+        let mut entry = match series.iter().position(|known| known.gauge == gauge) {
+            Some(index) => series.remove(index),
+            None => None,
         }
-        series.push_back((gauge, counters));
+        .unwrap_or(KillSeries {
+            gauge,
+            counters: Vec::new(),
+            victims: Vec::new(),
+        });
+        if !entry.counters.contains(&counter) {
+            entry.counters.push(counter);
+        }
+        if !entry.victims.contains(&victim) {
+            entry.victims.push(victim);
+        }
+        series.push_back(entry);
         while series.len() > self.max_kill_series {
-            let Some((gauge, counters)) = series.pop_front() else {
+            let Some(evicted) = series.pop_front() else {
                 break;
             };
-            let gauge: Vec<&str> = gauge.iter().map(String::as_str).collect();
+            let gauge: Vec<&str> = evicted.gauge.iter().map(String::as_str).collect();
             for family in [
                 &self.usage,
                 &self.limit,
@@ -339,9 +381,13 @@ impl Metrics {
             ] {
                 let _ = family.remove_label_values(&gauge);
             }
-            for counter in &counters {
+            for counter in &evicted.counters {
                 let counter: Vec<&str> = counter.iter().map(String::as_str).collect();
                 let _ = self.kills.remove_label_values(&counter);
+            }
+            for victim in &evicted.victims {
+                let victim: Vec<&str> = victim.iter().map(String::as_str).collect();
+                let _ = self.victim.remove_label_values(&victim);
             }
         }
     }

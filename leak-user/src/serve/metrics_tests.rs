@@ -37,6 +37,13 @@ fn metrics_keep_a_bounded_number_of_kill_series() {
         !text.contains("cgroup=\"/first\""),
         "the oldest series is dropped:\n{text}"
     );
+    assert!(
+        !text.contains("leak_oom_kill_victim_timestamp_seconds{cgroup=\"/first\""),
+        "and its victims with it"
+    );
     assert!(text.contains("leak_oom_kills_total{cgroup=\"/second\""));
+    assert!(text.contains(
+        "leak_oom_kill_victim_timestamp_seconds{cgroup=\"/third\",container=\"\",main_process=\"true\",namespace=\"\",oom_cgroup=\"/third\",pod=\"\",process=\"leak\"}"
+    ));
     assert!(text.contains("leak_oom_kill_working_set_bytes{cgroup=\"/third\""));
 }
