@@ -1,9 +1,13 @@
-//! The manifests under deploy/ give the agent what it needs on a node: privileges, the host
-//! mounts its code reads, health probes on its real endpoints, bounded resources; and the
-//! experiment's workloads have the original 128 MiB request and limit.
+//! The manifests under deploy/ give the agent what it needs on a node and nothing more:
+//! privileges, arguments its own parser accepts, the host mounts its code reads, health probes
+//! on its real endpoints, bounded resources; and the experiment's workloads have the original
+//! 128 MiB request and limit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use clap::Parser as _;
+use leak_user::cli::{Cli, Command, TraceArgs};
+use serde::Deserialize as _;
 use serde_yaml::Value;
 
 fn documents(file: &str) -> Vec<Value> {
@@ -17,8 +21,6 @@ fn documents(file: &str) -> Vec<Value> {
         .collect()
 }
 
-use serde::Deserialize as _;
-
 fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter()
         .filter(|d| d["kind"].as_str() == Some(kind))
@@ -27,6 +29,74 @@ fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 fn text(value: &Value) -> &str {
     value.as_str().unwrap_or_default()
+}
+
+/// A host path the agent reads, and where: the pod must mount it, read-only, at the path the
+/// agent looks (under `--rootfs` for the kubelet's logs), or not at all.
+struct HostPath {
+    host: &'static str,
+    read_by: &'static str,
+    under_rootfs: bool,
+    /// The agent cannot work without it (the others are fallbacks).
+    required: bool,
+}
+
+/// Every host path the agent reads. `/proc` is the host's through `hostPID` (enrich/procfs.rs
+/// reads victims' entries), not a mount; nothing is pinned under /sys/fs/bpf, and the kernel's
+/// log (/dev/kmsg) is read by the tests only.
+const HOST_PATHS: &[HostPath] = &[
+    HostPath {
+        host: "/sys/kernel/btf",
+        read_by: "kernel/layout (struct layouts from /sys/kernel/btf/vmlinux)",
+        under_rootfs: false,
+        required: true,
+    },
+    HostPath {
+        host: "/sys/fs/cgroup",
+        read_by: "enrich/cgroupfs.rs and enrich/poll.rs (cgroup paths, limits, memory.stat)",
+        under_rootfs: false,
+        required: true,
+    },
+    HostPath {
+        host: "/sys/kernel/tracing",
+        read_by: "kernel/mod.rs (classic tracepoints' format files)",
+        under_rootfs: false,
+        required: true,
+    },
+    HostPath {
+        host: "/sys/kernel/debug",
+        read_by: "kernel/mod.rs (tracefs under debugfs, where nothing is at /sys/kernel/tracing)",
+        under_rootfs: false,
+        required: false,
+    },
+    HostPath {
+        host: "/var/log/pods",
+        read_by: "enrich/kubernetes.rs (pod names), under --rootfs",
+        under_rootfs: true,
+        required: true,
+    },
+    HostPath {
+        host: "/var/log/containers",
+        read_by: "enrich/kubernetes.rs (container names), under --rootfs",
+        under_rootfs: true,
+        required: true,
+    },
+];
+
+/// The container's `args`, parsed by the agent's own command line.
+fn trace_args(container: &Value) -> TraceArgs {
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|arg| arg.as_str().expect("every arg is a string"))
+        .collect();
+    let cli = Cli::try_parse_from(std::iter::once("leak").chain(args.iter().copied()))
+        .unwrap_or_else(|err| panic!("the agent rejects {args:?}: {err}"));
+    match cli.into_command() {
+        Command::Trace(trace) => trace,
+        other => panic!("{args:?} does not run the tracer: {other:?}"),
+    }
 }
 
 #[test]
@@ -38,68 +108,96 @@ fn daemonset_has_privileges_mounts_probes_and_resources() {
     assert_eq!(
         pod["hostPID"].as_bool(),
         Some(true),
-        "victims are host pids"
+        "victims are host pids, read in the host's /proc"
     );
     let container = &pod["containers"][0];
     assert_eq!(
         container["securityContext"]["privileged"].as_bool(),
         Some(true)
     );
+    assert!(
+        container["env"].as_sequence().is_none_or(|env| env
+            .iter()
+            .all(|var| !text(&var["name"]).starts_with("LEAK_"))),
+        "settings belong in args, where this test parses them"
+    );
 
-    let args: Vec<&str> = container["args"]
-        .as_sequence()
-        .expect("args")
-        .iter()
-        .map(text)
-        .collect();
-    assert_eq!(args.first(), Some(&"trace"));
-    let rootfs = args
-        .iter()
-        .position(|a| *a == "--rootfs")
-        .map(|i| args[i + 1])
-        .expect("--rootfs");
-    let listen = args
-        .iter()
-        .position(|a| *a == "--listen")
-        .map(|i| args[i + 1])
-        .expect("--listen");
+    let trace = trace_args(container);
     let port = container["ports"][0]["containerPort"]
         .as_u64()
         .expect("port");
-    assert!(
-        listen.ends_with(&format!(":{port}")),
-        "{listen} vs containerPort {port}"
+    assert_eq!(
+        u64::from(trace.listen.port()),
+        port,
+        "--listen vs containerPort"
     );
+    assert!(
+        trace.listen.ip().is_unspecified(),
+        "--listen {} is unreachable for the kubelet's probes and Prometheus",
+        trace.listen
+    );
+    assert_eq!(trace.rootfs, PathBuf::from("/host"), "--rootfs");
 
-    let mounts: Vec<(&str, bool)> = container["volumeMounts"]
-        .as_sequence()
-        .expect("mounts")
-        .iter()
-        .map(|m| (text(&m["mountPath"]), m["readOnly"].as_bool() == Some(true)))
-        .collect();
-    let needed = [
-        "/sys/kernel/btf".to_owned(),
-        "/sys/fs/cgroup".to_owned(),
-        "/sys/kernel/tracing".to_owned(),
-        "/sys/kernel/debug".to_owned(),
-        "/dev/kmsg".to_owned(),
-        format!("{rootfs}/var/log/pods"),
-        format!("{rootfs}/var/log/containers"),
-    ];
-    for path in &needed {
-        assert!(
-            mounts.iter().any(|(m, read_only)| m == path && *read_only),
-            "missing read-only mount {path} in {mounts:?}"
-        );
-    }
-    // Every mount is backed by a hostPath volume of the same name.
+    // Every mount is a hostPath volume of the same name that the agent reads, read-only, at
+    // the path it reads it from.
     let volumes = pod["volumes"].as_sequence().expect("volumes");
+    let mut mounted = Vec::new();
     for mount in container["volumeMounts"].as_sequence().expect("mounts") {
         let volume = volumes
             .iter()
             .find(|v| v["name"] == mount["name"])
             .unwrap_or_else(|| panic!("no volume for {:?}", mount["name"]));
-        assert!(volume["hostPath"]["path"].as_str().is_some());
+        let host = volume["hostPath"]["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("volume {:?} is not a hostPath", volume["name"]));
+        let known = HOST_PATHS
+            .iter()
+            .find(|known| known.host == host)
+            .unwrap_or_else(|| {
+                panic!(
+                    "hostPath {host} is mounted but the agent never reads it; the agent reads only {:?}",
+                    HOST_PATHS.iter().map(|p| p.host).collect::<Vec<_>>()
+                )
+            });
+        let expected_at = if known.under_rootfs {
+            trace.rootfs.join(host.trim_start_matches('/'))
+        } else {
+            PathBuf::from(host)
+        };
+        assert_eq!(
+            PathBuf::from(text(&mount["mountPath"])),
+            expected_at,
+            "{host} ({}) is mounted where the agent does not look",
+            known.read_by
+        );
+        assert_eq!(
+            mount["readOnly"].as_bool(),
+            Some(true),
+            "{host} must be read-only"
+        );
+        mounted.push(host);
+    }
+    // The btf flag's default points into the BTF mount.
+    assert!(
+        trace.btf.starts_with("/sys/kernel/btf"),
+        "--btf {}",
+        trace.btf.display()
+    );
+    for needed in HOST_PATHS.iter().filter(|p| p.required) {
+        assert!(
+            mounted.contains(&needed.host),
+            "{} is not mounted; {} reads it",
+            needed.host,
+            needed.read_by
+        );
+    }
+    for volume in volumes {
+        if let Some(host) = volume["hostPath"]["path"].as_str() {
+            assert!(
+                mounted.contains(&host),
+                "hostPath volume {host} is declared but not mounted"
+            );
+        }
     }
 
     for probe in ["livenessProbe", "readinessProbe"] {
@@ -158,19 +256,28 @@ fn the_experiment_runs_both_workloads_under_128mi() {
     for deployment in deployments {
         let pod = &deployment["spec"]["template"]["spec"];
         let container = &pod["containers"][0];
-        assert_eq!(text(&container["args"][0]), "workload");
         assert_eq!(text(&container["resources"]["requests"]["memory"]), "128Mi");
         assert_eq!(text(&container["resources"]["limits"]["memory"]), "128Mi");
         let args: Vec<&str> = container["args"]
             .as_sequence()
             .expect("args")
             .iter()
-            .map(text)
+            .map(|arg| arg.as_str().expect("every arg is a string"))
             .collect();
-        if let Some(i) = args.iter().position(|a| *a == "--file") {
+        let cli = Cli::try_parse_from(std::iter::once("leak").chain(args.iter().copied()))
+            .unwrap_or_else(|err| panic!("leak rejects {args:?}: {err}"));
+        let Command::Workload(workload) = cli.into_command() else {
+            panic!("{args:?} does not run the workload");
+        };
+        let port = container["ports"][0]["containerPort"].as_u64();
+        assert_eq!(
+            workload.listen.0.map(|addr| u64::from(addr.port())),
+            port,
+            "the workload's own /metrics on its containerPort"
+        );
+        if let Some(file) = &workload.file {
             with_file += 1;
             // The file must be on a disk-backed volume: tmpfs pages are shmem, not page cache.
-            let file = args[i + 1];
             let mount = container["volumeMounts"]
                 .as_sequence()
                 .expect("a volume for --file")

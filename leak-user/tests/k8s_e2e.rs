@@ -8,12 +8,19 @@ mod support;
 
 use std::{
     fs,
-    net::TcpListener,
-    path::{Path, PathBuf},
+    net::{SocketAddr, TcpListener},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use leak_user::{
+    experiment::harness::http_get,
+    model::{
+        kill::Kill,
+        kubernetes::{CgroupDriver, LevelKind, QosClass, Runtime},
+    },
+};
 use serde_json::Value;
 use support::*;
 
@@ -54,13 +61,12 @@ impl PodSpec {
 }
 
 /// A temporary node root with the kubelet's log trees; removed on drop.
-struct Rootfs(PathBuf);
+struct Rootfs(TempDir);
 
 impl Rootfs {
     fn new(name: &str) -> Self {
-        let root = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(root.join("var/log/containers")).expect("mkdir rootfs");
+        let root = TempDir::new(name).unwrap_or_else(|err| panic!("{err}"));
+        fs::create_dir_all(root.path().join("var/log/containers")).expect("mkdir rootfs");
         Rootfs(root)
     }
 
@@ -69,13 +75,13 @@ impl Rootfs {
     fn add(&self, spec: &PodSpec) {
         let pod_dir = format!("{}_{}_{}", spec.namespace, spec.pod, spec.uid);
         let container_dir = self
-            .0
+            .path()
             .join("var/log/pods")
             .join(&pod_dir)
             .join(spec.container);
         fs::create_dir_all(&container_dir).expect("mkdir pod log dir");
         fs::write(container_dir.join("0.log"), "").expect("log file");
-        let link = self.0.join("var/log/containers").join(format!(
+        let link = self.path().join("var/log/containers").join(format!(
             "{}_{}_{}-{}.log",
             spec.pod, spec.namespace, spec.container, spec.container_id
         ));
@@ -84,45 +90,44 @@ impl Rootfs {
     }
 
     fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
+    }
+
+    fn arg(&self) -> String {
+        self.path().to_string_lossy().into_owned()
     }
 }
 
-impl Drop for Rootfs {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `unshare --pid --fork`: the command is pid 1 of a new pid namespace, like a container's
-/// main process.
+/// `sh -c SCRIPT` as pid 1 of a new pid namespace, like a container's main process; the
+/// process returned ends as that pid 1 does.
 fn in_pid_namespace(cgroup: &Cgroup, script: &str) -> Process {
-    let mut command = Command::new("unshare");
-    // `-p -f` is spelled alike by util-linux and busybox (the VMs).
-    command.args(["-p", "-f", "sh", "-c", script]);
-    spawn_command_in(cgroup, command)
+    let mut command = Command::new("sh");
+    command.args(["-c", script]);
+    spawn_command_as_init_in(cgroup, command)
 }
 
-fn names_of(kill: &Value) -> (String, String, String) {
-    let text = |key: &str| kill[key].as_str().unwrap_or_default().to_owned();
-    (text("namespace"), text("pod"), text("container"))
-}
-
-fn expect_names(kill: &Value, spec: &PodSpec) {
+fn expect_names(kill: &Kill, spec: &PodSpec) {
     assert_eq!(
-        names_of(kill),
         (
-            spec.namespace.into(),
-            spec.pod.into(),
-            spec.container.into()
+            kill.names.namespace.as_str(),
+            kill.names.pod.as_str(),
+            kill.names.container.as_str()
         ),
-        "{kill:#}"
+        (spec.namespace, spec.pod, spec.container),
+        "{kill:#?}"
     );
-    assert_eq!(kill["kubernetes"]["pod_uid"].as_str(), Some(spec.uid));
+    let kubernetes = kubernetes(kill);
+    assert_eq!(kubernetes.pod_uid, spec.uid);
     assert_eq!(
-        kill["kubernetes"]["container_id"].as_str(),
+        kubernetes.container_id.as_deref(),
         Some(spec.container_id.as_str())
     );
+}
+
+fn kubernetes(kill: &Kill) -> &leak_user::model::kubernetes::KubernetesKill {
+    kill.kubernetes
+        .as_ref()
+        .unwrap_or_else(|| panic!("no Kubernetes identity: {kill:#?}"))
 }
 
 /// cgroupfs driver, Burstable pod, the container's own limit hit, the container's main process
@@ -141,42 +146,43 @@ fn cgroupfs_container_limit_main_process() {
     );
     let rootfs = Rootfs::new("leak-e2e-rootfs-cgroupfs");
     rootfs.add(&spec);
-    let node = Cgroup::create(&hierarchy, "leak-e2e-node-cgroupfs");
-    let kubepods = node.child("kubepods");
-    let burstable = kubepods.child("burstable");
-    let pod = burstable.child(&format!("pod{}", spec.uid));
-    let container = pod.child(&spec.container_id);
-    container.set_limit(LIMIT);
+    let node = cgroup(&hierarchy, "leak-e2e-node-cgroupfs");
+    let kubepods = child(&node, "kubepods");
+    let burstable = child(&kubepods, "burstable");
+    let pod = child(&burstable, &format!("pod{}", spec.uid));
+    let container = child(&pod, &spec.container_id);
+    container
+        .set_limit(LIMIT)
+        .unwrap_or_else(|err| panic!("{err}"));
 
-    let mut agent = Agent::start(&["--rootfs", &rootfs.path().to_string_lossy()]);
+    let mut agent = Agent::start(&["--rootfs", &rootfs.arg()]);
     let mut victim = in_pid_namespace(&container, &format!("exec {} workload {FAST}", leak_bin()));
-    victim
-        .wait_timeout(Duration::from_secs(120))
-        .expect("not OOM-killed");
+    wait_for_oom_kill(&mut victim, Duration::from_secs(120));
     let kill = agent.wait_for_kill_in(&container.relative);
     expect_names(&kill, &spec);
     assert_eq!(
-        kill["oom_cgroup"].as_str(),
+        kill.oom_cgroup.as_deref(),
         Some(container.relative.as_str())
     );
-    assert_eq!(kill["kubernetes"]["qos_class"].as_str(), Some("Burstable"));
-    assert_eq!(kill["kubernetes"]["driver"].as_str(), Some("cgroupfs"));
-    assert_eq!(kill["kubernetes"]["level"].as_str(), Some("container"));
-    assert_eq!(kill["kubernetes"]["pod_limit_hit"], Value::Bool(false));
-    assert_eq!(kill["main_process"], Value::Bool(true), "{kill:#}");
-    assert_eq!(kill["victim_ns_pid"].as_u64(), Some(1));
+    let kubernetes = kubernetes(&kill);
+    assert_eq!(kubernetes.qos_class, QosClass::Burstable);
+    assert_eq!(kubernetes.driver, CgroupDriver::Cgroupfs);
+    assert_eq!(kubernetes.level, LevelKind::Container);
+    assert!(!kubernetes.pod_limit_hit, "{kill:#?}");
+    assert_eq!(kill.main_process, Some(true), "{kill:#?}");
+    assert_eq!(kill.victim_ns_pid, Some(1));
 
-    let (_, metrics) = agent.get("/metrics");
+    let metrics = agent.page("/metrics");
     let counter = format!(
         "leak_oom_kills_total{{cgroup=\"{0}\",constraint=\"memcg\",container=\"cart-api\",\
-         main_process=\"true\",namespace=\"shop\",oom_cgroup=\"{0}\",pod=\"{1}\"}} 1",
+         main_process=\"true\",namespace=\"shop\",oom_cgroup=\"{0}\",pod=\"{1}\"}}",
         container.relative, spec.pod
     );
-    assert!(
-        metrics.contains(&counter),
-        "missing `{counter}` in\n{metrics}"
+    assert_eq!(
+        sample(&metrics, &counter),
+        Some(1.0),
+        "missing `{counter} 1` in\n{metrics}"
     );
-    promtool_check(&metrics);
     assert!(agent.stop().success());
 }
 
@@ -197,36 +203,52 @@ fn systemd_pod_limit_child_process() {
     );
     let rootfs = Rootfs::new("leak-e2e-rootfs-systemd");
     rootfs.add(&spec);
-    let node = Cgroup::create(&hierarchy, "leak-e2e-node-systemd");
-    let kubepods = node.child("kubepods.slice");
-    let burstable = kubepods.child("kubepods-burstable.slice");
-    let pod = burstable.child(&format!(
-        "kubepods-burstable-pod{}.slice",
-        spec.uid.replace('-', "_")
-    ));
-    pod.set_limit(LIMIT);
-    let container = pod.child(&format!("cri-containerd-{}.scope", spec.container_id));
+    let node = cgroup(&hierarchy, "leak-e2e-node-systemd");
+    let kubepods = child(&node, "kubepods.slice");
+    let burstable = child(&kubepods, "kubepods-burstable.slice");
+    let pod = child(
+        &burstable,
+        &format!("kubepods-burstable-pod{}.slice", spec.uid.replace('-', "_")),
+    );
+    pod.set_limit(LIMIT).unwrap_or_else(|err| panic!("{err}"));
+    let container = child(&pod, &format!("cri-containerd-{}.scope", spec.container_id));
 
-    let mut agent = Agent::start(&["--rootfs", &rootfs.path().to_string_lossy()]);
+    let mut agent = Agent::start(&["--rootfs", &rootfs.arg()]);
     // The shell is the container's main process (pid 1); the leaking child dies, the shell
-    // lives on.
+    // records how, and lives on.
+    let status_file = rootfs.path().join("child-status");
     let mut main = in_pid_namespace(
         &container,
-        &format!("{} workload {FAST}; echo survived; sleep 60", leak_bin()),
+        &format!(
+            "{} workload {FAST}; echo $? > {}; sleep 60",
+            leak_bin(),
+            status_file.display()
+        ),
     );
     let kill = agent.wait_for_kill_in(&container.relative);
-    expect_names(&kill, &spec);
-    assert_eq!(kill["oom_cgroup"].as_str(), Some(pod.relative.as_str()));
-    assert_eq!(kill["kubernetes"]["driver"].as_str(), Some("systemd"));
-    assert_eq!(kill["kubernetes"]["runtime"].as_str(), Some("containerd"));
+    // The shell reports a child killed by signal N as 128 + N.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        match fs::read_to_string(&status_file) {
+            Ok(status) if status.ends_with('\n') => break status.trim().to_owned(),
+            _ if Instant::now() > deadline => panic!("the shell never reported its child's end"),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
     assert_eq!(
-        kill["kubernetes"]["pod_limit_hit"],
-        Value::Bool(true),
-        "{kill:#}"
+        status,
+        (128 + libc::SIGKILL).to_string(),
+        "the leaking child did not die of SIGKILL"
     );
-    assert_eq!(kill["kubernetes"]["oom_pod"].as_str(), Some(spec.pod));
-    assert_eq!(kill["main_process"], Value::Bool(false), "{kill:#}");
-    assert_ne!(kill["victim_ns_pid"].as_u64(), Some(1));
+    expect_names(&kill, &spec);
+    assert_eq!(kill.oom_cgroup.as_deref(), Some(pod.relative.as_str()));
+    let kubernetes = kubernetes(&kill);
+    assert_eq!(kubernetes.driver, CgroupDriver::Systemd);
+    assert_eq!(kubernetes.runtime, Some(Runtime::Containerd));
+    assert!(kubernetes.pod_limit_hit, "{kill:#?}");
+    assert_eq!(kubernetes.oom_pod.as_deref(), Some(spec.pod));
+    assert_eq!(kill.main_process, Some(false), "{kill:#?}");
+    assert_ne!(kill.victim_ns_pid, Some(1));
     assert!(
         main.child.try_wait().expect("poll main process").is_none(),
         "the container's main process should survive the kill of its child"
@@ -252,16 +274,18 @@ fn encode(query: &str) -> String {
         .collect()
 }
 
-/// Debian's Prometheus server, on loopback, scraping the agent every second.
+/// Debian's Prometheus server, on loopback, scraping the agent every second, its data in a
+/// temporary directory.
 struct Prometheus {
     _process: Process,
-    addr: std::net::SocketAddr,
-    _dir: Rootfs,
+    addr: SocketAddr,
+    _dir: TempDir,
 }
 
 impl Prometheus {
-    fn start(target: std::net::SocketAddr) -> Option<Prometheus> {
-        let dir = Rootfs::new("leak-e2e-prometheus");
+    /// Starts it (the caller checked [`have_tool`]`("prometheus")`).
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = TempDir::new("leak-e2e-prometheus").unwrap_or_else(|err| panic!("{err}"));
         let config = dir.path().join("prometheus.yml");
         fs::write(
             &config,
@@ -271,59 +295,42 @@ impl Prometheus {
             ),
         )
         .expect("prometheus config");
-        let port = free_port();
-        if std::env::var_os("LEAK_TEST_NO_PROMETHEUS").is_some() {
-            eprintln!(
-                "SKIP: no Prometheus server here (LEAK_TEST_NO_PROMETHEUS); the host suite runs it"
-            );
-            return None;
-        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(err) => {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "prometheus is missing ({err}); `cargo xtask test` installs Debian's prometheus"
-                );
-                eprintln!("SKIP: prometheus server not installed: {err}");
-                return None;
-            }
-        };
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting prometheus: {err}"));
         let server = Prometheus {
-            _process: Process { child },
-            addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+            _process: Process::from(child),
+            addr,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(server.addr).is_ok()
-                && http_get(server.addr, "/-/ready").0 == 200
-            {
-                return Some(server);
+            if http_get(server.addr, "/-/ready").is_ok_and(|ready| ready.status == 200) {
+                return server;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!("prometheus did not become ready");
+        panic!("prometheus did not become ready on {addr}");
     }
 
     /// The result vector of an instant query.
     fn query(&self, promql: &str) -> Vec<Value> {
-        let (status, body) = http_get(
+        let response = http_get(
             self.addr,
             &format!("/api/v1/query?query={}", encode(promql)),
-        );
-        assert_eq!(status, 200, "{body}");
-        let json: Value = serde_json::from_str(&body).expect("prometheus JSON");
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(response.status, 200, "{}", response.body);
+        let json: Value = serde_json::from_str(&response.body).expect("prometheus JSON");
         json["data"]["result"]
             .as_array()
             .cloned()
@@ -349,6 +356,9 @@ fn prometheus_scrapes_the_kill_with_its_labels() {
     let Some(hierarchy) = privileged() else {
         return;
     };
+    if !have_tool("prometheus") {
+        return;
+    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = PodSpec::new(
         "web",
@@ -358,25 +368,23 @@ fn prometheus_scrapes_the_kill_with_its_labels() {
     );
     let rootfs = Rootfs::new("leak-e2e-rootfs-prometheus");
     rootfs.add(&spec);
-    let node = Cgroup::create(&hierarchy, "leak-e2e-node-prometheus");
-    let kubepods = node.child("kubepods");
+    let node = cgroup(&hierarchy, "leak-e2e-node-prometheus");
+    let kubepods = child(&node, "kubepods");
     // A Guaranteed pod sits directly under kubepods.
-    let pod = kubepods.child(&format!("pod{}", spec.uid));
-    let container = pod.child(&spec.container_id);
-    container.set_limit(LIMIT);
+    let pod = child(&kubepods, &format!("pod{}", spec.uid));
+    let container = child(&pod, &spec.container_id);
+    container
+        .set_limit(LIMIT)
+        .unwrap_or_else(|err| panic!("{err}"));
 
-    let mut agent = Agent::start(&["--rootfs", &rootfs.path().to_string_lossy()]);
-    let Some(prometheus) = Prometheus::start(agent.addr) else {
-        return;
-    };
+    let mut agent = Agent::start(&["--rootfs", &rootfs.arg()]);
+    let prometheus = Prometheus::start(agent.addr());
     prometheus.wait_for("up{job=\"leak\"} == 1");
 
     let mut victim = in_pid_namespace(&container, &format!("exec {} workload {FAST}", leak_bin()));
-    victim
-        .wait_timeout(Duration::from_secs(120))
-        .expect("not OOM-killed");
+    wait_for_oom_kill(&mut victim, Duration::from_secs(120));
     let kill = agent.wait_for_kill_in(&container.relative);
-    assert_eq!(kill["kubernetes"]["qos_class"].as_str(), Some("Guaranteed"));
+    assert_eq!(kubernetes(&kill).qos_class, QosClass::Guaranteed);
 
     let selector = "{namespace=\"web\",pod=\"frontend-6c9d\",container=\"nginx\"}";
     let kills = prometheus.wait_for(&format!("leak_oom_kills_total{selector}"));
@@ -388,7 +396,7 @@ fn prometheus_scrapes_the_kill_with_its_labels() {
         working_set[0]["value"][1]
             .as_str()
             .and_then(|v| v.parse::<u64>().ok()),
-        kill["working_set_bytes"].as_u64(),
+        Some(kill.working_set_bytes),
         "Prometheus and /kills disagree on the working set at death"
     );
     drop(prometheus);

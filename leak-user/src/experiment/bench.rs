@@ -233,7 +233,8 @@ fn kill_latency(
         ]);
         command.stdout(Stdio::null()).stderr(Stdio::null());
         let _workload = spawn_in(&cgroup, command)?;
-        let (kill_boot_ns, seen_kills, seen_metrics) = watch_for_kill(tracer.addr, &cgroup.relative)?;
+        let (kill_boot_ns, seen_kills, seen_metrics) =
+            watch_for_kill(tracer.addr, &cgroup.relative)?;
         to_kills.push(seen_kills.saturating_sub(kill_boot_ns) as f64 / 1e6);
         to_metrics.push(seen_metrics.saturating_sub(kill_boot_ns) as f64 / 1e6);
     }

@@ -1,20 +1,20 @@
-//! Real cgroups, real processes and the real agent for the end-to-end tests. Everything made
-//! here is torn down on drop, so a failing test still cleans up.
+//! What only the end-to-end tests need on top of the experiment harness
+//! (`leak_user::experiment::harness`, shared with `leak demo` and `leak bench`): which binary
+//! and attach modes to test, when a test may run here (and the skip report when it may not),
+//! the agent with panicking accessors, and the external tools that check its output.
 #![allow(dead_code)]
 
 use std::{
-    ffi::CString,
-    fs,
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    process::{Command, ExitStatus, Stdio},
+    sync::Mutex,
+    time::Duration,
 };
 
-use leak_user::enrich::cgroupfs::{MemoryHierarchy, Version};
+pub use leak_user::experiment::harness::{
+    current_test, skip, Cgroup, Process, RemoveOnDrop, SkipKind, TempDir, Tracer,
+};
+use leak_user::{enrich::cgroupfs::MemoryHierarchy, experiment::harness, model::kill::Kill};
 
 /// The `leak` binary: cargo's, or `$LEAK_BIN` where the tests run away from the build (VMs).
 pub fn leak_bin() -> String {
@@ -35,394 +35,245 @@ pub fn attach_modes() -> Vec<String> {
 /// OOM tests share the kernel log and its rate limit: run them one at a time.
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Whether privileged tests can run here; prints why not. In CI, not being able to is fatal.
+/// Reports the running test as skipped for `reason`; the caller returns right after.
+pub fn skip_test(reason: &str, kind: SkipKind) {
+    skip(&current_test(), reason, kind);
+}
+
+/// The memory hierarchy, when privileged tests can run here; otherwise the test is reported
+/// skipped (it hides every kernel-facing feature, so it fails under CI=true) and must return.
 pub fn privileged() -> Option<MemoryHierarchy> {
-    let reason = if unsafe { libc::geteuid() } != 0 {
-        "not root".to_owned()
-    } else {
-        match MemoryHierarchy::discover() {
-            Ok(hierarchy) => return Some(hierarchy),
-            Err(err) => err.to_string(),
-        }
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("privileged end-to-end test cannot run in CI: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    None
-}
-
-/// A memory cgroup created for a test; on drop its processes are killed and it is removed.
-pub struct Cgroup {
-    pub hierarchy: MemoryHierarchy,
-    /// Path relative to the hierarchy root, starting with `/`.
-    pub relative: String,
-}
-
-impl Cgroup {
-    pub fn create(hierarchy: &MemoryHierarchy, name: &str) -> Self {
-        Self::create_at(hierarchy, &format!("/{name}-{}", std::process::id()))
-    }
-
-    /// Creates the cgroup at exactly `relative` (its parent must exist).
-    pub fn create_at(hierarchy: &MemoryHierarchy, relative: &str) -> Self {
-        let relative = relative.to_owned();
-        let cgroup = Self {
-            hierarchy: hierarchy.clone(),
-            relative,
-        };
-        let _ = fs::remove_dir(cgroup.path());
-        fs::create_dir(cgroup.path())
-            .unwrap_or_else(|err| panic!("mkdir {}: {err}", cgroup.relative));
-        cgroup
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.hierarchy
-            .root
-            .join(self.relative.trim_start_matches('/'))
-    }
-
-    /// Creates a child cgroup (enabling the memory controller for it on v2). Declare it after
-    /// its parent so that it is dropped, and removed, first.
-    pub fn child(&self, name: &str) -> Cgroup {
-        if self.hierarchy.version == Version::V2 {
-            self.write("cgroup.subtree_control", "+memory");
-        }
-        let child = Cgroup {
-            hierarchy: self.hierarchy.clone(),
-            relative: format!("{}/{name}", self.relative),
-        };
-        fs::create_dir(child.path()).expect("mkdir child cgroup");
-        child
-    }
-
-    pub fn write(&self, file: &str, value: &str) {
-        fs::write(self.path().join(file), value)
-            .unwrap_or_else(|err| panic!("write {value} to {}/{file}: {err}", self.relative));
-    }
-
-    pub fn set_limit(&self, bytes: u64) {
-        self.write(self.hierarchy.limit_file(), &bytes.to_string());
-        if self.hierarchy.version == Version::V2 {
-            // Swap would let the workload outlive the limit; none on these machines, but be sure.
-            let _ = fs::write(self.path().join("memory.swap.max"), "0");
-        }
-    }
-
-    fn kill_all(&self) {
-        for _ in 0..50 {
-            let procs = fs::read_to_string(self.path().join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs.lines().filter_map(|p| p.parse().ok()).collect();
-            if pids.is_empty() {
-                return;
-            }
-            for pid in pids {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        self.kill_all();
-        for _ in 0..50 {
-            if fs::remove_dir(self.path()).is_ok() || !self.path().exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.relative);
-    }
-}
-
-/// A child process killed on drop.
-pub struct Process {
-    pub child: Child,
-}
-
-impl Process {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    /// Waits for the OOM killer to end this process, and checks that it died by SIGKILL.
-    pub fn wait_for_oom_kill(&mut self, timeout: Duration) {
-        use std::os::unix::process::ExitStatusExt;
-        let status = self.wait_timeout(timeout).unwrap_or_else(|| {
-            panic!(
-                "pid {} was not OOM-killed within {} s",
-                self.pid(),
-                timeout.as_secs()
-            )
-        });
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGKILL),
-            "pid {} ended by {status:?}",
-            self.pid()
+    if !leak_user::sys::is_root() {
+        skip_test(
+            "not root: the test creates memory cgroups and loads BPF programs",
+            SkipKind::HidesFeature,
         );
+        return None;
+    }
+    match MemoryHierarchy::discover() {
+        Ok(hierarchy) => Some(hierarchy),
+        Err(err) => {
+            skip_test(&err.to_string(), SkipKind::HidesFeature);
+            None
+        }
     }
 }
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Whether `tool` can be run here (`tool --version`); if not, the running test is reported
+/// skipped (hiding the feature the tool checks) and must return.
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match found {
+        Ok(_) => true,
+        Err(err) => {
+            skip_test(
+                &format!(
+                    "{tool} cannot be run ({err}); `cargo xtask test` installs Debian's \
+                     prometheus, and the VM initramfs carries it"
+                ),
+                SkipKind::HidesFeature,
+            );
+            false
+        }
     }
 }
 
-/// Starts `leak workload ARGS` inside `cgroup`, moved there before it execs so that every
-/// byte it allocates is charged to it.
+/// A memory cgroup at `/<name>-<pid>`.
+pub fn cgroup(hierarchy: &MemoryHierarchy, name: &str) -> Cgroup {
+    Cgroup::create(hierarchy, name).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// A child of `parent`; declare it after its parent, so that it is removed first.
+pub fn child(parent: &Cgroup, name: &str) -> Cgroup {
+    parent.child(name).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// Starts `leak workload ARGS` inside `cgroup`.
 pub fn spawn_in(cgroup: &Cgroup, args: &[&str]) -> Process {
     let mut command = Command::new(leak_bin());
     command.arg("workload").args(args);
     spawn_command_in(cgroup, command)
 }
 
-/// Starts `command` inside `cgroup`, moved there before it execs.
+/// Starts `command` inside `cgroup`, its output discarded.
 pub fn spawn_command_in(cgroup: &Cgroup, mut command: Command) -> Process {
-    let procs = CString::new(
-        cgroup
-            .path()
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .expect("path without NUL");
     command.stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls (open, write, close, getpid) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut buffer = [0u8; 16];
-            let mut pid = libc::getpid() as u32;
-            let mut at = buffer.len();
-            loop {
-                at -= 1;
-                buffer[at] = b'0' + (pid % 10) as u8;
-                pid /= 10;
-                if pid == 0 {
-                    break;
-                }
-            }
-            let written = libc::write(fd, buffer[at..].as_ptr().cast(), buffer.len() - at);
-            libc::close(fd);
-            if written < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Process {
-        child: command
-            .spawn()
-            .unwrap_or_else(|err| panic!("spawn {command:?}: {err}")),
-    }
+    harness::spawn_in(cgroup, command).unwrap_or_else(|err| panic!("{err}"))
 }
 
-/// The agent under test; SIGTERM on drop.
-pub struct Agent {
-    pub process: Option<Process>,
-    pub addr: SocketAddr,
-    pub log: Arc<Mutex<String>>,
+/// Starts `command` inside `cgroup` as pid 1 of a new pid namespace (a container's main
+/// process), its output discarded; the process returned ends as that pid 1 does.
+pub fn spawn_command_as_init_in(cgroup: &Cgroup, mut command: Command) -> Process {
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    harness::spawn_as_init_in(cgroup, command).unwrap_or_else(|err| panic!("{err}"))
 }
+
+/// Waits for the OOM killer to end `process`, and that it died of SIGKILL.
+pub fn wait_for_oom_kill(process: &mut Process, timeout: Duration) {
+    process
+        .wait_for_oom_kill(timeout)
+        .unwrap_or_else(|err| panic!("{err}"));
+}
+
+/// The agent under test: the harness's tracer, with accessors that fail the test.
+pub struct Agent(pub Tracer);
 
 impl Agent {
     pub fn start(extra: &[&str]) -> Agent {
-        let mut child = Command::new(leak_bin())
-            .args(["trace", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn leak trace");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = tx.send(addr);
-                }
-                sink.lock().expect("log").push_str(&(line + "\n"));
-            }
-        });
-        let process = Process { child };
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr.parse().expect("listen address"),
-            Err(_) => panic!("agent did not start:\n{}", log.lock().expect("log")),
-        };
-        Agent {
-            process: Some(process),
-            addr,
-            log,
-        }
+        Agent(
+            Tracer::start(Path::new(&leak_bin()), extra, &[]).unwrap_or_else(|err| panic!("{err}")),
+        )
     }
 
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.0.addr
+    }
+
+    /// GET `path`: its status and body.
     pub fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.addr, path)
+        let response = self.0.get(path).unwrap_or_else(|err| panic!("{err}"));
+        (response.status, response.body)
     }
 
-    pub fn kills(&self) -> Vec<serde_json::Value> {
-        let (status, body) = self.get("/kills");
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).expect("/kills is JSON")
+    /// GET `path`, which must answer 200; its body.
+    pub fn page(&self, path: &str) -> String {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    pub fn kills(&self) -> Vec<Kill> {
+        self.0.kills().unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// The OOM hook's mode, from `/healthz`.
+    pub fn attach_mode(&self) -> String {
+        self.0.attach_mode().unwrap_or_else(|err| panic!("{err}"))
     }
 
     /// Waits for the kill of `pid` to appear on /kills.
-    pub fn wait_for_kill(&self, pid: u32) -> serde_json::Value {
-        // A kill shows up within milliseconds; the deadline only bounds a failing run on a
-        // busy machine (or under TCG).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(kill) = self
-                .kills()
-                .into_iter()
-                .find(|k| k["victim_pid"].as_u64() == Some(u64::from(pid)))
-            {
-                return kill;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("no kill of pid {pid} on /kills; agent log:\n{}", self.log());
+    pub fn wait_for_kill(&self, pid: u32) -> Kill {
+        self.wait_for(&format!("pid {pid}"), |kill| kill.victim_pid == pid)
     }
 
     /// Waits for a kill whose victim's cgroup is `cgroup` (for victims whose pid the test does
     /// not know, such as a process started through `unshare`).
-    pub fn wait_for_kill_in(&self, cgroup: &str) -> serde_json::Value {
+    pub fn wait_for_kill_in(&self, cgroup: &str) -> Kill {
+        self.wait_for(&format!("a process in {cgroup}"), |kill| {
+            kill.cgroup == cgroup
+        })
+    }
+
+    fn wait_for(&self, what: &str, matches: impl Fn(&Kill) -> bool) -> Kill {
         // A kill shows up within milliseconds; the deadline only bounds a failing run on a
         // busy machine (or under TCG).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(kill) = self
-                .kills()
-                .into_iter()
-                .find(|k| k["cgroup"].as_str() == Some(cgroup))
-            {
-                return kill;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("no kill in {cgroup} on /kills; agent log:\n{}", self.log());
+        self.0
+            .wait_for_kill(what, Duration::from_secs(60), matches)
+            .unwrap_or_else(|err| panic!("{err}"))
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
+        self.0.log()
     }
 
     /// SIGTERM, and the exit status (the agent must shut down cleanly).
     pub fn stop(&mut self) -> ExitStatus {
-        let mut process = self.process.take().expect("agent running");
-        unsafe { libc::kill(process.pid() as i32, libc::SIGTERM) };
-        process
-            .wait_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|| panic!("agent ignored SIGTERM:\n{}", self.log()))
+        self.0.stop().unwrap_or_else(|err| panic!("{err}"))
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(process) = self.process.take() {
-            unsafe { libc::kill(process.pid() as i32, libc::SIGTERM) };
-            let mut process = process;
-            if process.wait_timeout(Duration::from_secs(10)).is_none() {
-                drop(process);
-            }
-        }
-    }
+/// A file on a real disk filesystem (not tmpfs, so its pages are page cache), removed on drop:
+/// `$LEAK_TEST_DISK_DIR` (the VMs' virtio disk), else /var/tmp.
+pub fn disk_file(name: &str) -> RemoveOnDrop {
+    RemoveOnDrop(disk_dir().join(format!("{name}-{}", std::process::id())))
 }
 
-/// A minimal HTTP/1.0 GET over a real socket.
-pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
-/// Removes a file on drop.
-pub struct TempFile(pub PathBuf);
-
-impl TempFile {
-    /// A file on a real disk filesystem (not tmpfs), so its pages are page cache.
-    pub fn on_disk(name: &str) -> Self {
-        let dir = std::env::var_os("LEAK_TEST_DISK_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-        TempFile(dir.join(format!("{name}-{}", std::process::id())))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
+pub fn disk_dir() -> PathBuf {
+    std::env::var_os("LEAK_TEST_DISK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
 }
 
 pub fn file_size(path: &Path) -> u64 {
-    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Lints a Prometheus exposition with the real `promtool check metrics`.
-pub fn promtool_check(metrics: &str) {
-    if std::env::var_os("LEAK_TEST_NO_PROMETHEUS").is_some() {
-        eprintln!("promtool lint not run here (LEAK_TEST_NO_PROMETHEUS); the host suite runs it");
-        return;
+/// The value of the sample line `series` (name and labels, exactly as exposed), if present.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The value of the first sample line starting with `prefix`, 0 when absent.
+pub fn sample_with_prefix(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+/// The hooks the agent reports in `leak_attach_info` for an attach mode: the OOM hook and the
+/// charge path's.
+pub fn oom_hook(mode: &str) -> &'static str {
+    match mode {
+        "fentry" | "kprobe" => "oom_kill_process",
+        _ => "mark_victim",
     }
-    let child = Command::new("promtool")
+}
+
+/// Checks that the agent attached the OOM hook in `requested` mode (for `auto`, the mode it
+/// reported on /healthz, `reported`): `leak_attach_info{hook,mode} 1`. With `charge` the
+/// charge path was forced to the same mode, and its hook must be attached in it too.
+pub fn check_attach_info(metrics: &str, requested: &str, reported: &str, charge: bool) {
+    let mode = if requested == "auto" {
+        reported
+    } else {
+        assert_eq!(reported, requested, "forced mode must be used");
+        requested
+    };
+    let series = format!(
+        "leak_attach_info{{hook=\"{}\",mode=\"{mode}\"}}",
+        oom_hook(mode)
+    );
+    assert_eq!(
+        sample(metrics, &series),
+        Some(1.0),
+        "missing `{series} 1` in\n{metrics}"
+    );
+    if charge && requested != "auto" {
+        let hooks: &[&str] = match mode {
+            "fentry" | "kprobe" => &["try_charge_memcg", "try_charge"],
+            _ => &["mm_vmscan_memcg_reclaim_begin"],
+        };
+        assert!(
+            hooks.iter().any(|hook| sample(
+                metrics,
+                &format!("leak_attach_info{{hook=\"{hook}\",mode=\"{mode}\"}}")
+            ) == Some(1.0)),
+            "the charge path is not attached in {mode} mode (one of {hooks:?}):\n{metrics}"
+        );
+    }
+}
+
+/// Lints a Prometheus exposition with the real `promtool check metrics` (the caller checked
+/// [`have_tool`]`("promtool")` before doing anything else).
+pub fn promtool_check(metrics: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(err) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "promtool is missing ({err}); `cargo xtask test` installs Debian's prometheus"
-            );
-            eprintln!("SKIP promtool lint: {err}");
-            return;
-        }
-    };
+        .spawn()
+        .unwrap_or_else(|err| panic!("promtool: {err}"));
     child
         .stdin
         .take()
