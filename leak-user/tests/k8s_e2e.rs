@@ -8,21 +8,18 @@ mod support;
 
 use std::{
     fs,
-    net::{SocketAddr, TcpListener},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use leak_user::{
-    experiment::harness::http_get,
     model::{
         kill::Kill,
         kubernetes::{CgroupDriver, LevelKind, QosClass, Runtime},
     },
 };
-use serde_json::Value;
-use support::*;
+use support::{prometheus::Prometheus, *};
 
 const LIMIT: u64 = 64 << 20;
 const FAST: &str = "--interval 1ms --chunk 1MiB --listen off";
@@ -254,101 +251,6 @@ fn systemd_pod_limit_child_process() {
         "the container's main process should survive the kill of its child"
     );
     assert!(agent.stop().success());
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Percent-encodes a PromQL query for a URL.
-fn encode(query: &str) -> String {
-    query
-        .bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Debian's Prometheus server, on loopback, scraping the agent every second, its data in a
-/// temporary directory.
-struct Prometheus {
-    _process: Process,
-    addr: SocketAddr,
-    _dir: TempDir,
-}
-
-impl Prometheus {
-    /// Starts it (the caller checked [`have_tool`]`("prometheus")`).
-    fn start(target: SocketAddr) -> Prometheus {
-        let dir = TempDir::new("leak-e2e-prometheus").unwrap_or_else(|err| panic!("{err}"));
-        let config = dir.path().join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: leak\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .expect("prometheus config");
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting prometheus: {err}"));
-        let server = Prometheus {
-            _process: Process::from(child),
-            addr,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if http_get(server.addr, "/-/ready").is_ok_and(|ready| ready.status == 200) {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("prometheus did not become ready on {addr}");
-    }
-
-    /// The result vector of an instant query.
-    fn query(&self, promql: &str) -> Vec<Value> {
-        let response = http_get(
-            self.addr,
-            &format!("/api/v1/query?query={}", encode(promql)),
-        )
-        .unwrap_or_else(|err| panic!("{err}"));
-        assert_eq!(response.status, 200, "{}", response.body);
-        let json: Value = serde_json::from_str(&response.body).expect("prometheus JSON");
-        json["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// Waits until `promql` returns at least one series.
-    fn wait_for(&self, promql: &str) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            let result = self.query(promql);
-            if !result.is_empty() {
-                return result;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        panic!("prometheus never returned anything for {promql}");
-    }
 }
 
 #[test]

@@ -69,10 +69,11 @@ fn workload(kill: &Kill) -> String {
 }
 
 fn main_process(kill: &Kill) -> &'static str {
-    match kill.main_process {
-        Some(true) => "yes",
-        Some(false) => "no (the container survives)",
-        None => "unknown",
+    match (kill.main_process, kill.kubernetes.is_some()) {
+        (Some(true), _) => "yes",
+        (Some(false), true) => "no (the container survives)",
+        (Some(false), false) => "no",
+        (None, _) => "unknown",
     }
 }
 

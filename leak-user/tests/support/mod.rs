@@ -4,6 +4,9 @@
 //! the agent with panicking accessors, and the external tools that check its output.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod prometheus;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
@@ -72,8 +75,8 @@ pub fn have_tool(tool: &str) -> bool {
         Err(err) => {
             skip_test(
                 &format!(
-                    "{tool} cannot be run ({err}); `cargo xtask test` installs Debian's \
-                     prometheus, and the VM initramfs carries it"
+                    "{tool} cannot be run ({err}); `cargo xtask test` installs it from \
+                     Debian (and the VM initramfs carries prometheus and promtool)"
                 ),
                 SkipKind::HidesFeature,
             );
