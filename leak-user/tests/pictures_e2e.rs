@@ -269,13 +269,13 @@ fn alerts_fire_before_the_kill_and_the_dashboard_has_data() {
     let child_kill = agent.wait_for_kill(child.pid());
     assert_eq!(child_kill.main_process, Some(false));
 
-    // The main process of a "container" leaking about 300 KiB/s into 48 MiB: minutes.
+    // The main process of a "container" leaking about 250 KiB/s into 48 MiB: minutes.
     let limit: u64 = 48 << 20;
     let cgroup = Cgroup::with_limit(&hierarchy, "leak-e2e-alerts", limit)
         .unwrap_or_else(|err| panic!("{err}"));
     let relative = cgroup.relative.clone();
     let mut command = Command::new(leak_bin());
-    command.args(["workload", "--interval", "20ms", "--chunk", "6KiB", "--listen", "off"]);
+    command.args(["workload", "--interval", "20ms", "--chunk", "5KiB", "--listen", "off"]);
     let mut leaking = spawn_command_as_init_in(&cgroup, command);
     let started = Instant::now();
     let near_limit = format!(
