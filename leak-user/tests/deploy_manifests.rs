@@ -295,3 +295,98 @@ fn the_experiment_runs_both_workloads_under_128mi() {
     }
     assert_eq!(with_file, 1, "one anonymous and one --file workload");
 }
+
+/// `promtool` from Debian, when it can run; otherwise the test is reported skipped (it hides
+/// the rules' checks, so under CI=true that fails).
+fn promtool() -> Option<std::process::Command> {
+    match std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+    {
+        Ok(_) => Some(std::process::Command::new("promtool")),
+        Err(err) => {
+            leak_user::experiment::harness::skip(
+                &leak_user::experiment::harness::current_test(),
+                &format!("promtool cannot be run ({err}); `cargo xtask test` installs it"),
+                leak_user::experiment::harness::SkipKind::HidesFeature,
+            );
+            None
+        }
+    }
+}
+
+/// The alert rules: promtool accepts them and their unit tests pass, and the PrometheusRule
+/// carries exactly the plain rules file's groups.
+#[test]
+fn alert_rules_pass_promtool_and_both_forms_agree() {
+    let Some(mut check) = promtool() else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    let output = check
+        .args(["check", "rules", "leak-rules.yaml"])
+        .current_dir(&dir)
+        .output()
+        .expect("promtool check rules");
+    assert!(
+        output.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = std::process::Command::new("promtool")
+        .args(["test", "rules", "leak-rules.test.yaml"])
+        .current_dir(&dir)
+        .output()
+        .expect("promtool test rules");
+    assert!(
+        output.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let plain = documents("prometheus/leak-rules.yaml");
+    let operator = documents("prometheus-rules.yaml");
+    let rule = kind(&operator, "PrometheusRule");
+    assert_eq!(rule.len(), 1);
+    assert_eq!(text(&rule[0]["apiVersion"]), "monitoring.coreos.com/v1");
+    assert_eq!(rule[0]["spec"]["groups"], plain[0]["groups"]);
+    let alerts: Vec<&str> = plain[0]["groups"][0]["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .map(|r| text(&r["alert"]))
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "LeakWorkingSetNearLimit",
+            "LeakOOMKill",
+            "LeakNonMainProcessOOMKill",
+            "LeakEventsLost",
+            "LeakAgentDown"
+        ]
+    );
+}
+
+/// The dashboard is Grafana JSON whose every panel queries Prometheus.
+#[test]
+fn the_dashboard_is_importable_json() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/leak-dashboard.json");
+    let text = std::fs::read_to_string(&path).expect("the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert!(dashboard["title"].as_str().is_some_and(|t| !t.is_empty()));
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6);
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            assert!(
+                target["expr"].as_str().is_some_and(|e| e.contains("leak_")),
+                "{}",
+                panel["title"]
+            );
+        }
+    }
+}

@@ -28,7 +28,11 @@ fn artifacts() -> PathBuf {
 fn attribute(tag: &str, name: &str) -> Option<String> {
     let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
     let end = start + tag[start..].find('"')?;
-    Some(tag[start..end].replace("&amp;", "&").replace("&quot;", "\""))
+    Some(
+        tag[start..end]
+            .replace("&amp;", "&")
+            .replace("&quot;", "\""),
+    )
 }
 
 /// The start tags of the chart's samples, in document order.
@@ -44,7 +48,11 @@ fn sample_tags(dom: &str) -> Vec<&str> {
 /// The drawn samples must be the timeline, point for point.
 fn assert_chart_is_the_timeline(dom: &str, timeline: &[Point]) {
     let tags = sample_tags(dom);
-    assert_eq!(tags.len(), timeline.len(), "one drawn sample per timeline point");
+    assert_eq!(
+        tags.len(),
+        timeline.len(),
+        "one drawn sample per timeline point"
+    );
     for (tag, point) in tags.iter().zip(timeline) {
         let number = |name: &str| -> Option<u64> { attribute(tag, name)?.parse().ok() };
         assert_eq!(number("data-usage-bytes"), Some(point.usage_bytes), "{tag}");
@@ -128,7 +136,15 @@ fn pages_draw_the_kills_and_show_hostile_names_as_text() {
     let hostile_exe = links.path().join(HOSTILE_COMM);
     std::os::unix::fs::symlink(leak_bin(), &hostile_exe).expect("symlink");
     let mut command = Command::new(&hostile_exe);
-    command.args(["workload", "--interval", "1ms", "--chunk", "1MiB", "--listen", "off"]);
+    command.args([
+        "workload",
+        "--interval",
+        "1ms",
+        "--chunk",
+        "1MiB",
+        "--listen",
+        "off",
+    ]);
     let mut hostile = spawn_command_in(&hostile_cgroup, command);
     wait_for_oom_kill(&mut hostile, Duration::from_secs(60));
     let named = agent.wait_for_kill(hostile.pid());
@@ -143,7 +159,9 @@ fn pages_draw_the_kills_and_show_hostile_names_as_text() {
     let probe = "data:text/html,<p>x</p><script>document.body.dataset.ran='1'</script>";
     let ran = browser.load(probe, true, &shots.join("probe-js.png")).dom;
     assert!(ran.contains("data-ran=\"1\""), "{ran}");
-    let ran = browser.load(probe, false, &shots.join("probe-nojs.png")).dom;
+    let ran = browser
+        .load(probe, false, &shots.join("probe-nojs.png"))
+        .dom;
     assert!(!ran.contains("data-ran"), "{ran}");
     for javascript in [true, false] {
         let mode = if javascript { "js" } else { "nojs" };
@@ -159,9 +177,16 @@ fn pages_draw_the_kills_and_show_hostile_names_as_text() {
             .match_indices("<tr class=\"kill\"")
             .filter_map(|(at, _)| attribute(&index[at..at + 80], "data-seq")?.parse().ok())
             .collect();
-        assert_eq!(rows.first(), Some(&named.seq), "newest first: {rows:?} in {index}");
+        assert_eq!(
+            rows.first(),
+            Some(&named.seq),
+            "newest first: {rows:?} in {index}"
+        );
         assert!(rows.contains(&drawn.seq), "{rows:?}");
-        assert!(index.contains("&lt;script&gt;alert(1"), "the name shows as text");
+        assert!(
+            index.contains("&lt;script&gt;alert(1"),
+            "the name shows as text"
+        );
         assert!(index.contains("&lt;img src=x onerror=\"document.body.dataset.pwned=1\"&gt;'"));
 
         // The kill's page: the chart is the timeline of /kills/{seq}.
@@ -181,14 +206,21 @@ fn pages_draw_the_kills_and_show_hostile_names_as_text() {
             "each limit hit is marked"
         );
         for level in &served.cgroups {
-            assert!(page.contains(&format!("<td>{}</td>", level.path)), "{}", level.path);
+            assert!(
+                page.contains(&format!("<td>{}</td>", level.path)),
+                "{}",
+                level.path
+            );
         }
 
         let page = load("kill-hostile", &format!("/kill/{}", named.seq));
         assert!(page.contains("&lt;script&gt;alert(1"));
 
         let live = load("live", "/live");
-        assert!(live.contains("class=\"chart\""), "a chart per watched cgroup");
+        assert!(
+            live.contains("class=\"chart\""),
+            "a chart per watched cgroup"
+        );
     }
     println!("screenshots in {}", shots.display());
     let (status, _) = agent.get("/kill/not-a-number");
@@ -264,7 +296,10 @@ fn alerts_fire_before_the_kill_and_the_dashboard_has_data() {
     // A child process killed in its cgroup while nothing else there dies: main_process false.
     let side = Cgroup::with_limit(&hierarchy, "leak-e2e-alerts-child", 32 << 20)
         .unwrap_or_else(|err| panic!("{err}"));
-    let mut child = spawn_in(&side, &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"]);
+    let mut child = spawn_in(
+        &side,
+        &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"],
+    );
     wait_for_oom_kill(&mut child, Duration::from_secs(60));
     let child_kill = agent.wait_for_kill(child.pid());
     assert_eq!(child_kill.main_process, Some(false));
@@ -275,7 +310,15 @@ fn alerts_fire_before_the_kill_and_the_dashboard_has_data() {
         .unwrap_or_else(|err| panic!("{err}"));
     let relative = cgroup.relative.clone();
     let mut command = Command::new(leak_bin());
-    command.args(["workload", "--interval", "20ms", "--chunk", "5KiB", "--listen", "off"]);
+    command.args([
+        "workload",
+        "--interval",
+        "20ms",
+        "--chunk",
+        "5KiB",
+        "--listen",
+        "off",
+    ]);
     let mut leaking = spawn_command_as_init_in(&cgroup, command);
     let started = Instant::now();
     let near_limit = format!(
@@ -295,7 +338,10 @@ fn alerts_fire_before_the_kill_and_the_dashboard_has_data() {
             );
             break;
         }
-        assert!(started.elapsed() < deadline, "the slow leak was never killed");
+        assert!(
+            started.elapsed() < deadline,
+            "the slow leak was never killed"
+        );
         if fired_at.is_none() && !prometheus.query(&near_limit).is_empty() {
             fired_at = Some(now_seconds());
             println!(
@@ -337,7 +383,10 @@ fn alerts_fire_before_the_kill_and_the_dashboard_has_data() {
             );
         }
         let result = prometheus.wait_for(&expr);
-        assert!(!result.is_empty(), "panel {title:?}: {expr} returned nothing");
+        assert!(
+            !result.is_empty(),
+            "panel {title:?}: {expr} returned nothing"
+        );
     }
     let rules_text = fs::read_to_string(&rules).expect("rules");
     for name in metric_names(&rules_text) {

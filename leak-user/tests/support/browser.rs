@@ -165,7 +165,10 @@ impl Browser {
             "Target.attachToTarget",
             json!({ "targetId": target_id, "flatten": true }),
         );
-        let session = attached["sessionId"].as_str().expect("sessionId").to_owned();
+        let session = attached["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_owned();
         let session = Some(session.as_str());
         self.call(
             session,

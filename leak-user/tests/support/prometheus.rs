@@ -117,4 +117,3 @@ impl Prometheus {
         panic!("prometheus never returned anything for {promql}");
     }
 }
-
