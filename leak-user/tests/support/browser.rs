@@ -165,11 +165,11 @@ impl Browser {
             "Target.attachToTarget",
             json!({ "targetId": target_id, "flatten": true }),
         );
-        let session = attached["sessionId"]
+        let session_id = attached["sessionId"]
             .as_str()
             .expect("sessionId")
             .to_owned();
-        let session = Some(session.as_str());
+        let session = Some(session_id.as_str());
         self.call(
             session,
             "Emulation.setScriptExecutionDisabled",
@@ -182,7 +182,7 @@ impl Browser {
         );
         self.call(session, "Page.enable", json!({}));
         self.call(session, "Page.navigate", json!({ "url": url }));
-        self.event(session.unwrap_or_default(), "Page.loadEventFired");
+        self.event(&session_id, "Page.loadEventFired");
         let document = self.call(session, "DOM.getDocument", json!({ "depth": 0 }));
         let root = document["root"]["nodeId"].clone();
         let html = self.call(session, "DOM.getOuterHTML", json!({ "nodeId": root }));
