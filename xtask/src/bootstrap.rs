@@ -14,9 +14,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM majors that bpf-linker 0.13 can be built against.
 const BPF_LINKER_LLVM: &[u32] = &[21, 22, 23];
 
-/// Debian packages the test suite uses: `promtool` (lint of /metrics) and the tools that take
+/// The cargo-fuzz release that builds and runs leak-user/fuzz's targets.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Debian packages the test suite uses: `promtool` (lint of /metrics) and the `prometheus`
+/// server (a real scrape, on the host and inside every test VM), and the tools that take
 /// Debian kernel packages apart.
-pub const TEST_PACKAGES: [(&str, &str); 4] = [
+pub const TEST_PACKAGES: [(&str, &str); 5] = [
+    ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     ("dpkg-deb", "dpkg"),
     ("xz", "xz-utils"),
@@ -87,6 +92,14 @@ pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
 }
 
+/// Everything `cargo xtask test` needs, for `cargo xtask bootstrap` and the test's first stage.
+pub fn all() -> Result<()> {
+    ebpf_toolchain()?;
+    lint_tools()?;
+    cargo_fuzz()?;
+    debian_packages(&TEST_PACKAGES)
+}
+
 /// The nightly toolchain with rust-src, and bpf-linker built against the nightly's LLVM.
 pub fn ebpf_toolchain() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
@@ -101,18 +114,88 @@ pub fn ebpf_toolchain() -> Result<()> {
             "minimal",
         ]))?;
     }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        NIGHTLY,
-    ]))?;
-    if !components.lines().any(|line| line.starts_with("rust-src")) {
-        say("adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
-    }
+    rustup_components(
+        Some(NIGHTLY),
+        &["rust-src"],
+        "the kernel programs build core from source",
+    )?;
     bpf_linker()
+}
+
+/// Adds the components of `toolchain` (`None`: the one running xtask) that are missing.
+fn rustup_components(toolchain: Option<&str>, wanted: &[&str], why: &str) -> Result<()> {
+    let mut list = Command::new("rustup");
+    list.args(["component", "list", "--installed"]);
+    if let Some(toolchain) = toolchain {
+        list.args(["--toolchain", toolchain]);
+    }
+    let installed = output(&mut list)?;
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|component| {
+            // Lines read `rust-src` or `clippy-x86_64-unknown-linux-gnu` (component-host).
+            !installed
+                .lines()
+                .any(|line| line == *component || line.starts_with(&format!("{component}-")))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let name = toolchain.unwrap_or("active");
+    say(format!(
+        "adding {} to the {name} toolchain ({why})",
+        missing.join(", ")
+    ));
+    let mut add = Command::new("rustup");
+    add.args(["component", "add"]).args(&missing);
+    if let Some(toolchain) = toolchain {
+        add.args(["--toolchain", toolchain]);
+    }
+    run(&mut add)
+}
+
+/// rustfmt and clippy for the lint stage: on the toolchain running xtask for the workspace,
+/// and on nightly for the kernel programs (their clippy run needs `-Z build-std`).
+pub fn lint_tools() -> Result<()> {
+    ebpf_toolchain()?;
+    rustup_components(
+        None,
+        &["rustfmt", "clippy"],
+        "the lint stage checks formatting and lints",
+    )?;
+    rustup_components(
+        Some(NIGHTLY),
+        &["rustfmt", "clippy"],
+        "the lint stage runs clippy on the kernel programs",
+    )
+}
+
+/// cargo-fuzz, pinned, which builds the fuzz targets with libFuzzer and AddressSanitizer.
+pub fn cargo_fuzz() -> Result<()> {
+    let binary = cargo_home().join("bin").join("cargo-fuzz");
+    if let Ok(version) = output(Command::new(&binary).arg("--version")) {
+        if version.contains(CARGO_FUZZ_VERSION) {
+            return Ok(());
+        }
+        say(format!(
+            "replacing {} with cargo-fuzz {CARGO_FUZZ_VERSION}",
+            version.trim()
+        ));
+    }
+    say(format!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (`cargo install cargo-fuzz --locked`): it \
+         builds leak-user/fuzz's targets with libFuzzer and AddressSanitizer; this takes a few \
+         minutes"
+    ));
+    run(Command::new("cargo").args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
+    .context("installing cargo-fuzz failed; see the cargo output above")
 }
 
 fn bpf_linker() -> Result<()> {

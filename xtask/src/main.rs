@@ -3,7 +3,9 @@
 mod bench;
 mod bootstrap;
 mod cpio;
+mod fuzz;
 mod kernels;
+mod lint;
 mod run;
 mod test;
 mod vm;
@@ -27,7 +29,15 @@ enum Command {
     Bench(bench::Options),
     /// Run the end-to-end tests inside Debian kernels under QEMU, in every attach mode.
     Vm(vm::Options),
-    /// Install or build every missing tool (nightly rust-src, bpf-linker, Debian packages).
+    /// Only the lint stage of `test`: rustfmt and clippy (warnings denied), workspace, fuzz
+    /// crate and kernel programs.
+    #[command(hide = true)]
+    Lint,
+    /// Only the fuzz stage of `test`: every fuzz target for a bounded time from its seeds.
+    #[command(hide = true)]
+    Fuzz,
+    /// Install or build every missing tool (nightly rust-src, rustfmt and clippy, bpf-linker,
+    /// cargo-fuzz, Debian packages).
     Bootstrap,
     /// Download Debian kernel packages for SERIES (e.g. 5.10, 6.1) and extract their BTF.
     KernelBtf {
@@ -42,10 +52,9 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(options),
         Command::Vm(options) => vm::run(options),
         Command::Bench(options) => bench::run(options),
-        Command::Bootstrap => {
-            bootstrap::ebpf_toolchain()?;
-            bootstrap::debian_packages(&bootstrap::TEST_PACKAGES)
-        }
+        Command::Lint => lint::run_alone(),
+        Command::Fuzz => fuzz::run_alone(),
+        Command::Bootstrap => bootstrap::all(),
         Command::KernelBtf { series } => {
             for series in series {
                 let kernel = kernels::fetch(&series)?;

@@ -41,7 +41,7 @@ pub struct Options {
     /// Skip the Kubernetes-layout tests.
     #[arg(long)]
     no_k8s: bool,
-    /// Only run tests whose name contains this.
+    /// Only run tests whose name contains one of these (each given to every test binary).
     #[arg(last = true)]
     filter: Vec<String>,
 }
@@ -104,11 +104,14 @@ pub fn report(outcomes: &[Outcome]) -> Result<()> {
 }
 
 pub fn run_kernels(series: &[String], settings: &Settings) -> Result<Vec<Outcome>> {
+    kernel_filter(&settings.filter)?;
     bootstrap::ebpf_toolchain()?;
     bootstrap::debian_packages(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("mkfs.ext4", "e2fsprogs"),
+        ("prometheus", "prometheus"),
+        ("promtool", "prometheus"),
     ])?;
     let binaries = build_binaries()?;
     let mut outcomes = Vec::new();
@@ -140,6 +143,9 @@ struct Binaries {
     /// The end-to-end test executables by target name (`oom_e2e`, `k8s_e2e`).
     tests: Vec<(String, PathBuf)>,
 }
+
+/// Debian's `prometheus` package's commands the tests run, copied into the initramfs.
+const PROMETHEUS_TOOLS: &[&str] = &["prometheus", "promtool"];
 
 /// The end-to-end test targets the VMs run.
 const TEST_TARGETS: &[&str] = &["oom_e2e", "k8s_e2e"];
@@ -184,7 +190,21 @@ fn build_binaries() -> Result<Binaries> {
 
 /// The shared libraries a dynamic executable loads, from `ldd`.
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let text = output(Command::new("ldd").arg(binary))?;
+    let result = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("cannot start ldd")?;
+    let text = String::from_utf8_lossy(&result.stdout);
+    if !result.status.success() {
+        if text.contains("not a dynamic executable") {
+            return Ok(Vec::new());
+        }
+        bail!(
+            "ldd {} failed: {}",
+            binary.display(),
+            String::from_utf8_lossy(&result.stderr).trim()
+        );
+    }
     Ok(text
         .lines()
         .filter_map(|line| {
@@ -288,9 +308,16 @@ fn module_bytes(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
+/// The VM's init. It reports on the console, one line each, for vm.rs to read:
+/// `LEAK-EXPECT <binary> <cell> <n>` before a test binary runs (`n`: the tests that binary
+/// lists for the filters, less the ignored ones), `LEAK-SKIP-LOG <line>` for every line the
+/// tests appended to the skip log, `LEAK-VM-RESULT <cell> pass|fail` after it, and
+/// `LEAK-VM-DONE` at the end. The filters come comma-separated in `leak.filter=` (checked in
+/// [`kernel_filter`]: no space, comma or shell metacharacter), so splitting them unquoted is
+/// safe.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -301,24 +328,36 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo +memory > /sys/fs/cgroup/cgroup.subtree_control
 for module in $(cat /modules); do insmod "$module" || echo "LEAK-VM insmod $module failed"; done
-ip link set lo up
+# Prometheus listens and scrapes on loopback.
+ip link set lo up || echo "LEAK-VM cannot bring lo up"
 mkdir -p /disk
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done
 mount -t ext4 /dev/vda /disk || echo "LEAK-VM cannot mount the virtio disk"
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^leak\.$1=//p"; }
 modes=$(arg modes | tr ',' ' ')
-filter=$(arg filter)
-echo "LEAK-VM kernel $(uname -r), modes: $modes"
+filters=$(arg filter | tr ',' ' ')
+export LEAK_TEST_SKIP_LOG=/tmp/leak-skips
+echo "LEAK-VM kernel $(uname -r), modes: $modes, filters: ${filters:-none}"
+# run_tests BINARY CELL [VAR=VALUE...]: one matrix cell.
+run_tests() {
+  binary=/tests/$1
+  cell=$2
+  shift 2
+  listed=$("$binary" --list $filters 2>/dev/null | grep -c ': test$')
+  ignored=$("$binary" --list --ignored $filters 2>/dev/null | grep -c ': test$')
+  echo "LEAK-EXPECT ${binary##*/} $cell $((listed - ignored))"
+  rm -f "$LEAK_TEST_SKIP_LOG"
+  env "$@" RUST_BACKTRACE=1 "$binary" --test-threads=1 --nocapture $filters
+  status=$?
+  [ -f "$LEAK_TEST_SKIP_LOG" ] && sed 's/^/LEAK-SKIP-LOG /' "$LEAK_TEST_SKIP_LOG"
+  if [ $status -eq 0 ]; then echo "LEAK-VM-RESULT $cell pass"; else echo "LEAK-VM-RESULT $cell fail"; fi
+}
 for mode in $modes; do
-  CI=true LEAK_BIN=/bin/leak LEAK_TEST_DISK_DIR=/disk LEAK_TEST_NO_PROMETHEUS=1 \
-    LEAK_TEST_GLOBAL_OOM=1 LEAK_TEST_ATTACH=$mode LEAK_TEST_EXPECT_AUTO=$(arg expect_auto) RUST_BACKTRACE=1 \
-    /tests/oom_e2e --test-threads=1 --nocapture $filter
-  if [ $? -eq 0 ]; then echo "LEAK-VM-RESULT $mode pass"; else echo "LEAK-VM-RESULT $mode fail"; fi
+  run_tests oom_e2e "$mode" CI=true LEAK_BIN=/bin/leak LEAK_TEST_DISK_DIR=/disk \
+    LEAK_TEST_GLOBAL_OOM=1 LEAK_TEST_ATTACH="$mode" LEAK_TEST_EXPECT_AUTO="$(arg expect_auto)"
 done
 if [ "$(arg k8s)" = 1 ]; then
-  CI=true LEAK_BIN=/bin/leak LEAK_TEST_NO_PROMETHEUS=1 RUST_BACKTRACE=1 \
-    /tests/k8s_e2e --test-threads=1 --nocapture $filter
-  if [ $? -eq 0 ]; then echo "LEAK-VM-RESULT k8s pass"; else echo "LEAK-VM-RESULT k8s fail"; fi
+  run_tests k8s_e2e k8s CI=true LEAK_BIN=/bin/leak
 fi
 if [ "$(arg bench)" = 1 ]; then
   /bin/leak bench --rounds 3 --duration 1s --kills 20 --file-dir /disk --json /tmp/bench.json
@@ -358,6 +397,14 @@ fn initramfs(kernel: &Kernel, binaries: &Binaries, path: &Path) -> Result<()> {
     for (name, path) in &binaries.tests {
         archive.file(&format!("/tests/{name}"), 0o755, &fs::read(path)?);
         libraries.extend(shared_libraries(path)?);
+    }
+    // Debian's Prometheus server and promtool (installed above), at their host paths, so the
+    // scrape test and the /metrics lint run for real in every VM.
+    for tool in PROMETHEUS_TOOLS {
+        let path = which(tool)?;
+        let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        archive.file(&path.to_string_lossy(), 0o755, &bytes);
+        libraries.extend(shared_libraries(&path)?);
     }
     libraries.sort();
     libraries.dedup();
@@ -405,8 +452,15 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
         u8::from(settings.k8s),
         u8::from(settings.bench)
     );
-    if let Some(filter) = settings.filter.first() {
+    if let Some(filter) = kernel_filter(&settings.filter)? {
         append.push_str(&format!(" leak.filter={filter}"));
+    }
+    // x86's COMMAND_LINE_SIZE; a longer line would be cut silently.
+    if append.len() >= 2048 {
+        bail!(
+            "the kernel command line would be {} bytes (at most 2047): fewer filters",
+            append.len()
+        );
     }
     say(format!("booting {} under QEMU (TCG)", kernel.release));
     let mut child = Command::new("qemu-system-x86_64")
@@ -457,14 +511,8 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
         .unwrap_or(&kernel.release)
         .to_owned();
     let deadline = Instant::now() + settings.timeout;
-    let mut outcomes = Vec::new();
+    let mut console = Console::new(&kernel.release);
     let mut failure = None;
-    let mut done = false;
-    let mut bench = None;
-    // The scenarios a host cannot run (group kill on cgroup v1, global OOM on a shared machine)
-    // are what the VMs are for: one skipping here is a failure, not a pass.
-    const VM_ONLY_SKIPS: &[&str] = &["SKIP group kill", "SKIP global OOM"];
-    let mut vm_only_skip = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -481,31 +529,13 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             failure = Some(format!("kernel panic: {line}"));
             break;
         }
-        if VM_ONLY_SKIPS.iter().any(|skip| line.contains(skip)) {
-            vm_only_skip = Some(format!("a VM-only scenario skipped: {line}"));
-        }
-        if let Some(json) = line.split("LEAK-VM-BENCH ").nth(1) {
-            bench = serde_json::from_str(json).ok();
-        }
-        if let Some(rest) = line.split("LEAK-VM-RESULT ").nth(1) {
-            let mut parts = rest.split_whitespace();
-            if let (Some(mode), Some(status)) = (parts.next(), parts.next()) {
-                outcomes.push(Outcome {
-                    kernel: kernel.release.clone(),
-                    mode: mode.to_owned(),
-                    passed: status == "pass",
-                    detail: String::new(),
-                    bench: (mode == "bench").then(|| bench.take()).flatten(),
-                });
-            }
-        }
-        if line.contains("LEAK-VM-DONE") {
-            done = true;
-        }
+        console.line(&line);
     }
     let _ = child.kill();
     let _ = child.wait();
-    if let Some(failure) = failure.or(vm_only_skip) {
+    let done = console.done;
+    let mut outcomes = console.finish();
+    if let Some(failure) = failure {
         outcomes.push(Outcome {
             kernel: kernel.release.clone(),
             mode: "vm".into(),
@@ -535,4 +565,245 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
         });
     }
     Ok(outcomes)
+}
+
+/// The filters as one `leak.filter=` value: comma-joined, each made only of characters that
+/// survive the kernel command line and the init script's unquoted word splitting (test names
+/// are Rust paths; `-` lets a libtest flag such as `--exact` through).
+pub fn kernel_filter(filters: &[String]) -> Result<Option<String>> {
+    for filter in filters {
+        if filter.is_empty()
+            || !filter
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.' | '-'))
+        {
+            bail!(
+                "filter `{filter}` cannot be passed to the VMs: use only letters, digits and \
+                 `_:.-`"
+            );
+        }
+    }
+    Ok((!filters.is_empty()).then(|| filters.join(",")))
+}
+
+/// One test binary's run in the VM, between its `LEAK-EXPECT` and `LEAK-VM-RESULT` lines.
+struct CellRun {
+    binary: String,
+    mode: String,
+    expected: u64,
+    /// Each `test result:` line: passed, failed.
+    results: Vec<(u64, u64)>,
+    skips: Vec<String>,
+}
+
+/// Reads the init script's console lines into matrix cells.
+struct Console {
+    kernel: String,
+    cell: Option<CellRun>,
+    outcomes: Vec<Outcome>,
+    bench: Option<serde_json::Value>,
+    /// `LEAK-SKIP` lines outside any cell.
+    stray_skips: Vec<String>,
+    done: bool,
+}
+
+impl Console {
+    fn new(kernel: &str) -> Self {
+        Self {
+            kernel: kernel.to_owned(),
+            cell: None,
+            outcomes: Vec::new(),
+            bench: None,
+            stray_skips: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Markers are searched anywhere in the line: kernel messages can be printed in front.
+    fn line(&mut self, line: &str) {
+        if let Some(rest) = line.split("LEAK-EXPECT ").nth(1) {
+            let mut parts = rest.split_whitespace();
+            if let (Some(binary), Some(mode), Some(expected)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                self.cell = Some(CellRun {
+                    binary: binary.to_owned(),
+                    mode: mode.to_owned(),
+                    // Unparsable: zero, which fails the cell.
+                    expected: expected.parse().unwrap_or(0),
+                    results: Vec::new(),
+                    skips: Vec::new(),
+                });
+            }
+        }
+        if let Some(rest) = line.split("test result: ").nth(1) {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.split_whitespace().last()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            if let Some(cell) = &mut self.cell {
+                cell.results.push((count(" passed"), count(" failed")));
+            }
+        }
+        // In a VM no skip is legitimate: the VMs exist to run what a host cannot.
+        if line.contains("LEAK-SKIP") {
+            match &mut self.cell {
+                Some(cell) => cell.skips.push(line.trim().to_owned()),
+                None => self.stray_skips.push(line.trim().to_owned()),
+            }
+        }
+        if let Some(json) = line.split("LEAK-VM-BENCH ").nth(1) {
+            self.bench = serde_json::from_str(json).ok();
+        }
+        if let Some(rest) = line.split("LEAK-VM-RESULT ").nth(1) {
+            let mut parts = rest.split_whitespace();
+            if let (Some(mode), Some(status)) = (parts.next(), parts.next()) {
+                let cell = self.cell.take().filter(|cell| cell.mode == mode);
+                let (passed, detail) = if mode == "bench" {
+                    (status == "pass", String::new())
+                } else {
+                    judge(cell.as_ref(), status == "pass")
+                };
+                self.outcomes.push(Outcome {
+                    kernel: self.kernel.clone(),
+                    mode: mode.to_owned(),
+                    passed,
+                    detail,
+                    bench: (mode == "bench").then(|| self.bench.take()).flatten(),
+                });
+            }
+        }
+        if line.contains("LEAK-VM-DONE") {
+            self.done = true;
+        }
+    }
+
+    fn finish(mut self) -> Vec<Outcome> {
+        if !self.stray_skips.is_empty() {
+            self.outcomes.push(Outcome {
+                kernel: self.kernel.clone(),
+                mode: "vm".into(),
+                passed: false,
+                detail: format!("a skip in a VM: {}", self.stray_skips.join(" | ")),
+                bench: None,
+            });
+        }
+        self.outcomes
+    }
+}
+
+/// Whether a test cell passed, and why not: the binary must have succeeded, run exactly the
+/// tests it listed (at least one) and skipped none.
+fn judge(cell: Option<&CellRun>, status_pass: bool) -> (bool, String) {
+    let Some(cell) = cell else {
+        return (
+            false,
+            "no LEAK-EXPECT line before the result: how many tests ran is unknown".into(),
+        );
+    };
+    let mut problems = Vec::new();
+    if !status_pass {
+        problems.push(format!("{} failed", cell.binary));
+    }
+    if cell.expected == 0 {
+        problems.push(format!(
+            "{} --list names no test for these filters",
+            cell.binary
+        ));
+    }
+    match cell.results.as_slice() {
+        [] => problems.push(format!("no `test result:` line from {}", cell.binary)),
+        [(passed, failed)] => {
+            if *passed != cell.expected {
+                problems.push(format!(
+                    "{} listed {} tests, libtest reported {passed} passed ({failed} failed)",
+                    cell.binary, cell.expected
+                ));
+            }
+        }
+        results => problems.push(format!(
+            "{} printed {} `test result:` lines",
+            cell.binary,
+            results.len()
+        )),
+    }
+    if !cell.skips.is_empty() {
+        problems.push(format!(
+            "{} skip(s), and no skip is legitimate in a VM: {}",
+            cell.skips.len(),
+            cell.skips.join(" | ")
+        ));
+    }
+    (problems.is_empty(), problems.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(lines: &[&str]) -> Vec<Outcome> {
+        let mut console = Console::new("6.1.0-40-cloud-amd64");
+        for line in lines {
+            console.line(line);
+        }
+        console.finish()
+    }
+
+    #[test]
+    fn a_cell_passes_when_it_ran_what_it_listed() {
+        let outcomes = read(&[
+            "LEAK-EXPECT oom_e2e fentry 3",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out",
+            "LEAK-VM-RESULT fentry pass",
+        ]);
+        assert_eq!(outcomes.len(), 1);
+        assert!(outcomes[0].passed, "{}", outcomes[0].detail);
+    }
+
+    #[test]
+    fn a_cell_fails_on_a_count_mismatch_no_tests_or_a_skip() {
+        let outcomes = read(&[
+            "LEAK-EXPECT oom_e2e fentry 3",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "LEAK-VM-RESULT fentry pass",
+            "LEAK-EXPECT oom_e2e kprobe 0",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 12 filtered out",
+            "LEAK-VM-RESULT kprobe pass",
+            "LEAK-EXPECT k8s_e2e k8s 2",
+            "LEAK-SKIP prometheus_scrapes: no prometheus",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "LEAK-SKIP-LOG prometheus_scrapes\thides-feature\tno prometheus",
+            "LEAK-VM-RESULT k8s pass",
+            "LEAK-VM-RESULT tp_btf pass",
+        ]);
+        assert_eq!(outcomes.len(), 4);
+        assert!(outcomes.iter().all(|o| !o.passed));
+        assert!(outcomes[0].detail.contains("listed 3 tests"));
+        assert!(outcomes[1].detail.contains("names no test"));
+        assert!(outcomes[2].detail.contains("2 skip(s)"));
+        assert!(outcomes[3].detail.contains("no LEAK-EXPECT"));
+    }
+
+    #[test]
+    fn a_skip_outside_a_cell_fails_the_vm() {
+        let outcomes = read(&["LEAK-SKIP something: reason", "LEAK-VM-DONE"]);
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].mode, "vm");
+        assert!(!outcomes[0].passed);
+    }
+
+    #[test]
+    fn filters_reach_the_kernel_command_line_whole() {
+        let filters = vec!["group_kill".to_owned(), "enrich::tests::".to_owned()];
+        assert_eq!(
+            kernel_filter(&filters).unwrap().as_deref(),
+            Some("group_kill,enrich::tests::")
+        );
+        assert_eq!(kernel_filter(&[]).unwrap(), None);
+        assert!(kernel_filter(&["a b".to_owned()]).is_err());
+        assert!(kernel_filter(&["a,b".to_owned()]).is_err());
+        assert!(kernel_filter(&["$(reboot)".to_owned()]).is_err());
+    }
 }

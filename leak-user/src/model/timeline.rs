@@ -140,16 +140,13 @@ pub fn thin(timeline: Vec<Point>, max: usize, page_size: u64) -> Vec<Point> {
     keep.into_iter().map(|i| timeline[i].clone()).collect()
 }
 
+/// Points for the tests of every stage that keeps or draws timelines.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
+    use super::{Point, SampleKind};
 
-    pub(crate) fn point(
-        ms: u64,
-        usage_mib: u64,
-        inactive_file_mib: u64,
-        kind: SampleKind,
-    ) -> Point {
+    /// A point at `ms`, in a 128 MiB cgroup, with that much usage and inactive page cache.
+    pub fn point(ms: u64, usage_mib: u64, inactive_file_mib: u64, kind: SampleKind) -> Point {
         let mib = 1 << 20;
         Point {
             boot_ns: ms * 1_000_000,
@@ -163,6 +160,11 @@ mod tests {
             anon_bytes: (usage_mib - inactive_file_mib) * mib,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::point, *};
 
     #[test]
     fn the_page_cache_story_usage_first_then_working_set() {

@@ -133,22 +133,7 @@ impl Timelines for History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::timeline::SampleKind;
-
-    fn point(ms: u64, usage_mib: u64, inactive_file_mib: u64, kind: SampleKind) -> Point {
-        let mib = 1 << 20;
-        Point {
-            boot_ns: ms * 1_000_000,
-            before_kill_ms: None,
-            kind,
-            usage_bytes: usage_mib * mib,
-            limit_bytes: Some(128 * mib),
-            working_set_bytes: (usage_mib - inactive_file_mib) * mib,
-            page_cache_bytes: inactive_file_mib * mib,
-            inactive_file_bytes: inactive_file_mib * mib,
-            anon_bytes: (usage_mib - inactive_file_mib) * mib,
-        }
-    }
+    use crate::model::timeline::{fixtures::point, SampleKind};
 
     #[test]
     fn keeps_a_bounded_window_per_cgroup() {
