@@ -11,6 +11,10 @@ use leak_common::layout::{rss_scheme, stats_scheme, Layout, LRU_COUNT};
 
 pub use self::btf::{Btf, BtfError, Kind};
 
+/// How deep anonymous structs and unions may nest inside one another (the kernel's own nest two
+/// or three deep).
+const MAX_ANONYMOUS_NESTING: usize = 16;
+
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -72,6 +76,24 @@ impl Resolver {
 
     /// Finds `member` in `struct_id`, looking through anonymous structs and unions.
     pub fn member_in(&self, struct_id: u32, member: &str) -> Result<Option<Found>, LayoutError> {
+        self.member_within(struct_id, member, 0)
+    }
+
+    /// [`Self::member_in`], `depth` anonymous members down. Real kernels nest a few levels; a
+    /// BTF file that nests a struct in itself (a hostile or corrupt `--btf`) must end in an
+    /// error, not in a stack overflow.
+    fn member_within(
+        &self,
+        struct_id: u32,
+        member: &str,
+        depth: usize,
+    ) -> Result<Option<Found>, LayoutError> {
+        if depth > MAX_ANONYMOUS_NESTING {
+            return Err(LayoutError::Unsupported(format!(
+                "anonymous members nested more than {MAX_ANONYMOUS_NESTING} deep looking for \
+                 `{member}`: the BTF is corrupt"
+            )));
+        }
         let (_, ty) = self.btf.resolve(struct_id)?;
         for candidate in &ty.members {
             if candidate.bitfield_size != 0 || candidate.bit_offset % 8 != 0 {
@@ -93,7 +115,7 @@ impl Resolver {
             if candidate.name.is_empty() {
                 let (inner, inner_ty) = self.btf.resolve(candidate.type_id)?;
                 if matches!(inner_ty.kind, Kind::Struct | Kind::Union) {
-                    if let Some(found) = self.member_in(inner, member)? {
+                    if let Some(found) = self.member_within(inner, member, depth + 1)? {
                         return Ok(Some(Found {
                             offset: offset + found.offset,
                             type_id: found.type_id,

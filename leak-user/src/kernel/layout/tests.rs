@@ -280,3 +280,15 @@ fn parses_tracepoint_format() {
     assert_eq!(tracepoint_field_offset(format, "comm"), Some(12));
     assert_eq!(tracepoint_field_offset(format, "uid"), None);
 }
+
+/// Found by the fuzzer: `oom_control` with an anonymous member of type `oom_control`. The
+/// resolver must refuse it, not recurse until the stack overflows.
+#[test]
+fn a_struct_nested_in_itself_is_an_error() {
+    let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus/btf/regression-oom-control-nests-itself");
+    let data = std::fs::read(&seed).expect("the committed regression seed");
+    if let Ok(btf) = Btf::parse(&data) {
+        assert!(Resolver::new(btf).layout().is_err());
+    }
+}
