@@ -285,10 +285,12 @@ fn parses_tracepoint_format() {
 /// resolver must refuse it, not recurse until the stack overflows.
 #[test]
 fn a_struct_nested_in_itself_is_an_error() {
-    let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus/btf/regression-oom-control-nests-itself");
     let data = std::fs::read(&seed).expect("the committed regression seed");
     let btf = Btf::parse(&data).expect("the blob is well-formed BTF");
-    let err = Resolver::new(btf).layout().expect_err("a self-nesting struct");
+    let err = Resolver::new(btf)
+        .layout()
+        .expect_err("a self-nesting struct");
     assert!(err.to_string().contains("corrupt"), "{err}");
 }
