@@ -355,9 +355,12 @@ fn alerts_fire_before_the_kill_and_the_dashboard_has_data() {
     let killed_at = kill.timestamp_unix_ns as f64 / 1e9;
     let fired_at = fired_at.expect("LeakWorkingSetNearLimit never fired before the kill");
     let lead = killed_at - fired_at;
-    println!(
-        "LeakWorkingSetNearLimit fired {lead:.1} s before the OOM kill ({:.0} s of leaking)",
-        started.elapsed().as_secs_f64()
+    leak_user::experiment::harness::report_figure(
+        &current_test(),
+        &format!(
+            "LeakWorkingSetNearLimit fired {lead:.1} s before the OOM kill ({:.0} s of leaking)",
+            started.elapsed().as_secs_f64()
+        ),
     );
     assert!(lead > 0.0, "the alert fired {lead:.1} s before the kill");
 

@@ -28,6 +28,9 @@ const VM_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1", "6.12"];
 /// `<test>` is libtest's name of the test (its thread's name) and `<kind>` is `legitimate` or
 /// `hides-feature`.
 pub const SKIP_LOG_ENV: &str = "LEAK_TEST_SKIP_LOG";
+/// The file the tests append the figures they measured to (one line each), printed after the
+/// stage: what a passing run saw, not only that it passed.
+pub const FIGURES_ENV: &str = "LEAK_TEST_FIGURES";
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -253,13 +256,16 @@ fn host_tests(options: &Options, btf_dir: &Path, totals: &mut Totals) -> Result<
     let skip_log = bootstrap::cache_dir().join("host-test-skips.log");
     std::fs::create_dir_all(bootstrap::cache_dir())?;
     std::fs::write(&skip_log, "")?;
+    let figures = bootstrap::cache_dir().join("host-test-figures.log");
+    std::fs::write(&figures, "")?;
     let mut command = Command::new(env!("CARGO"));
     command
         .args(["test", "--workspace", "--exclude", "leak-ebpf"])
         .current_dir(bootstrap::workspace_root())
         .env("PATH", bootstrap::path_with_cargo_bin())
         .env("LEAK_TEST_BTF_DIR", btf_dir)
-        .env(SKIP_LOG_ENV, &skip_log);
+        .env(SKIP_LOG_ENV, &skip_log)
+        .env(FIGURES_ENV, &figures);
     if !options.filter.is_empty() {
         command.arg("--").args(&options.filter);
     }
@@ -267,6 +273,13 @@ fn host_tests(options: &Options, btf_dir: &Path, totals: &mut Totals) -> Result<
     // keeps the skip log's lines in the order the tests ran.
     command.env("RUST_TEST_THREADS", "1");
     let run = run_counting(&mut command)?;
+    let measured = std::fs::read_to_string(&figures).unwrap_or_default();
+    if !measured.trim().is_empty() {
+        say("cargo test: figures the tests measured:");
+        for line in measured.lines() {
+            eprintln!("  {line}");
+        }
+    }
     let skips = parse_skip_log(&std::fs::read_to_string(&skip_log)?)?;
     let ci = std::env::var("CI").is_ok_and(|value| value == "true");
     let (counted, report) = account(&run, &skips, ci);

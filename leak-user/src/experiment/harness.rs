@@ -125,6 +125,31 @@ fn record_skip(
     Ok(())
 }
 
+/// Where a test reports the figures it measured: `cargo xtask test` prints them after the run.
+pub const FIGURES_ENV: &str = "LEAK_TEST_FIGURES";
+
+/// Prints a figure a test measured and appends it to `$LEAK_TEST_FIGURES`, so that a passing
+/// run still shows what it saw (libtest hides a passing test's output).
+pub fn report_figure(test: &str, figure: &str) {
+    eprintln!("LEAK-FIGURE {test}: {figure}");
+    if let Some(path) = std::env::var_os(FIGURES_ENV) {
+        let appended = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| {
+                use std::io::Write as _;
+                writeln!(file, "{test}: {figure}")
+            });
+        if let Err(err) = appended {
+            eprintln!(
+                "warning: cannot append to {}: {err}",
+                path.to_string_lossy()
+            );
+        }
+    }
+}
+
 /// A memory cgroup made for the occasion; on drop its processes are killed and it is removed.
 /// Declare a child after its parent, so that it is dropped, and removed, first.
 #[derive(Debug)]
