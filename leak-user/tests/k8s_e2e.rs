@@ -13,11 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use leak_user::{
-    model::{
-        kill::Kill,
-        kubernetes::{CgroupDriver, LevelKind, QosClass, Runtime},
-    },
+use leak_user::model::{
+    kill::Kill,
+    kubernetes::{CgroupDriver, LevelKind, QosClass, Runtime},
 };
 use support::{prometheus::Prometheus, *};
 
