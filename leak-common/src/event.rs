@@ -137,7 +137,11 @@ pub mod counter {
     pub const READ_ERRORS: u32 = 1;
     /// Charge samples dropped because their ring buffer was full.
     pub const LOST_SAMPLES: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Per-thread charge states the charge path lost or threw away: a return with no state (its
+    /// entry was evicted from the bounded map, or never stored), or a state left behind by a
+    /// return the kernel did not report (kretprobe instances ran out) found stale or too deep.
+    pub const CHARGE_STATE_DROPPED: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 #[cfg(feature = "user")]

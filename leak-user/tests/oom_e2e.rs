@@ -482,6 +482,110 @@ fn group_kill_with(hierarchy: &MemoryHierarchy, attach: &str) {
     assert!(agent.stop().success());
 }
 
+/// A counter of the kernel's `memory.events` (hierarchical; the scenarios' cgroups are leaves).
+fn memory_event(cgroup: &Cgroup, name: &str) -> u64 {
+    let events = std::fs::read_to_string(cgroup.path().join("memory.events"))
+        .unwrap_or_else(|err| panic!("read memory.events of {}: {err}", cgroup.relative));
+    events
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no `{name}` in memory.events:\n{events}"))
+}
+
+/// The agent's `leak_cgroup_limit_hits_total` for `cgroup` (0 while it has none), after the
+/// once-a-second catch-up of the per-cgroup counters has run at least twice.
+fn agent_limit_hits(agent: &Agent, cgroup: &Cgroup) -> u64 {
+    std::thread::sleep(Duration::from_millis(2500));
+    let series = format!(
+        "leak_cgroup_limit_hits_total{{cgroup=\"{}\"",
+        cgroup.relative
+    );
+    agent
+        .page("/metrics")
+        .lines()
+        .filter(|line| line.starts_with(&series))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .sum()
+}
+
+/// Reclaim driven by `memory.high` (on return to user mode and from inside the charge), by
+/// writes to `memory.high` and `memory.max` and by `memory.reclaim` is no limit hit; reclaim
+/// at `memory.max` from the charge path is. The kernel's `memory.events` is the ground truth:
+/// `max` counts the charge path's hits at the limit (it is raised just before that reclaim).
+fn high_is_not_a_limit_hit_with(hierarchy: &MemoryHierarchy, attach: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = limited(hierarchy, &format!("leak-e2e-high-{attach}"));
+    let write = |file: &str, value: &str| {
+        cgroup
+            .write(file, value)
+            .unwrap_or_else(|err| panic!("{err}"))
+    };
+    write("memory.high", &(8u64 << 20).to_string());
+    let mut agent = Agent::start(&["--attach", attach, "--charge-attach", attach]);
+    let mode = reported_mode(&agent, attach);
+
+    // 48 MiB through the page cache of a cgroup whose memory.high is 8 MiB and memory.max 64
+    // MiB, in 4 MiB writes: each write charges 1024 pages in one system call, so memory.high
+    // is reclaimed from inside the charge as well as on the way back to user mode.
+    let file = disk_file(&format!("leak-e2e-high-{attach}"));
+    let mut dd = std::process::Command::new("dd");
+    dd.arg("if=/dev/zero")
+        .arg(format!("of={}", file.0.display()))
+        .args(["bs=4M", "count=12"]);
+    let mut writer = spawn_command_in(&cgroup, dd);
+    let status = writer
+        .wait_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|err| panic!("{err}"))
+        .expect("dd did not finish in 120 s");
+    assert!(status.success(), "dd failed: {status:?}");
+    // Reclaim that no charge asks for: lowering memory.high and memory.max below the usage,
+    // and proactive reclaim (memory.reclaim, 5.19+).
+    write("memory.high", &(4u64 << 20).to_string());
+    if cgroup.path().join("memory.reclaim").exists() {
+        write("memory.reclaim", &(2u64 << 20).to_string());
+    }
+    write("memory.max", &(2u64 << 20).to_string());
+    write("memory.max", &LIMIT.to_string());
+    write("memory.high", "max");
+
+    let high_events = memory_event(&cgroup, "high");
+    let max_events = memory_event(&cgroup, "max");
+    let hits = agent_limit_hits(&agent, &cgroup);
+    eprintln!(
+        "[{attach} -> {mode}] memory.high phase: memory.events high={high_events} \
+         max={max_events}, leak_cgroup_limit_hits_total={hits}"
+    );
+    assert!(high_events > 0, "memory.high was never reclaimed");
+    assert!(
+        hits <= max_events,
+        "{hits} limit hits counted while the kernel counted {max_events} at memory.max \
+         (and {high_events} at memory.high)"
+    );
+
+    // Now at memory.max: an anonymous leak until the OOM killer ends it.
+    let mut leaker = spawn_in(&cgroup, FAST_ANON);
+    let pid = leaker.pid();
+    wait_for_oom_kill(&mut leaker, Duration::from_secs(120));
+    agent.wait_for_kill(pid);
+    let max_events_after = memory_event(&cgroup, "max");
+    let hits_after = agent_limit_hits(&agent, &cgroup);
+    eprintln!(
+        "[{attach} -> {mode}] memory.max phase: memory.events max={max_events_after}, \
+         leak_cgroup_limit_hits_total={hits_after}"
+    );
+    assert!(
+        max_events_after > max_events,
+        "the leak never hit memory.max"
+    );
+    assert!(hits_after > hits, "no limit hit counted at memory.max");
+    assert!(
+        hits_after <= max_events_after,
+        "{hits_after} limit hits counted, the kernel counted {max_events_after}"
+    );
+    assert!(agent.stop().success());
+}
+
 /// Sets a process's `oom_score_adj` (-1000 spares it, 1000 makes it the OOM killer's choice).
 fn set_oom_score_adj(pid: u32, value: i32) {
     std::fs::write(format!("/proc/{pid}/oom_score_adj"), value.to_string())
@@ -667,6 +771,22 @@ fn group_kill() {
         return;
     }
     for_each_mode(&hierarchy, group_kill_with);
+}
+
+#[test]
+fn memory_high_and_reclaim_are_not_limit_hits() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    if hierarchy.version != Version::V2 {
+        skip_test(
+            "memory.high, memory.reclaim and memory.events exist only on cgroup v2 and this \
+             host's memory controller is on v1; the test VMs (cgroup v2) run it",
+            SkipKind::Legitimate,
+        );
+        return;
+    }
+    for_each_mode(&hierarchy, high_is_not_a_limit_hit_with);
 }
 
 #[test]

@@ -265,6 +265,7 @@ impl Probes {
             lost_events: sum(counter::LOST_EVENTS),
             read_errors: sum(counter::READ_ERRORS),
             lost_samples: sum(counter::LOST_SAMPLES),
+            charge_state_dropped: sum(counter::CHARGE_STATE_DROPPED),
         }
     }
 
@@ -289,4 +290,5 @@ pub struct KernelCounters {
     pub lost_events: u64,
     pub read_errors: u64,
     pub lost_samples: u64,
+    pub charge_state_dropped: u64,
 }

@@ -47,6 +47,7 @@ pub struct Metrics {
     attach_info: IntGaugeVec,
     last_kill: Gauge,
     lost_samples: IntCounter,
+    charge_state_dropped: IntCounter,
     /// Kill series by (gauge labels), each with the counter label sets seen with it, least
     /// recently killed first.
     kill_series: std::sync::Mutex<std::collections::VecDeque<KillSeries>>,
@@ -202,6 +203,12 @@ impl Metrics {
             "samples_lost_total",
             "Charge-path samples dropped because their ring buffer was full",
         )?;
+        let charge_state_dropped = counter(
+            "charge_state_dropped_total",
+            "Per-thread charge states the fentry/kprobe charge path lost (evicted from its \
+             bounded map) or threw away (left behind by unreported returns); each may miss a \
+             limit hit or a charge failure",
+        )?;
         let samples = IntCounterVec::new(
             Opts::new(
                 "charge_samples_total",
@@ -264,6 +271,7 @@ impl Metrics {
             attach_info,
             last_kill,
             lost_samples,
+            charge_state_dropped,
             kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
             max_kill_series: MAX_KILL_SERIES,
             samples,
@@ -392,7 +400,8 @@ impl Metrics {
         }
     }
 
-    /// Brings the lost-event, lost-sample and read-error counters up to the kernel's totals.
+    /// Brings the lost-event, lost-sample, read-error and dropped-charge-state counters up to the
+    /// kernel's totals.
     pub fn set_kernel_counters(&self, counters: &KernelCounters) {
         let catch_up = |counter: &IntCounter, total: u64| {
             let seen = counter.get();
@@ -403,6 +412,7 @@ impl Metrics {
         catch_up(&self.lost_events, counters.lost_events);
         catch_up(&self.read_errors, counters.read_errors);
         catch_up(&self.lost_samples, counters.lost_samples);
+        catch_up(&self.charge_state_dropped, counters.charge_state_dropped);
     }
 
     pub fn count_sample(&self, kind: SampleKind) {
