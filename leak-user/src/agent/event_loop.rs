@@ -198,7 +198,7 @@ pub(super) async fn run(
     let mut state = State {
         shared,
         enricher: Enricher::new(
-            hierarchy.as_ref().map(|(root, _)| root.clone()),
+            hierarchy.clone(),
             options.rootfs.clone(),
             page_size,
             probes.mode().as_str(),

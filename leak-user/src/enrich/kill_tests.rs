@@ -14,6 +14,7 @@ fn context() -> KillContext<'static> {
         attach_mode: "tp_btf",
         seq: 1,
         same_oom_cgroup_id: None,
+        cgroup_v2: Some(true),
     }
 }
 

@@ -101,8 +101,10 @@ impl Metrics {
             Opts::new(
                 "oom_kills_total",
                 "OOM-killer victims, by the victim's memory cgroup, the cgroup that hit its \
-                 limit (empty for a global OOM), Kubernetes names, the constraint, and whether \
-                 the victim was its pid namespace's main process",
+                 limit (empty for a global OOM), Kubernetes names, the constraint, whether \
+                 the victim was its pid namespace's main process, and the cause (the largest \
+                 unreclaimable component of the cgroup's usage: anon, shmem, kernel, \
+                 file_dirty; empty when unknown)",
             ),
             &[
                 "cgroup",
@@ -112,6 +114,7 @@ impl Metrics {
                 "container",
                 "constraint",
                 "main_process",
+                "cause",
             ],
         )?;
         registry.register(Box::new(kills.clone()))?;
@@ -306,6 +309,9 @@ impl Metrics {
             labels[4],
             kill.constraint.as_str(),
             main_process,
+            kill.cause
+                .as_ref()
+                .map_or("", |cause| cause.component.as_str()),
         ];
         let process = kill.victim_comm.as_deref().unwrap_or("");
         let victim_labels = [

@@ -17,6 +17,7 @@ fn build_kill(levels: &[leak_common::event::MemcgSnapshot], paths: &mut CgroupPa
         attach_mode: "tp_btf",
         seq: 1,
         same_oom_cgroup_id: None,
+        cgroup_v2: Some(true),
     };
     assemble(&record(&event(levels)), &context, paths)
 }
@@ -41,7 +42,10 @@ fn metrics_keep_a_bounded_number_of_kill_series() {
         !text.contains("leak_oom_kill_victim_timestamp_seconds{cgroup=\"/first\""),
         "and its victims with it"
     );
-    assert!(text.contains("leak_oom_kills_total{cgroup=\"/second\""));
+    assert!(
+        text.contains("leak_oom_kills_total{cause=\"anon\",cgroup=\"/second\""),
+        "the counter names the cause:\n{text}"
+    );
     assert!(text.contains(
         "leak_oom_kill_victim_timestamp_seconds{cgroup=\"/third\",container=\"\",main_process=\"true\",namespace=\"\",oom_cgroup=\"/third\",pod=\"\",process=\"leak\"}"
     ));
