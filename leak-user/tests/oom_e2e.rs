@@ -196,12 +196,18 @@ struct Outcome {
 
 /// Runs the agent, leaks in `victim` until killed, and gathers both sides.
 fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcome {
+    run_until_killed(attach, victim, || spawn_in(victim, workload))
+}
+
+/// Runs the agent, starts what `spawn` starts in `victim`, waits for the kernel to kill it, and
+/// gathers both sides.
+fn run_until_killed(attach: &str, victim: &Cgroup, spawn: impl FnOnce() -> Process) -> Outcome {
     // The charge path in the same mode as the OOM hook, so every mode of both is exercised.
     let mut agent = Agent::start(&["--attach", attach, "--charge-attach", attach]);
     let mode = reported_mode(&agent, attach);
 
     let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
-    let mut workload_process = spawn_in(victim, workload);
+    let mut workload_process = spawn();
     let pid = workload_process.pid();
     wait_for_oom_kill(&mut workload_process, Duration::from_secs(120));
 
@@ -255,6 +261,11 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
 
 /// What every scenario checks: the victim, the cgroups, and the figures against the kernel's.
 fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup) {
+    check_against_kernel_as(outcome, victim, oom_cgroup, "leak");
+}
+
+/// [`check_against_kernel`] for a victim named `comm`.
+fn check_against_kernel_as(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup, comm: &str) {
     let Outcome {
         kill,
         report,
@@ -271,7 +282,7 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
             "{kill:#?}"
         );
     }
-    assert_eq!(kill.victim_comm.as_deref(), Some("leak"));
+    assert_eq!(kill.victim_comm.as_deref(), Some(comm));
     assert_eq!(kill.cgroup, victim.relative, "{kill:#?}");
     assert_eq!(
         kill.oom_cgroup.as_deref(),
@@ -530,6 +541,90 @@ fn limit_on_parent_with(hierarchy: &MemoryHierarchy, attach: &str) {
     assert!(cgroups[1].hit_limit);
 }
 
+/// A tmpfs mounted for one scenario, unmounted (its pages freed) on drop.
+struct Tmpfs(TempDir);
+
+impl Tmpfs {
+    fn mount(name: &str) -> Self {
+        let dir = TempDir::new(name).unwrap_or_else(|err| panic!("{err}"));
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount tmpfs on {}", dir.path().display());
+        Self(dir)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A shell command run inside `cgroup`.
+fn shell_in(cgroup: &Cgroup, script: &str) -> Process {
+    let mut command = std::process::Command::new("sh");
+    command.args(["-c", script]);
+    spawn_command_in(cgroup, command)
+}
+
+/// tmpfs filled from inside a memcg: its pages look like files (they are in `file`) but
+/// cannot be reclaimed without swap, so they are the cause, and the kernel's `shmem` agrees.
+fn tmpfs_fill_with(hierarchy: &MemoryHierarchy, attach: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = limited(hierarchy, &format!("leak-e2e-tmpfs-{attach}"));
+    // Declared after the cgroup, so unmounted (the pages uncharged) before it is removed.
+    let tmpfs = Tmpfs::mount(&format!("leak-e2e-tmpfs-{attach}"));
+    let fill = tmpfs.path().join("fill");
+    let script = format!("exec dd if=/dev/zero of={} bs=1M", fill.display());
+    let outcome = run_until_killed(attach, &cgroup, || shell_in(&cgroup, &script));
+    check_against_kernel_as(&outcome, &cgroup, &cgroup, "dd");
+    let kill = &outcome.kill;
+    let cause = kill.cause.as_ref().expect("a cause");
+    assert_eq!(cause.component, CauseKind::Shmem, "{kill:#?}");
+    assert!(cause.share_of_usage > 0.8, "{cause:?}");
+    let level = kill.oom_level().expect("the oom level");
+    assert!(
+        level.breakdown.file_bytes >= level.breakdown.shmem_bytes,
+        "tmpfs pages are counted in file too: {level:#?}"
+    );
+}
+
+/// Kernel memory filling a memcg: empty files on a tmpfs pin a dentry and an inode each, slab
+/// the kernel cannot reclaim, charged to the cgroup of the task that made them.
+fn kernel_memory_with(hierarchy: &MemoryHierarchy, attach: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = limited(hierarchy, &format!("leak-e2e-kmem-{attach}"));
+    let tmpfs = Tmpfs::mount(&format!("leak-e2e-kmem-{attach}"));
+    // Only shell builtins in the loop: no fork, no page cache, just dentries and inodes.
+    let script = format!(
+        "cd {} && i=0 && while :; do : > f$i; i=$((i+1)); done",
+        tmpfs.path().display()
+    );
+    let outcome = run_until_killed(attach, &cgroup, || shell_in(&cgroup, &script));
+    let kill = &outcome.kill;
+    let comm = kill.victim_comm.clone().unwrap_or_default();
+    check_against_kernel_as(&outcome, &cgroup, &cgroup, &comm);
+    let cause = kill.cause.as_ref().expect("a cause");
+    assert_eq!(cause.component, CauseKind::Kernel, "{kill:#?}");
+    let level = kill.oom_level().expect("the oom level");
+    let slab = level.breakdown.slab_reclaimable_bytes.unwrap_or(0)
+        + level.breakdown.slab_unreclaimable_bytes.unwrap_or(0);
+    assert!(slab > LIMIT / 2, "slab {slab} at the kill: {level:#?}");
+    eprintln!(
+        "kernel memory: {comm} killed with slab {slab} bytes, cause {:.0}% of usage",
+        cause.share_of_usage * 100.0
+    );
+}
+
 /// `memory.oom.group` (cgroup v2): the OOM killer kills every process of the group, and each
 /// victim gets its own snapshot with its own pid.
 fn group_kill_with(hierarchy: &MemoryHierarchy, attach: &str) {
@@ -750,6 +845,22 @@ fn page_cache_leak() {
         return;
     };
     for_each_mode(&hierarchy, page_cache_leak_with);
+}
+
+#[test]
+fn tmpfs_fill() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    for_each_mode(&hierarchy, tmpfs_fill_with);
+}
+
+#[test]
+fn kernel_memory() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    for_each_mode(&hierarchy, kernel_memory_with);
 }
 
 #[test]
