@@ -154,6 +154,19 @@ pub mod counter {
     pub const COUNT: u32 = 3;
 }
 
+/// Slots of the `ROOT_STATS` array the start-up cross-check program fills: whether it reached
+/// the root memory cgroup, then the root's LRU lists and [`stat`] items, raw (each in the unit
+/// the kernel keeps it in).
+pub mod root_stats {
+    use crate::layout::{stat, LRU_COUNT};
+
+    /// 1 once the root was read.
+    pub const FOUND: u32 = 0;
+    pub const LRU: u32 = 1;
+    pub const STATS: u32 = LRU + LRU_COUNT as u32;
+    pub const LEN: u32 = STATS + stat::COUNT as u32;
+}
+
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, integers only, padding explicit, every bit pattern valid.
 unsafe impl aya::Pod for OomContext {}

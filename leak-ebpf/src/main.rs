@@ -3,6 +3,7 @@
 #![no_main]
 
 mod charge;
+mod crosscheck;
 mod kernel;
 mod maps;
 mod oom;
