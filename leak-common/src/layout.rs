@@ -38,6 +38,39 @@ pub mod stat {
     pub const SWAP: usize = 11;
     pub const COUNT: usize = 12;
 
+    /// Each item's name in `memory.stat`: on cgroup v2, then on v1 (where v1 also prints a
+    /// hierarchical `total_<name>`); `None` where that version does not print it.
+    pub const MEMORY_STAT_NAMES: [(Option<&str>, Option<&str>); COUNT] = [
+        (Some("anon"), Some("rss")),
+        (Some("file"), Some("cache")),
+        (Some("shmem"), Some("shmem")),
+        (Some("file_dirty"), Some("dirty")),
+        (Some("file_writeback"), Some("writeback")),
+        (Some("slab_reclaimable"), None),
+        (Some("slab_unreclaimable"), None),
+        (Some("kernel_stack"), None),
+        (Some("pagetables"), None),
+        (Some("sock"), None),
+        (Some("percpu"), None),
+        (None, Some("swap")),
+    ];
+
+    /// Each item's name in leak's JSON (with `_bytes`) and in the `component` label.
+    pub const NAMES: [&str; COUNT] = [
+        "anon",
+        "file",
+        "shmem",
+        "file_dirty",
+        "file_writeback",
+        "slab_reclaimable",
+        "slab_unreclaimable",
+        "kernel_stack",
+        "pagetables",
+        "sock",
+        "percpu",
+        "swap",
+    ];
+
     /// The unit each item counts in (`memcg_page_state_unit` in mm/memcontrol.c).
     pub mod unit {
         pub const PAGES: u32 = 0;

@@ -110,21 +110,7 @@ fn c_string(bytes: &[u8]) -> String {
 
 /// One [`stat`] item in bytes, from the unit the kernel keeps it in.
 fn stat_bytes(item: usize, value: u64, page: u64) -> Result<u64, DecodeError> {
-    const FIELDS: [&str; stat::COUNT] = [
-        "anon",
-        "file",
-        "shmem",
-        "file_dirty",
-        "file_writeback",
-        "slab_reclaimable",
-        "slab_unreclaimable",
-        "kernel_stack",
-        "pagetables",
-        "sock",
-        "percpu",
-        "swap",
-    ];
-    let field = FIELDS[item];
+    let field = stat::NAMES[item];
     match stat::UNITS[item] {
         stat::unit::BYTES => Ok(value),
         stat::unit::KIB => bytes(field, value, 1024),
@@ -133,26 +119,13 @@ fn stat_bytes(item: usize, value: u64, page: u64) -> Result<u64, DecodeError> {
 }
 
 fn breakdown(snapshot: &MemcgSnapshot, present: u32, page: u64) -> Result<Breakdown, DecodeError> {
-    let item = |index: usize| -> Result<Option<u64>, DecodeError> {
-        if present & (1 << index) == 0 {
-            return Ok(None);
+    let mut items = [None; stat::COUNT];
+    for (index, item) in items.iter_mut().enumerate() {
+        if present & (1 << index) != 0 {
+            *item = Some(stat_bytes(index, snapshot.stats[index], page)?);
         }
-        stat_bytes(index, snapshot.stats[index], page).map(Some)
-    };
-    Ok(Breakdown {
-        anon_bytes: item(stat::ANON)?,
-        file_bytes: item(stat::FILE)?,
-        shmem_bytes: item(stat::SHMEM)?,
-        file_dirty_bytes: item(stat::FILE_DIRTY)?,
-        file_writeback_bytes: item(stat::FILE_WRITEBACK)?,
-        slab_reclaimable_bytes: item(stat::SLAB_RECLAIMABLE)?,
-        slab_unreclaimable_bytes: item(stat::SLAB_UNRECLAIMABLE)?,
-        kernel_stack_bytes: item(stat::KERNEL_STACK)?,
-        pagetables_bytes: item(stat::PAGETABLES)?,
-        sock_bytes: item(stat::SOCK)?,
-        percpu_bytes: item(stat::PERCPU)?,
-        swap_bytes: item(stat::SWAP)?,
-    })
+    }
+    Ok(Breakdown::from_items(items))
 }
 
 fn memory_events(snapshot: &MemcgSnapshot, present: u32) -> Option<MemoryEvents> {

@@ -30,23 +30,6 @@ const LRU_NAMES: [&str; LRU_COUNT] = [
     "unevictable",
 ];
 
-/// The names of the [`stat`] items in `memory.stat`, on cgroup v2 then v1 (`None` where that
-/// version does not print it).
-const STAT_NAMES: [(Option<&str>, Option<&str>); stat::COUNT] = [
-    (Some("anon"), Some("rss")),
-    (Some("file"), Some("cache")),
-    (Some("shmem"), Some("shmem")),
-    (Some("file_dirty"), Some("dirty")),
-    (Some("file_writeback"), Some("writeback")),
-    (Some("slab_reclaimable"), None),
-    (Some("slab_unreclaimable"), None),
-    (Some("kernel_stack"), None),
-    (Some("pagetables"), None),
-    (Some("sock"), None),
-    (Some("percpu"), None),
-    (None, Some("swap")),
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum CrossCheckError {
     #[error(
@@ -144,7 +127,7 @@ pub fn compare(
         let bytes = root.lru[lru].saturating_mul(page_size);
         figures.push(((*name).to_owned(), bytes, Some(name), Some(name)));
     }
-    for (item, &(v2, v1)) in STAT_NAMES.iter().enumerate() {
+    for (item, &(v2, v1)) in stat::MEMORY_STAT_NAMES.iter().enumerate() {
         if layout.stat_index[item] == Layout::ABSENT {
             continue;
         }

@@ -80,6 +80,44 @@ pub struct Breakdown {
 }
 
 impl Breakdown {
+    /// From the items in [`leak_common::layout::stat`] order, in bytes.
+    pub fn from_items(items: [Option<u64>; leak_common::layout::stat::COUNT]) -> Self {
+        let [anon, file, shmem, file_dirty, file_writeback, slab_reclaimable, slab_unreclaimable, kernel_stack, pagetables, sock, percpu, swap] =
+            items;
+        Self {
+            anon_bytes: anon,
+            file_bytes: file,
+            shmem_bytes: shmem,
+            file_dirty_bytes: file_dirty,
+            file_writeback_bytes: file_writeback,
+            slab_reclaimable_bytes: slab_reclaimable,
+            slab_unreclaimable_bytes: slab_unreclaimable,
+            kernel_stack_bytes: kernel_stack,
+            pagetables_bytes: pagetables,
+            sock_bytes: sock,
+            percpu_bytes: percpu,
+            swap_bytes: swap,
+        }
+    }
+
+    /// The items in [`leak_common::layout::stat`] order.
+    pub fn items(&self) -> [Option<u64>; leak_common::layout::stat::COUNT] {
+        [
+            self.anon_bytes,
+            self.file_bytes,
+            self.shmem_bytes,
+            self.file_dirty_bytes,
+            self.file_writeback_bytes,
+            self.slab_reclaimable_bytes,
+            self.slab_unreclaimable_bytes,
+            self.kernel_stack_bytes,
+            self.pagetables_bytes,
+            self.sock_bytes,
+            self.percpu_bytes,
+            self.swap_bytes,
+        ]
+    }
+
     /// Kernel memory: slab, kernel stacks, page tables, socket buffers and per-CPU data.
     pub fn kernel_bytes(&self) -> Option<u64> {
         let parts = [

@@ -5,10 +5,12 @@ use prometheus::{
     Registry,
 };
 
+use leak_common::layout::stat;
+
 use crate::{
     kernel::{Attachment, KernelCounters},
     model::{
-        kill::Kill,
+        kill::{Breakdown, Kill},
         kubernetes::CgroupLabels,
         timeline::{Point, SampleKind},
     },
@@ -56,6 +58,7 @@ pub struct Metrics {
     live_working_set: GaugeVec,
     live_page_cache: GaugeVec,
     live_limit: GaugeVec,
+    live_breakdown: GaugeVec,
     limit_hits: IntCounterVec,
     charge_failures: IntCounterVec,
 }
@@ -234,6 +237,17 @@ impl Metrics {
             "cgroup_limit_bytes",
             "Memory limit of a watched cgroup (+Inf when unlimited)",
         )?;
+        let live_breakdown = GaugeVec::new(
+            Opts::new(
+                "cgroup_memory_bytes",
+                "What fills a watched cgroup, by component (anon, file, shmem, file_dirty, \
+                 file_writeback, slab_reclaimable, slab_unreclaimable, kernel_stack, pagetables, \
+                 sock, percpu, swap), from its memory.stat every 5 s; components the cgroup \
+                 version does not print are absent",
+            ),
+            &["cgroup", "namespace", "pod", "container", "component"],
+        )?;
+        registry.register(Box::new(live_breakdown.clone()))?;
         let pressure = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
             let counter = IntCounterVec::new(Opts::new(name, help), CGROUP_LABELS)?;
             registry.register(Box::new(counter.clone()))?;
@@ -274,6 +288,7 @@ impl Metrics {
             live_working_set,
             live_page_cache,
             live_limit,
+            live_breakdown,
             limit_hits,
             charge_failures,
         })
@@ -434,6 +449,23 @@ impl Metrics {
         );
     }
 
+    /// The breakdown series of a watched cgroup, from its latest poll.
+    pub fn set_cgroup_breakdown(&self, labels: &CgroupLabels, breakdown: &Breakdown) {
+        let [cgroup, namespace, pod, container] = cgroup_label_values(labels);
+        for (component, value) in stat::NAMES.iter().zip(breakdown.items()) {
+            let values = [cgroup, namespace, pod, container, component];
+            match value {
+                Some(bytes) => self
+                    .live_breakdown
+                    .with_label_values(&values)
+                    .set(bytes as f64),
+                None => {
+                    let _ = self.live_breakdown.remove_label_values(&values);
+                }
+            }
+        }
+    }
+
     pub fn count_cgroup_pressure(&self, labels: &CgroupLabels, limit_hits: u64, failures: u64) {
         let values = cgroup_label_values(labels);
         if limit_hits > 0 {
@@ -458,6 +490,12 @@ impl Metrics {
             &self.live_limit,
         ] {
             let _ = gauge.remove_label_values(&values);
+        }
+        for component in stat::NAMES {
+            let [cgroup, namespace, pod, container] = values;
+            let _ = self
+                .live_breakdown
+                .remove_label_values(&[cgroup, namespace, pod, container, component]);
         }
     }
 
