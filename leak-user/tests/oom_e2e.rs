@@ -238,6 +238,13 @@ fn run_until_killed(attach: &str, victim: &Cgroup, spawn: impl FnOnce() -> Proce
         "agent did not report detaching its probes:\n{}",
         agent.log()
     );
+    // The memcg statistics indices were cross-checked against the root's memory.stat.
+    let log = agent.log();
+    let agreed = log
+        .lines()
+        .find(|line| line.contains("memcg statistics indices agree"))
+        .unwrap_or_else(|| panic!("no cross-check of the statistics indices:\n{log}"));
+    eprintln!("{agreed}");
     eprintln!(
         "[{attach} -> {mode}] pid {pid}: agent usage {} limit {:?} inactive_file {} working set \
          {}; kernel usage {}kB limit {}kB inactive_file {}",
