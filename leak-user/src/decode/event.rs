@@ -330,6 +330,28 @@ pub(crate) mod fixtures {
 mod tests {
     use super::{fixtures::*, *};
 
+    /// The fuzz target's committed seeds follow the record layout (make_seeds.py writes them).
+    #[test]
+    fn the_fuzz_seeds_decode() {
+        let seed = include_bytes!("../../fuzz/corpus/decode/memcg-kill-tp-btf");
+        let kill = decode_kill(seed, PAGE).expect("the memcg-kill seed decodes");
+        assert_eq!(kill.cgroups.len(), 3);
+        assert_eq!(
+            kill.cgroups[0].breakdown.kernel_stack_bytes,
+            Some(64 * 1024)
+        );
+        assert_eq!(
+            kill.cgroups[0].breakdown.slab_reclaimable_bytes,
+            Some(81_920)
+        );
+        let seed = include_bytes!("../../fuzz/corpus/decode/pid-only-tracepoint");
+        let kill = decode_kill(seed, PAGE).expect("the pid-only seed decodes");
+        assert_eq!(kill.cgroups[0].breakdown.pagetables_bytes, None);
+        assert!(kill.failcnt_v1_only);
+        let events = kill.cgroups[0].events.as_ref().expect("events");
+        assert_eq!((events.oom_kill, events.oom_group_kill), (Some(1), None));
+    }
+
     #[test]
     fn decode_checks_size_hook_and_depth() {
         let good = event(&[level(10, "a", 10, 10, 0), level(1, "", 100, UNLIMITED, 0)]);
