@@ -7,6 +7,7 @@
 #![allow(internal_features)]
 
 mod charge;
+mod crosscheck;
 mod kernel;
 mod maps;
 mod oom;

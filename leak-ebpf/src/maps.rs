@@ -2,10 +2,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use leak_common::{
-    event::{counter, OomContext},
+    event::{counter, root_stats, OomContext},
     sample::CgroupCounters,
 };
 
@@ -48,6 +48,11 @@ pub static CGROUP_COUNTERS: LruHashMap<u64, CgroupCounters> = LruHashMap::with_m
 /// evicted rather than filling it; what is evicted or found stale is counted.
 #[map]
 pub static CHARGING: LruHashMap<u32, ChargeState> = LruHashMap::with_max_entries(4096, 0);
+
+/// The root memory cgroup's statistics as the start-up cross-check read them
+/// (`leak_common::event::root_stats`).
+#[map]
+pub static ROOT_STATS: Array<u64> = Array::with_max_entries(root_stats::LEN, 0);
 
 /// Counters indexed by `leak_common::event::counter`.
 #[map]

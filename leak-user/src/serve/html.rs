@@ -135,6 +135,7 @@ pub fn kill(kill: &Kill) -> String {
          <tr><th>cgroup that hit its limit</th><td>{oom}</td></tr>\
          <tr><th>main process of its container</th><td>{main}</td></tr>\
          <tr><th>usage / working set / limit (MiB)</th><td>{usage} / {ws} / {limit}</td></tr>\
+         <tr><th>cause</th><td id=\"cause\">{cause}</td></tr>\
          <tr><th>constraint</th><td>{constraint} ({attribution})</td></tr>\
          <tr><th>attach mode</th><td>{mode}</td></tr>\
          <tr><th>triggered by</th><td>{trigger} ({trigger_pid})</td></tr></table>",
@@ -149,6 +150,15 @@ pub fn kill(kill: &Kill) -> String {
         usage = mib(kill.usage_bytes),
         ws = mib(kill.working_set_bytes),
         limit = mib_or_none(kill.limit_bytes),
+        cause = kill.cause.as_ref().map_or_else(
+            || "unknown (the kernel's statistics were not read)".to_owned(),
+            |cause| format!(
+                "{}: {} MiB, {:.0}% of usage",
+                cause.component.as_str(),
+                mib(cause.bytes),
+                cause.share_of_usage * 100.0
+            )
+        ),
         constraint = kill.constraint.as_str(),
         attribution = match kill.attribution {
             crate::model::kill::OomAttribution::OomControl => "from the kernel's oom_control",
@@ -214,6 +224,27 @@ pub fn kill(kill: &Kill) -> String {
             mib(level.unevictable_bytes),
             if level.hit_limit { "yes" } else { "" },
         );
+    }
+    body.push_str("</tbody></table>");
+    body.push_str(
+        "<h2>What filled them (MiB; &mdash; where the kernel keeps no such figure)</h2>\
+         <table id=\"breakdown\"><thead><tr><th>cgroup</th>",
+    );
+    for name in leak_common::layout::stat::NAMES {
+        let _ = write!(body, "<th>{name}</th>");
+    }
+    body.push_str("</tr></thead><tbody>");
+    for level in &kill.cgroups {
+        let _ = write!(body, "<tr><td>{}</td>", escape(&level.path));
+        for value in level.breakdown.items() {
+            match value {
+                Some(bytes) => {
+                    let _ = write!(body, "<td class=\"n\">{}</td>", mib(bytes));
+                }
+                None => body.push_str("<td class=\"n\">&mdash;</td>"),
+            }
+        }
+        body.push_str("</tr>");
     }
     body.push_str("</tbody></table>");
     let _ = write!(
@@ -285,3 +316,7 @@ mod tests {
         assert_eq!(escape("a\u{1b}b"), "a\\x1bb");
     }
 }
+
+#[cfg(test)]
+#[path = "html_tests.rs"]
+mod kill_page_tests;

@@ -5,10 +5,12 @@ use prometheus::{
     Registry,
 };
 
+use leak_common::layout::stat;
+
 use crate::{
     kernel::{Attachment, KernelCounters},
     model::{
-        kill::Kill,
+        kill::{Breakdown, Kill},
         kubernetes::CgroupLabels,
         timeline::{Point, SampleKind},
     },
@@ -57,6 +59,7 @@ pub struct Metrics {
     live_working_set: GaugeVec,
     live_page_cache: GaugeVec,
     live_limit: GaugeVec,
+    live_breakdown: GaugeVec,
     limit_hits: IntCounterVec,
     charge_failures: IntCounterVec,
 }
@@ -102,8 +105,10 @@ impl Metrics {
             Opts::new(
                 "oom_kills_total",
                 "OOM-killer victims, by the victim's memory cgroup, the cgroup that hit its \
-                 limit (empty for a global OOM), Kubernetes names, the constraint, and whether \
-                 the victim was its pid namespace's main process",
+                 limit (empty for a global OOM), Kubernetes names, the constraint, whether \
+                 the victim was its pid namespace's main process, and the cause (the largest \
+                 unreclaimable component of the cgroup's usage: anon, shmem, kernel, \
+                 file_dirty; empty when unknown)",
             ),
             &[
                 "cgroup",
@@ -113,6 +118,7 @@ impl Metrics {
                 "container",
                 "constraint",
                 "main_process",
+                "cause",
             ],
         )?;
         registry.register(Box::new(kills.clone()))?;
@@ -238,6 +244,17 @@ impl Metrics {
             "cgroup_limit_bytes",
             "Memory limit of a watched cgroup (+Inf when unlimited)",
         )?;
+        let live_breakdown = GaugeVec::new(
+            Opts::new(
+                "cgroup_memory_bytes",
+                "What fills a watched cgroup, by component (anon, file, shmem, file_dirty, \
+                 file_writeback, slab_reclaimable, slab_unreclaimable, kernel_stack, pagetables, \
+                 sock, percpu, swap), from its memory.stat every 5 s; components the cgroup \
+                 version does not print are absent",
+            ),
+            &["cgroup", "namespace", "pod", "container", "component"],
+        )?;
+        registry.register(Box::new(live_breakdown.clone()))?;
         let pressure = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
             let counter = IntCounterVec::new(Opts::new(name, help), CGROUP_LABELS)?;
             registry.register(Box::new(counter.clone()))?;
@@ -279,6 +296,7 @@ impl Metrics {
             live_working_set,
             live_page_cache,
             live_limit,
+            live_breakdown,
             limit_hits,
             charge_failures,
         })
@@ -314,6 +332,9 @@ impl Metrics {
             labels[4],
             kill.constraint.as_str(),
             main_process,
+            kill.cause
+                .as_ref()
+                .map_or("", |cause| cause.component.as_str()),
         ];
         let process = kill.victim_comm.as_deref().unwrap_or("");
         let victim_labels = [
@@ -438,6 +459,23 @@ impl Metrics {
         );
     }
 
+    /// The breakdown series of a watched cgroup, from its latest poll.
+    pub fn set_cgroup_breakdown(&self, labels: &CgroupLabels, breakdown: &Breakdown) {
+        let [cgroup, namespace, pod, container] = cgroup_label_values(labels);
+        for (component, value) in stat::NAMES.iter().zip(breakdown.items()) {
+            let values = [cgroup, namespace, pod, container, component];
+            match value {
+                Some(bytes) => self
+                    .live_breakdown
+                    .with_label_values(&values)
+                    .set(bytes as f64),
+                None => {
+                    let _ = self.live_breakdown.remove_label_values(&values);
+                }
+            }
+        }
+    }
+
     pub fn count_cgroup_pressure(&self, labels: &CgroupLabels, limit_hits: u64, failures: u64) {
         let values = cgroup_label_values(labels);
         if limit_hits > 0 {
@@ -462,6 +500,12 @@ impl Metrics {
             &self.live_limit,
         ] {
             let _ = gauge.remove_label_values(&values);
+        }
+        for component in stat::NAMES {
+            let [cgroup, namespace, pod, container] = values;
+            let _ = self
+                .live_breakdown
+                .remove_label_values(&[cgroup, namespace, pod, container, component]);
         }
     }
 
