@@ -88,7 +88,8 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
             "<tr class=\"kill\" data-seq=\"{seq}\"><td><a href=\"/kill/{seq}\">{time}</a></td>\
              <td>{workload}</td><td>{comm} <span class=\"muted\">({pid})</span></td>\
              <td>{main}</td><td class=\"n\">{usage}</td><td class=\"n\">{ws}</td>\
-             <td class=\"n\">{limit}</td><td>{constraint}</td><td>{mode}</td></tr>",
+             <td class=\"n\">{limit}</td><td class=\"cause\">{cause}</td><td>{constraint}</td>\
+             <td>{mode}</td></tr>",
             seq = kill.seq,
             time = escape(&kill.timestamp),
             workload = escape(&workload(kill)),
@@ -98,6 +99,14 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
             usage = mib(kill.usage_bytes),
             ws = mib(kill.working_set_bytes),
             limit = mib_or_none(kill.limit_bytes),
+            cause = kill.cause.as_ref().map_or_else(
+                || "unknown".to_owned(),
+                |cause| format!(
+                    "{} ({:.0}%)",
+                    cause.component.as_str(),
+                    cause.share_of_usage * 100.0
+                )
+            ),
             constraint = kill.constraint.as_str(),
             mode = escape(&kill.attach_mode),
         );
@@ -108,7 +117,8 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
         format!(
             "<table id=\"kills\"><thead><tr><th>time (UTC)</th><th>namespace/pod/container \
              or cgroup</th><th>process</th><th>main process</th><th>usage MiB</th>\
-             <th>working set MiB</th><th>limit MiB</th><th>constraint</th><th>attach mode</th>\
+             <th>working set MiB</th><th>limit MiB</th><th>cause</th><th>constraint</th>\
+             <th>attach mode</th>\
              </tr></thead><tbody>{rows}</tbody></table>"
         )
     };
