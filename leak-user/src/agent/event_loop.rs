@@ -20,7 +20,7 @@ use crate::{
     enrich::{poll, Enricher},
     kernel::Probes,
     model::{
-        kill::{Breakdown, Kill},
+        kill::Kill,
         kubernetes::CgroupLabels,
         timeline::{self, SampleKind},
     },
@@ -54,8 +54,6 @@ struct State<'a> {
     watched: HashMap<u64, CgroupLabels>,
     /// Kernel totals already counted, by cgroup id.
     counted: HashMap<u64, CgroupCounters>,
-    /// What fills each limited cgroup, from the last poll of its memory.stat.
-    breakdowns: HashMap<u64, Breakdown>,
 }
 
 impl State<'_> {
@@ -98,11 +96,7 @@ impl State<'_> {
 
     /// Records polled points of the cgroups the charge path has not sampled within the last
     /// poll interval (its samples are fresher and finer).
-    fn on_poll(&mut self, polled: Vec<poll::Polled>) {
-        self.breakdowns = polled
-            .iter()
-            .map(|polled| (polled.id, polled.breakdown.clone()))
-            .collect();
+    fn on_poll(&mut self, polled: Vec<(u64, timeline::Point)>) {
         let now = sys::boot_ns();
         let recent: HashSet<u64> = self
             .history
@@ -113,7 +107,7 @@ impl State<'_> {
             })
             .map(|(id, _)| id)
             .collect();
-        for poll::Polled { id, point, .. } in polled {
+        for (id, point) in polled {
             if !recent.contains(&id) {
                 self.history.record(id, point);
             }
@@ -149,9 +143,6 @@ impl State<'_> {
         for (id, point) in latest {
             if let Some(labels) = self.labels(id) {
                 self.shared.metrics.set_cgroup_live(&labels, &point);
-                if let Some(breakdown) = self.breakdowns.get(&id) {
-                    self.shared.metrics.set_cgroup_breakdown(&labels, breakdown);
-                }
                 let points = self.history.points(id).cloned().collect();
                 live.push(LiveSeries {
                     labels,
@@ -207,7 +198,7 @@ pub(super) async fn run(
     let mut state = State {
         shared,
         enricher: Enricher::new(
-            hierarchy.clone(),
+            hierarchy.as_ref().map(|(root, _)| root.clone()),
             options.rootfs.clone(),
             page_size,
             probes.mode().as_str(),
@@ -220,7 +211,6 @@ pub(super) async fn run(
         page_size,
         watched: HashMap::new(),
         counted: HashMap::new(),
-        breakdowns: HashMap::new(),
     };
     loop {
         tokio::select! {
