@@ -296,55 +296,50 @@ fn the_experiment_runs_both_workloads_under_128mi() {
     assert_eq!(with_file, 1, "one anonymous and one --file workload");
 }
 
-/// `promtool` from Debian, when it can run; otherwise the test is reported skipped (it hides
-/// the rules' checks, so under CI=true that fails).
-fn promtool() -> Option<std::process::Command> {
+/// Whether Debian's `promtool` can run; otherwise the test is reported skipped (it hides the
+/// rules' checks, so under CI=true that fails) and must return.
+fn have_promtool() -> bool {
     match std::process::Command::new("promtool")
         .arg("--version")
         .output()
     {
-        Ok(_) => Some(std::process::Command::new("promtool")),
+        Ok(_) => true,
         Err(err) => {
             leak_user::experiment::harness::skip(
                 &leak_user::experiment::harness::current_test(),
                 &format!("promtool cannot be run ({err}); `cargo xtask test` installs it"),
                 leak_user::experiment::harness::SkipKind::HidesFeature,
             );
-            None
+            false
         }
     }
+}
+
+/// Runs `promtool ARGS` in deploy/prometheus; it must succeed.
+fn promtool(args: &[&str]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    let output = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .unwrap_or_else(|err| panic!("promtool {args:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "promtool {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The alert rules: promtool accepts them and their unit tests pass, and the PrometheusRule
 /// carries exactly the plain rules file's groups.
 #[test]
 fn alert_rules_pass_promtool_and_both_forms_agree() {
-    let Some(mut check) = promtool() else {
+    if !have_promtool() {
         return;
-    };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
-    let output = check
-        .args(["check", "rules", "leak-rules.yaml"])
-        .current_dir(&dir)
-        .output()
-        .expect("promtool check rules");
-    assert!(
-        output.status.success(),
-        "promtool check rules: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let output = std::process::Command::new("promtool")
-        .args(["test", "rules", "leak-rules.test.yaml"])
-        .current_dir(&dir)
-        .output()
-        .expect("promtool test rules");
-    assert!(
-        output.status.success(),
-        "promtool test rules: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    }
+    promtool(&["check", "rules", "leak-rules.yaml"]);
+    promtool(&["test", "rules", "leak-rules.test.yaml"]);
     let plain = documents("prometheus/leak-rules.yaml");
     let operator = documents("prometheus-rules.yaml");
     let rule = kind(&operator, "PrometheusRule");

@@ -9,7 +9,7 @@ pub mod kubernetes;
 pub mod poll;
 pub mod procfs;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::{
     decode::KillRecord,
@@ -137,10 +137,5 @@ impl Enricher {
             cgroup: path,
             names,
         })
-    }
-
-    /// Where procfs is (tests point it at a fake one).
-    pub fn set_proc_root(&mut self, root: &Path) {
-        self.proc_root = root.to_owned();
     }
 }
