@@ -1,6 +1,6 @@
 //! The record a kernel program writes to the ring buffer for every OOM victim.
 
-use crate::layout::LRU_COUNT;
+use crate::layout::{memory_event, stat, LRU_COUNT};
 
 /// How many memory cgroups, from the victim's own up towards the root, a snapshot carries.
 pub const MAX_CGROUP_DEPTH: usize = 8;
@@ -31,6 +31,8 @@ pub mod flags {
     pub const CHAIN_TRUNCATED: u32 = 1 << 5;
     /// `victim_ns_pid` is valid.
     pub const NS_PID_VALID: u32 = 1 << 6;
+    /// The kernel counts `failcnt` for cgroup v1 only (6.15+): on v2 it reads a stale 0.
+    pub const FAILCNT_V1_ONLY: u32 = 1 << 7;
 }
 
 /// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the
@@ -46,11 +48,19 @@ pub struct MemcgSnapshot {
     pub failcnt: u64,
     /// Hierarchical LRU page counts, indexed by [`crate::layout::LRU_INACTIVE_ANON`]...
     pub lru_pages: [u64; LRU_COUNT],
+    /// Hierarchical [`stat`] items, each in its own unit ([`stat::UNITS`]); valid where
+    /// `OomKillEvent::stats_present` has its bit.
+    pub stats: [u64; stat::COUNT],
+    /// `memory_events[]`, by [`memory_event`]; valid where `OomKillEvent::events_present` has
+    /// its bit.
+    pub events: [u64; memory_event::COUNT],
     /// Kernfs leaf name, NUL-terminated unless truncated.
     pub name: [u8; CGROUP_NAME_LEN],
 }
 
-const _: () = assert!(size_of::<MemcgSnapshot>() == 10 * 8 + CGROUP_NAME_LEN);
+const _: () = assert!(
+    size_of::<MemcgSnapshot>() == (10 + stat::COUNT + memory_event::COUNT) * 8 + CGROUP_NAME_LEN
+);
 
 /// `oom_control::constraint`, `enum oom_constraint`.
 pub mod constraint {
@@ -93,6 +103,10 @@ pub struct OomKillEvent {
     pub oc_order: i32,
     /// How many entries of `cgroups` are filled.
     pub depth: u32,
+    /// Bit `i` set: `stats[i]` of every level was read (the kernel has that item).
+    pub stats_present: u32,
+    /// Bit `i` set: `events[i]` of every level was read.
+    pub events_present: u32,
     /// Victim's memory cgroup first, then its ancestors.
     pub cgroups: [MemcgSnapshot; MAX_CGROUP_DEPTH],
 }
@@ -105,7 +119,7 @@ const _: () = assert!(
             + 8
             + TASK_COMM_LEN
             + 8 * 3
-            + 4 * 4
+            + 4 * 6
             + MAX_CGROUP_DEPTH * size_of::<MemcgSnapshot>()
 );
 
@@ -137,7 +151,24 @@ pub mod counter {
     pub const READ_ERRORS: u32 = 1;
     /// Charge samples dropped because their ring buffer was full.
     pub const LOST_SAMPLES: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Per-thread charge states the charge path lost or threw away: a return with no state (its
+    /// entry was evicted from the bounded map, or never stored), or a state left behind by a
+    /// return the kernel did not report (kretprobe instances ran out) found stale or too deep.
+    pub const CHARGE_STATE_DROPPED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Slots of the `ROOT_STATS` array the start-up cross-check program fills: whether it reached
+/// the root memory cgroup, then the root's LRU lists and [`stat`] items, raw (each in the unit
+/// the kernel keeps it in).
+pub mod root_stats {
+    use crate::layout::{stat, LRU_COUNT};
+
+    /// 1 once the root was read.
+    pub const FOUND: u32 = 0;
+    pub const LRU: u32 = 1;
+    pub const STATS: u32 = LRU + LRU_COUNT as u32;
+    pub const LEN: u32 = STATS + stat::COUNT as u32;
 }
 
 #[cfg(feature = "user")]

@@ -9,6 +9,106 @@ pub const LRU_INACTIVE_FILE: usize = 2;
 pub const LRU_ACTIVE_FILE: usize = 3;
 pub const LRU_UNEVICTABLE: usize = 4;
 
+/// The memory figures beyond the LRU lists that explain a cgroup's usage, in this order in
+/// [`Layout::stat_index`] and `MemcgSnapshot::stats`, named as `memory.stat` (v2) names them.
+pub mod stat {
+    /// `NR_ANON_MAPPED`: anonymous memory (shmem excluded).
+    pub const ANON: usize = 0;
+    /// `NR_FILE_PAGES`: page cache, shmem and tmpfs included.
+    pub const FILE: usize = 1;
+    /// `NR_SHMEM`: tmpfs and shared memory.
+    pub const SHMEM: usize = 2;
+    /// `NR_FILE_DIRTY`.
+    pub const FILE_DIRTY: usize = 3;
+    /// `NR_WRITEBACK`.
+    pub const FILE_WRITEBACK: usize = 4;
+    /// `NR_SLAB_RECLAIMABLE_B` (bytes).
+    pub const SLAB_RECLAIMABLE: usize = 5;
+    /// `NR_SLAB_UNRECLAIMABLE_B` (bytes).
+    pub const SLAB_UNRECLAIMABLE: usize = 6;
+    /// `NR_KERNEL_STACK_KB` (KiB).
+    pub const KERNEL_STACK: usize = 7;
+    /// `NR_PAGETABLE`.
+    pub const PAGETABLES: usize = 8;
+    /// `MEMCG_SOCK`.
+    pub const SOCK: usize = 9;
+    /// `MEMCG_PERCPU_B` (bytes).
+    pub const PERCPU: usize = 10;
+    /// `MEMCG_SWAP`.
+    pub const SWAP: usize = 11;
+    pub const COUNT: usize = 12;
+
+    /// Each item's name in `memory.stat`: on cgroup v2, then on v1 (where v1 also prints a
+    /// hierarchical `total_<name>`); `None` where that version does not print it.
+    pub const MEMORY_STAT_NAMES: [(Option<&str>, Option<&str>); COUNT] = [
+        (Some("anon"), Some("rss")),
+        (Some("file"), Some("cache")),
+        (Some("shmem"), Some("shmem")),
+        (Some("file_dirty"), Some("dirty")),
+        (Some("file_writeback"), Some("writeback")),
+        (Some("slab_reclaimable"), None),
+        (Some("slab_unreclaimable"), None),
+        (Some("kernel_stack"), None),
+        (Some("pagetables"), None),
+        (Some("sock"), None),
+        (Some("percpu"), None),
+        (None, Some("swap")),
+    ];
+
+    /// Each item's name in leak's JSON (with `_bytes`) and in the `component` label.
+    pub const NAMES: [&str; COUNT] = [
+        "anon",
+        "file",
+        "shmem",
+        "file_dirty",
+        "file_writeback",
+        "slab_reclaimable",
+        "slab_unreclaimable",
+        "kernel_stack",
+        "pagetables",
+        "sock",
+        "percpu",
+        "swap",
+    ];
+
+    /// The unit each item counts in (`memcg_page_state_unit` in mm/memcontrol.c).
+    pub mod unit {
+        pub const PAGES: u32 = 0;
+        pub const BYTES: u32 = 1;
+        pub const KIB: u32 = 2;
+    }
+
+    /// The unit of each item, by index.
+    pub const UNITS: [u32; COUNT] = [
+        unit::PAGES,
+        unit::PAGES,
+        unit::PAGES,
+        unit::PAGES,
+        unit::PAGES,
+        unit::BYTES,
+        unit::BYTES,
+        unit::KIB,
+        unit::PAGES,
+        unit::PAGES,
+        unit::BYTES,
+        unit::PAGES,
+    ];
+}
+
+/// The events of `mem_cgroup.memory_events[]` (`enum memcg_memory_event`) a snapshot carries,
+/// in this order; `memory.events` (v2) names them.
+pub mod memory_event {
+    /// `MEMCG_MAX`: charges that hit `memory.max` (what v2 counts instead of `failcnt`).
+    pub const MAX: usize = 0;
+    /// `MEMCG_OOM`.
+    pub const OOM: usize = 1;
+    /// `MEMCG_OOM_KILL`.
+    pub const OOM_KILL: usize = 2;
+    /// `MEMCG_OOM_GROUP_KILL` (5.16+).
+    pub const OOM_GROUP_KILL: usize = 3;
+    pub const COUNT: usize = 4;
+}
+
 /// How a `struct mem_cgroup` stores its hierarchical page-state counters.
 pub mod stats_scheme {
     /// `atomic_long_t vmstats[MEMCG_NR_STAT]` directly in `mem_cgroup` (up to 5.12).
@@ -83,6 +183,15 @@ pub struct Layout {
     pub vmstats_state: u32,
     /// Index of each LRU item in the state array, in [`LRU_INACTIVE_ANON`].. order.
     pub lru_stat_index: [u32; LRU_COUNT],
+    /// Index of each [`stat`] item in the state array, or [`Layout::ABSENT`].
+    pub stat_index: [u32; stat::COUNT],
+    /// `mem_cgroup.memory_events` (`atomic_long_t[]`).
+    pub memcg_memory_events: u32,
+    /// Index of each [`memory_event`] in it, or [`Layout::ABSENT`].
+    pub memory_event_index: [u32; memory_event::COUNT],
+    /// 1 when the kernel counts `page_counter.failcnt` for cgroup v1 only
+    /// (`page_counter.track_failcnt`, 6.15+).
+    pub failcnt_v1_only: u32,
     // struct page_counter
     pub counter_usage: u32,
     pub counter_max: u32,
@@ -108,7 +217,7 @@ impl Layout {
     pub const ABSENT: u32 = u32::MAX;
 }
 
-const _: () = assert!(size_of::<Layout>() == 50 * 4);
+const _: () = assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1) * 4);
 
 #[cfg(feature = "user")]
 // SAFETY: `Layout` is `#[repr(C)]`, made only of `u32`s, with no padding and no invalid bit

@@ -18,8 +18,38 @@ use leak_common::{
 
 use crate::{
     kernel::{current_memcg, layout, lru_pages, memcg_cgroup_id, parent_memcg, read},
-    maps::{count, CGROUP_COUNTERS, CHARGING, CPU_GATE, LAST_SAMPLE, SAMPLES},
+    maps::{atomic_add, count, CGROUP_COUNTERS, CHARGING, CPU_GATE, LAST_SAMPLE, SAMPLES},
 };
+
+/// A thread inside the charge function, from its entry to its return.
+///
+/// Only reclaim inside a charge, and not inside the charge's own memory.high handler, is a
+/// limit hit: `try_to_free_mem_cgroup_pages` is also called by memory.high reclaim (on return
+/// to user mode, from a work item, and synchronously from the charge itself after a charge that
+/// went through), by writes to memory.high/memory.max, by memory.reclaim and by cgroup v1 limit
+/// changes and force_empty.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ChargeState {
+    /// The cgroup the outermost charge is for.
+    memcg: u64,
+    /// When the outermost charge began (boot ns).
+    entered_ns: u64,
+    /// Charges in progress on this thread: one, or more when a charge nests (one made while
+    /// reclaiming, or from an interrupt).
+    depth: u32,
+    /// 1 while the thread runs the memory.high handler from inside the charge.
+    in_high: u32,
+}
+
+/// Deeper than this, the state is taken for one left behind by returns the kernel did not
+/// report (kretprobe instances ran out), and started afresh.
+const MAX_CHARGE_DEPTH: u32 = 4;
+
+/// A state older than this when the thread enters another charge is taken for one left behind
+/// by a lost return: a charge that reclaims, and even one that waits for an OOM kill, is over
+/// in far less.
+const STALE_CHARGE_NS: u64 = 30_000_000_000;
 
 /// Filled in by userspace before load.
 #[unsafe(no_mangle)]
@@ -41,7 +71,9 @@ macro_rules! config {
 /// userspace at load.
 #[fentry(function = "try_charge_memcg")]
 pub fn try_charge_fentry(ctx: FEntryContext) -> i32 {
-    sample_chain(ctx.arg(0), kind::CHARGE);
+    let memcg: u64 = ctx.arg(0);
+    charge_entered(memcg);
+    sample_chain(memcg, kind::CHARGE);
     0
 }
 
@@ -49,6 +81,7 @@ pub fn try_charge_fentry(ctx: FEntryContext) -> i32 {
 pub fn try_charge_fexit(ctx: FExitContext) -> i32 {
     // fexit sees the arguments, then the return value: (memcg, gfp_mask, nr_pages) -> int.
     let result: u64 = ctx.arg(3);
+    charge_returned();
     if result as i32 != 0 {
         charge_failed(ctx.arg(0));
     }
@@ -57,14 +90,30 @@ pub fn try_charge_fexit(ctx: FExitContext) -> i32 {
 
 #[fentry(function = "try_to_free_mem_cgroup_pages")]
 pub fn reclaim_fentry(ctx: FEntryContext) -> i32 {
-    limit_hit(ctx.arg(0));
+    if reclaiming_at_max() {
+        limit_hit(ctx.arg(0));
+    }
+    0
+}
+
+/// The memory.high handler: `__mem_cgroup_handle_over_high` (newer kernels) or
+/// `mem_cgroup_handle_over_high`, chosen by userspace at load.
+#[fentry(function = "mem_cgroup_handle_over_high")]
+pub fn over_high_fentry(_ctx: FEntryContext) -> i32 {
+    set_in_high(1);
+    0
+}
+
+#[fexit(function = "mem_cgroup_handle_over_high")]
+pub fn over_high_fexit(_ctx: FExitContext) -> i32 {
+    set_in_high(0);
     0
 }
 
 #[kprobe]
 pub fn try_charge_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(memcg) = ctx.arg::<u64>(0) {
-        let _ = CHARGING.insert(bpf_get_current_pid_tgid() as u32, memcg, 0);
+        charge_entered(memcg);
         sample_chain(memcg, kind::CHARGE);
     }
     0
@@ -72,14 +121,11 @@ pub fn try_charge_kprobe(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn try_charge_kretprobe(ctx: RetProbeContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: the value is plain data, copied out before the entry is removed.
-    let memcg = unsafe { CHARGING.get(tid) }.copied();
-    let _ = CHARGING.remove(tid);
     let result: u64 = ctx.ret();
-    let result = result as i32;
-    if let (Some(memcg), true) = (memcg, result != 0) {
-        charge_failed(memcg);
+    if let Some(memcg) = charge_returned() {
+        if result as i32 != 0 {
+            charge_failed(memcg);
+        }
     }
     0
 }
@@ -87,8 +133,22 @@ pub fn try_charge_kretprobe(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn reclaim_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(memcg) = ctx.arg::<u64>(0) {
-        limit_hit(memcg);
+        if reclaiming_at_max() {
+            limit_hit(memcg);
+        }
     }
+    0
+}
+
+#[kprobe]
+pub fn over_high_kprobe(_ctx: ProbeContext) -> u32 {
+    set_in_high(1);
+    0
+}
+
+#[kretprobe]
+pub fn over_high_kretprobe(_ctx: RetProbeContext) -> u32 {
+    set_in_high(0);
     0
 }
 
@@ -111,6 +171,78 @@ pub fn reclaim_begin_btf(_ctx: BtfTracePointContext) -> i32 {
 pub fn reclaim_begin_tracepoint(_ctx: TracePointContext) -> u32 {
     limit_hit_of_current();
     0
+}
+
+/// Records that the running thread entered a charge for `memcg`.
+#[inline(always)]
+fn charge_entered(memcg: u64) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let now = now();
+    if let Some(state) = CHARGING.get_ptr_mut(tid) {
+        // SAFETY: the map's value for this thread; only this thread writes it.
+        let state = unsafe { &mut *state };
+        let stale = now.saturating_sub(state.entered_ns) > STALE_CHARGE_NS;
+        if state.depth > 0 && state.depth < MAX_CHARGE_DEPTH && !stale {
+            // A nested charge: the outermost one's cgroup is the one a failure is reported for.
+            state.depth += 1;
+            return;
+        }
+        if state.depth > 0 {
+            count(counter::CHARGE_STATE_DROPPED);
+        }
+    }
+    let state = ChargeState {
+        memcg,
+        entered_ns: now,
+        depth: 1,
+        in_high: 0,
+    };
+    let _ = CHARGING.insert(tid, state, 0);
+}
+
+/// Records that the running thread returned from a charge; the outermost charge's cgroup when
+/// that was the outermost one.
+#[inline(always)]
+fn charge_returned() -> Option<u64> {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(state) = CHARGING.get_ptr_mut(tid) else {
+        count(counter::CHARGE_STATE_DROPPED);
+        return None;
+    };
+    // SAFETY: the map's value for this thread; only this thread writes it.
+    let state = unsafe { &mut *state };
+    if state.depth > 1 {
+        // A nested charge returned: its own cgroup is not known here, so its failure is not
+        // attributed (nested charges are forced or atomic ones).
+        state.depth -= 1;
+        return None;
+    }
+    let memcg = state.memcg;
+    let _ = CHARGING.remove(tid);
+    Some(memcg)
+}
+
+/// Marks the running thread as inside (1) or out of (0) the memory.high handler, when it is
+/// inside a charge (elsewhere reclaim is never a limit hit anyway).
+#[inline(always)]
+fn set_in_high(value: u32) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(state) = CHARGING.get_ptr_mut(tid) {
+        // SAFETY: the map's value for this thread; only this thread writes it.
+        unsafe { (*state).in_high = value };
+    }
+}
+
+/// Whether the reclaim the running thread is starting is the charge path's at the `max` limit:
+/// it runs inside a charge and not inside that charge's memory.high handler.
+#[inline(always)]
+fn reclaiming_at_max() -> bool {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value is plain data, copied out.
+    match unsafe { CHARGING.get(tid) } {
+        Some(state) => state.depth > 0 && state.in_high == 0,
+        None => false,
+    }
 }
 
 #[inline(always)]
@@ -227,12 +359,10 @@ fn bump(memcg: u64, field: fn(&mut CgroupCounters) -> &mut u64) {
         let _ = CGROUP_COUNTERS.insert(id, CgroupCounters::default(), 0);
     }
     if let Some(counters) = CGROUP_COUNTERS.get_ptr_mut(id) {
-        // SAFETY: the pointer is the map's value for `id`; a racing CPU may lose an increment,
-        // which a counter of limit hits can afford.
-        unsafe {
-            let slot = field(&mut *counters);
-            *slot += 1;
-        }
+        // SAFETY: the pointer is the map's value for `id`, valid and 8-byte aligned while the
+        // program runs; every CPU updates it, so only through atomic adds (BPF_ATOMIC_ADD,
+        // which every supported kernel has).
+        unsafe { atomic_add(field(&mut *counters), 1) };
     }
 }
 

@@ -2,7 +2,7 @@
 
 use aya_ebpf::helpers::generated::bpf_get_current_task;
 use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str};
-use leak_common::layout::{stats_scheme, Layout};
+use leak_common::layout::{memory_event, stat, stats_scheme, Layout};
 
 /// Filled in by userspace before load (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -39,6 +39,10 @@ pub(crate) static LAYOUT: Layout = Layout {
     memcg_vmstats: 0,
     vmstats_state: 0,
     lru_stat_index: [0; 5],
+    stat_index: [0; stat::COUNT],
+    memcg_memory_events: 0,
+    memory_event_index: [0; memory_event::COUNT],
+    failcnt_v1_only: 0,
     counter_usage: 0,
     counter_max: 0,
     counter_watermark: 0,
@@ -182,19 +186,38 @@ pub fn parent_memcg(memcg: u64) -> u64 {
     }
 }
 
+/// Where `memcg`'s hierarchical state array starts, in whichever of its layouts this kernel
+/// uses; `None` when the pointer to it cannot be read.
+#[inline(always)]
+pub fn memcg_state(memcg: u64) -> Option<u64> {
+    match layout!(stats_scheme) {
+        stats_scheme::POINTER => match read::<u64>(memcg, layout!(memcg_vmstats)) {
+            Ok(vmstats) if vmstats != 0 => Some(vmstats + layout!(vmstats_state) as u64),
+            _ => None,
+        },
+        stats_scheme::EMBEDDED_STRUCT => {
+            Some(memcg + layout!(memcg_vmstats) as u64 + layout!(vmstats_state) as u64)
+        }
+        _ => Some(memcg + layout!(memcg_vmstats) as u64),
+    }
+}
+
+/// Entry `index` of a state array found by [`memcg_state`], floored at 0: per-CPU batching can
+/// leave a hierarchical counter briefly negative.
+#[inline(always)]
+pub fn state_item(state: u64, index: u32) -> Result<u64, i64> {
+    if index == Layout::ABSENT {
+        return Err(-1);
+    }
+    read::<i64>(state, index * 8).map(|value| value.max(0) as u64)
+}
+
 /// Hierarchical page count of LRU list `lru` (`leak_common::layout::LRU_*`) of `memcg`, as of
 /// the last statistics flush.
 #[inline(always)]
 pub fn lru_pages(memcg: u64, lru: usize) -> u64 {
-    let state = match layout!(stats_scheme) {
-        stats_scheme::POINTER => match read::<u64>(memcg, layout!(memcg_vmstats)) {
-            Ok(vmstats) if vmstats != 0 => vmstats + layout!(vmstats_state) as u64,
-            _ => return 0,
-        },
-        stats_scheme::EMBEDDED_STRUCT => {
-            memcg + layout!(memcg_vmstats) as u64 + layout!(vmstats_state) as u64
-        }
-        _ => memcg + layout!(memcg_vmstats) as u64,
+    let Some(state) = memcg_state(memcg) else {
+        return 0;
     };
     let index = match lru {
         0 => layout!(lru_stat_index[0]),
@@ -203,6 +226,5 @@ pub fn lru_pages(memcg: u64, lru: usize) -> u64 {
         3 => layout!(lru_stat_index[3]),
         _ => layout!(lru_stat_index[4]),
     };
-    // Per-CPU batching can leave a hierarchical counter briefly negative.
-    read::<i64>(state, index * 8).map_or(0, |pages| pages.max(0) as u64)
+    state_item(state, index).unwrap_or(0)
 }

@@ -1,8 +1,13 @@
 //! Kernel programs of `leak`: the OOM hooks and the reads of kernel memory they need.
 #![no_std]
 #![no_main]
+// `core::sync::atomic` offers no read-modify-write on BPF (the target has no compare-and-swap
+// before v3), so shared counters use the intrinsic, which lowers to BPF_ATOMIC_ADD (XADD).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod charge;
+mod crosscheck;
 mod kernel;
 mod maps;
 mod oom;

@@ -2,12 +2,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use leak_common::{
-    event::{counter, OomContext},
+    event::{counter, root_stats, OomContext},
     sample::CgroupCounters,
 };
+
+use crate::charge::ChargeState;
 
 /// OOM victims, one `OomKillEvent` each. Userspace may resize it before load.
 #[map]
@@ -41,9 +43,16 @@ pub static CPU_GATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static CGROUP_COUNTERS: LruHashMap<u64, CgroupCounters> = LruHashMap::with_max_entries(4096, 0);
 
-/// The memory cgroup a thread is charging, from the kprobe to the kretprobe.
+/// Which threads are inside a charge (and inside its memory.high handler), from the charge
+/// function's entry to its return. An LRU map, so that states a lost return leaves behind are
+/// evicted rather than filling it; what is evicted or found stale is counted.
 #[map]
-pub static CHARGING: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
+pub static CHARGING: LruHashMap<u32, ChargeState> = LruHashMap::with_max_entries(4096, 0);
+
+/// The root memory cgroup's statistics as the start-up cross-check read them
+/// (`leak_common::event::root_stats`).
+#[map]
+pub static ROOT_STATS: Array<u64> = Array::with_max_entries(root_stats::LEN, 0);
 
 /// Counters indexed by `leak_common::event::counter`.
 #[map]
@@ -54,5 +63,22 @@ pub fn count(index: u32) {
     if let Some(value) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot.
         unsafe { *value += 1 };
+    }
+}
+
+/// Adds `value` to a counter that other CPUs update too (a shared map value), with one
+/// `BPF_ATOMIC_ADD` instruction (XADD, on every kernel the programs support), so no increment
+/// is lost. The result is unused, as the kernels before 5.12 require.
+///
+/// # Safety
+///
+/// `slot` must point to a live, 8-byte aligned `u64` in a map value.
+#[inline(always)]
+pub unsafe fn atomic_add(slot: *mut u64, value: u64) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            slot, value,
+        );
     }
 }

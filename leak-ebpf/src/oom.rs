@@ -22,13 +22,13 @@ use leak_common::{
         counter, flags, hook, MemcgSnapshot, OomContext, OomKillEvent, CGROUP_NAME_LEN,
         MAX_CGROUP_DEPTH, TASK_COMM_LEN,
     },
-    layout::{rss_scheme, Layout, LRU_COUNT},
+    layout::{memory_event, rss_scheme, stat, Layout, LRU_COUNT},
 };
 
 use crate::{
     kernel::{
-        layout, lru_pages, memcg_cgroup_id, parent_memcg, read, read_into, read_str_into,
-        task_memcg,
+        layout, memcg_cgroup_id, memcg_state, parent_memcg, read, read_into, read_str_into,
+        state_item, task_memcg,
     },
     maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED},
 };
@@ -239,6 +239,13 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
     if layout!(counter_failcnt) != Layout::ABSENT {
         event_flags |= flags::FAILCNT_VALID;
     }
+    if layout!(failcnt_v1_only) == 1 {
+        event_flags |= flags::FAILCNT_V1_ONLY;
+    }
+    event.stats_present = present_bits(&raw const crate::kernel::LAYOUT.stat_index);
+    if layout!(memcg_memory_events) != Layout::ABSENT {
+        event.events_present = present_bits(&raw const crate::kernel::LAYOUT.memory_event_index);
+    }
 
     let mut memcg = chain_start;
     let mut depth = 0u32;
@@ -317,6 +324,21 @@ fn namespace_pid(task: u64) -> Option<u32> {
     read::<u32>(pid, upid + layout!(upid_nr)).ok()
 }
 
+/// Bit `i` set for each entry of an index table that is not [`Layout::ABSENT`].
+#[inline(always)]
+fn present_bits<const N: usize>(table: *const [u32; N]) -> u32 {
+    let mut bits = 0;
+    for i in 0..N {
+        // SAFETY: `table` points into the LAYOUT static and `i < N`; volatile so the compiler
+        // cannot fold the zero initialiser.
+        let index = unsafe { core::ptr::read_volatile((table as *const u32).add(i)) };
+        if index != Layout::ABSENT {
+            bits |= 1 << i;
+        }
+    }
+    bits
+}
+
 #[inline(always)]
 fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
     let counter = layout!(memcg_memory);
@@ -329,8 +351,23 @@ fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
         snapshot.failcnt = read::<u64>(memcg, counter + failcnt).unwrap_or(0);
     }
 
-    for lru in 0..LRU_COUNT {
-        snapshot.lru_pages[lru] = lru_pages(memcg, lru);
+    if let Some(state) = memcg_state(memcg) {
+        for lru in 0..LRU_COUNT {
+            snapshot.lru_pages[lru] = state_item(state, layout!(lru_stat_index[lru])).unwrap_or(0);
+        }
+        for item in 0..stat::COUNT {
+            snapshot.stats[item] = state_item(state, layout!(stat_index[item])).unwrap_or(0);
+        }
+    }
+    let events = layout!(memcg_memory_events);
+    if events != Layout::ABSENT {
+        for event in 0..memory_event::COUNT {
+            let index = layout!(memory_event_index[event]);
+            if index != Layout::ABSENT {
+                snapshot.events[event] =
+                    read::<i64>(memcg, events + index * 8).map_or(0, |value| value.max(0) as u64);
+            }
+        }
     }
 
     let cgroup = read::<u64>(memcg, layout!(memcg_css) + layout!(css_cgroup))?;

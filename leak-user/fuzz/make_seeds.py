@@ -24,28 +24,48 @@ TASK_COMM_LEN = 16
 CGROUP_NAME_LEN = 128
 MAX_CGROUP_DEPTH = 8
 LRU_COUNT = 5
-OOM_KILL_EVENT_SIZE = 1800
+STAT_COUNT = 12
+EVENT_COUNT = 4
+MEMCG_SNAPSHOT_SIZE = (10 + STAT_COUNT + EVENT_COUNT) * 8 + CGROUP_NAME_LEN
+OOM_KILL_EVENT_SIZE = 144 + MAX_CGROUP_DEPTH * MEMCG_SNAPSHOT_SIZE
 CHARGE_SAMPLE_SIZE = 64
 
 HAS_OOM_CONTROL, VICTIM_TASK, RSS_VALID, OOM_SCORE_ADJ_VALID = 1, 2, 4, 8
-FAILCNT_VALID, CHAIN_TRUNCATED, NS_PID_VALID = 16, 32, 64
+FAILCNT_VALID, CHAIN_TRUNCATED, NS_PID_VALID, FAILCNT_V1_ONLY = 16, 32, 64, 128
 CONSTRAINT_NONE, CONSTRAINT_MEMCG = 0, 3
 PAGES_64MIB = 16384
 UNLIMITED = (2**63 - 1) // 4096
 
 
 def memcg(cgroup_id, usage, limit, lru, name, failcnt=12):
-    """MemcgSnapshot: ten u64 then the kernfs name."""
+    """MemcgSnapshot: ten u64, the breakdown (stat order, each in its kernel unit), the
+    memory events, then the kernfs name."""
+    anon, file = lru[0] + lru[1], lru[2] + lru[3]
+    # anon, file, shmem, dirty, writeback (pages), slab x2 (bytes), stack (KiB), pagetables,
+    # sock (pages), percpu (bytes), swap (pages)
+    stats = [anon, file, 0, 3, 0, 81_920, 40_960, 64, 12, 0, 8_192, 0]
+    events = [failcnt, 1, 1, 0]  # max, oom, oom_kill, oom_group_kill
     return struct.pack(
-        "<5Q5Q128s", cgroup_id, usage, limit, usage, failcnt, *lru, name
+        "<5Q5Q12Q4Q128s", cgroup_id, usage, limit, usage, failcnt, *lru, *stats, *events, name
     )
 
 
-def oom_kill_event(hook, flags, pid, comm, chain, constraint, oc_memcg, depth=None):
+def oom_kill_event(
+    hook,
+    flags,
+    pid,
+    comm,
+    chain,
+    constraint,
+    oc_memcg,
+    depth=None,
+    stats_present=(1 << STAT_COUNT) - 1,
+    events_present=(1 << EVENT_COUNT) - 1,
+):
     snapshots = b"".join(memcg(*c) for c in chain)
-    snapshots += bytes(208 * (MAX_CGROUP_DEPTH - len(chain)))
+    snapshots += bytes(MEMCG_SNAPSHOT_SIZE * (MAX_CGROUP_DEPTH - len(chain)))
     head = struct.pack(
-        "<QIIII16siIQQQII16sQqQIIiI",
+        "<QIIII16siIQQQII16sQqQIIiIII",
         123_456_789_000,  # boot_ns
         hook,
         flags,
@@ -67,6 +87,8 @@ def oom_kill_event(hook, flags, pid, comm, chain, constraint, oc_memcg, depth=No
         0xCC0,  # GFP_KERNEL
         0,
         len(chain) if depth is None else depth,
+        stats_present,
+        events_present,
     )
     record = head + snapshots
     assert len(record) == OOM_KILL_EVENT_SIZE, len(record)
@@ -104,7 +126,16 @@ def decode_seeds():
             1, all_flags, 123, b"leak", [leak, pod, root], CONSTRAINT_MEMCG, 4100
         ),
         "pid-only-tracepoint": oom_kill_event(
-            2, RSS_VALID, 124, b"leak-worker", [leak, root], CONSTRAINT_MEMCG, 0
+            2,
+            RSS_VALID | FAILCNT_V1_ONLY,
+            124,
+            b"leak-worker",
+            [leak, root],
+            CONSTRAINT_MEMCG,
+            0,
+            # 5.10: no pagetables item, no oom_group_kill event
+            stats_present=((1 << STAT_COUNT) - 1) & ~(1 << 8),
+            events_present=0b0111,
         ),
         "global-oom-full-chain": oom_kill_event(
             1,
@@ -394,5 +425,7 @@ def write(target, seeds):
 
 if __name__ == "__main__":
     write("decode", decode_seeds())
+    if sys.argv[1:] == ["--decode-only"]:
+        sys.exit(0)
     write("btf", btf_seeds(sys.argv[1:]))
     write("text", text_seeds())

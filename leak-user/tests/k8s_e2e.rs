@@ -169,9 +169,12 @@ fn cgroupfs_container_limit_main_process() {
 
     let metrics = agent.page("/metrics");
     let counter = format!(
-        "leak_oom_kills_total{{cgroup=\"{0}\",constraint=\"memcg\",container=\"cart-api\",\
-         main_process=\"true\",namespace=\"shop\",oom_cgroup=\"{0}\",pod=\"{1}\"}}",
-        container.relative, spec.pod
+        "leak_oom_kills_total{{cause=\"{2}\",cgroup=\"{0}\",constraint=\"memcg\",\
+         container=\"cart-api\",main_process=\"true\",namespace=\"shop\",oom_cgroup=\"{0}\",\
+         pod=\"{1}\"}}",
+        container.relative,
+        spec.pod,
+        cause_label(&kill)
     );
     assert_eq!(
         sample(&metrics, &counter),

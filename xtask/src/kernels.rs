@@ -91,6 +91,10 @@ fn apt_update() -> Result<()> {
     Ok(())
 }
 
+/// The series that names the newest cloud kernel of every suite searched (trixie-backports and
+/// sid carry the newest): a kernel always there, whichever versions the archive holds today.
+pub const NEWEST: &str = "newest";
+
 /// `linux-image-<series>.<...>-cloud-amd64` package names, excluding debug and unsigned ones.
 fn matches_series(package: &str, series: &str) -> bool {
     let Some(rest) = package.strip_prefix("linux-image-") else {
@@ -99,6 +103,11 @@ fn matches_series(package: &str, series: &str) -> bool {
     let Some(version) = rest.strip_suffix("-cloud-amd64") else {
         return false;
     };
+    if series == NEWEST {
+        // Any versioned kernel, not a metapackage (`linux-image-cloud-amd64`).
+        return version.split(['.', '-']).nth(2).is_some()
+            && version.chars().next().is_some_and(|c| c.is_ascii_digit());
+    }
     // "5.10.0-46", "6.12.48+deb13", "6.12.12+bpo": the series, then a '.' or '-'.
     // An exact ABI name (`5.10.0-30`, with its dash) picks that very package; a series
     // (`6.1`) needs more after it, which also keeps out metapackages such as
@@ -379,6 +388,12 @@ mod tests {
     #[test]
     fn matches_series_names() {
         assert!(matches_series("linux-image-5.10.0-46-cloud-amd64", "5.10"));
+        assert!(matches_series(
+            "linux-image-7.3.4+deb13-cloud-amd64",
+            NEWEST
+        ));
+        assert!(!matches_series("linux-image-cloud-amd64", NEWEST));
+        assert!(!matches_series("linux-image-6.1-cloud-amd64", NEWEST));
         assert!(matches_series(
             "linux-image-6.12.48+deb13-cloud-amd64",
             "6.12"

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
                 attach_mode: "fuzz",
                 seq: 1,
                 same_oom_cgroup_id: None,
+                cgroup_v2: Some(true),
             };
             let kill = assemble(&record, &context, &mut CgroupPaths::new(None));
             let _ = serde_json::to_string(&kill);

@@ -20,7 +20,7 @@ use crate::{
     enrich::{poll, Enricher},
     kernel::Probes,
     model::{
-        kill::Kill,
+        kill::{Breakdown, Kill},
         kubernetes::CgroupLabels,
         timeline::{self, SampleKind},
     },
@@ -54,6 +54,8 @@ struct State<'a> {
     watched: HashMap<u64, CgroupLabels>,
     /// Kernel totals already counted, by cgroup id.
     counted: HashMap<u64, CgroupCounters>,
+    /// What fills each limited cgroup, from the last poll of its memory.stat.
+    breakdowns: HashMap<u64, Breakdown>,
 }
 
 impl State<'_> {
@@ -96,7 +98,11 @@ impl State<'_> {
 
     /// Records polled points of the cgroups the charge path has not sampled within the last
     /// poll interval (its samples are fresher and finer).
-    fn on_poll(&mut self, polled: Vec<(u64, timeline::Point)>) {
+    fn on_poll(&mut self, polled: Vec<poll::Polled>) {
+        self.breakdowns = polled
+            .iter()
+            .map(|polled| (polled.id, polled.breakdown.clone()))
+            .collect();
         let now = sys::boot_ns();
         let recent: HashSet<u64> = self
             .history
@@ -107,7 +113,7 @@ impl State<'_> {
             })
             .map(|(id, _)| id)
             .collect();
-        for (id, point) in polled {
+        for poll::Polled { id, point, .. } in polled {
             if !recent.contains(&id) {
                 self.history.record(id, point);
             }
@@ -143,6 +149,9 @@ impl State<'_> {
         for (id, point) in latest {
             if let Some(labels) = self.labels(id) {
                 self.shared.metrics.set_cgroup_live(&labels, &point);
+                if let Some(breakdown) = self.breakdowns.get(&id) {
+                    self.shared.metrics.set_cgroup_breakdown(&labels, breakdown);
+                }
                 let points = self.history.points(id).cloned().collect();
                 live.push(LiveSeries {
                     labels,
@@ -198,7 +207,7 @@ pub(super) async fn run(
     let mut state = State {
         shared,
         enricher: Enricher::new(
-            hierarchy.as_ref().map(|(root, _)| root.clone()),
+            hierarchy.clone(),
             options.rootfs.clone(),
             page_size,
             probes.mode().as_str(),
@@ -211,6 +220,7 @@ pub(super) async fn run(
         page_size,
         watched: HashMap::new(),
         counted: HashMap::new(),
+        breakdowns: HashMap::new(),
     };
     loop {
         tokio::select! {

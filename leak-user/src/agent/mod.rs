@@ -59,22 +59,6 @@ pub enum TraceError {
 }
 
 pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
-    let mut probes = Probes::load(&LoadOptions {
-        attach: options.attach,
-        charge_attach: options.charge_attach,
-        ring_buffer_bytes: options.ring_buffer_bytes,
-        btf_path: options.btf.clone(),
-        sample_interval_ns: u64::try_from(options.sample_interval.as_nanos()).unwrap_or(u64::MAX),
-        only_limited: options.only_limited,
-        dense_samples: options.dense_samples,
-    })?;
-    let mode = probes.mode();
-    info!("OOM hook attach mode: {mode}");
-    match probes.charge_mode() {
-        Some(charge) => info!("charge path (timeline before kills) attach mode: {charge}"),
-        None => info!("charge path off: kills carry no timeline"),
-    }
-
     let hierarchy = match MemoryHierarchy::discover() {
         Ok(hierarchy) => {
             info!(
@@ -89,6 +73,23 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
             None
         }
     };
+
+    let mut probes = Probes::load(&LoadOptions {
+        attach: options.attach,
+        charge_attach: options.charge_attach,
+        ring_buffer_bytes: options.ring_buffer_bytes,
+        btf_path: options.btf.clone(),
+        sample_interval_ns: u64::try_from(options.sample_interval.as_nanos()).unwrap_or(u64::MAX),
+        only_limited: options.only_limited,
+        dense_samples: options.dense_samples,
+        root_memory_stat: hierarchy.as_ref().map(|h| h.root.join("memory.stat")),
+    })?;
+    let mode = probes.mode();
+    info!("OOM hook attach mode: {mode}");
+    match probes.charge_mode() {
+        Some(charge) => info!("charge path (timeline before kills) attach mode: {charge}"),
+        None => info!("charge path off: kills carry no timeline"),
+    }
 
     let metrics = Metrics::new(&sys::kernel_release())?;
     metrics.set_attachments(probes.attachments());

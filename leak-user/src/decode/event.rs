@@ -4,13 +4,14 @@
 use leak_common::{
     event::{constraint, flags, hook, MemcgSnapshot, OomKillEvent, MAX_CGROUP_DEPTH},
     layout::{
-        LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_UNEVICTABLE,
+        memory_event, stat, LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE,
+        LRU_UNEVICTABLE,
     },
 };
 
 use super::{bytes, read_record, DecodeError};
 use crate::model::{
-    kill::{Constraint, Rss, Trigger, VictimHook},
+    kill::{Breakdown, Constraint, MemoryEvents, Rss, Trigger, VictimHook},
     memory::is_unlimited,
 };
 
@@ -33,6 +34,10 @@ pub struct MemcgRecord {
     pub inactive_file_bytes: u64,
     pub active_file_bytes: u64,
     pub unevictable_bytes: u64,
+    /// The memcg statistics beyond the LRU lists, in bytes.
+    pub breakdown: Breakdown,
+    /// `memory_events[]`, `None` where the kernel has none.
+    pub events: Option<MemoryEvents>,
 }
 
 /// The kernel's `oom_control`, captured on `oom_kill_process`.
@@ -69,6 +74,8 @@ pub struct KillRecord {
     pub cgroups: Vec<MemcgRecord>,
     /// The chain stopped early because a pointer could not be read.
     pub chain_truncated: bool,
+    /// The kernel counts `failcnt` for cgroup v1 only (6.15+).
+    pub failcnt_v1_only: bool,
 }
 
 impl KillRecord {
@@ -101,11 +108,45 @@ fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// One [`stat`] item in bytes, from the unit the kernel keeps it in.
+fn stat_bytes(item: usize, value: u64, page: u64) -> Result<u64, DecodeError> {
+    let field = stat::NAMES[item];
+    match stat::UNITS[item] {
+        stat::unit::BYTES => Ok(value),
+        stat::unit::KIB => bytes(field, value, 1024),
+        _ => bytes(field, value, page),
+    }
+}
+
+fn breakdown(snapshot: &MemcgSnapshot, present: u32, page: u64) -> Result<Breakdown, DecodeError> {
+    let mut items = [None; stat::COUNT];
+    for (index, item) in items.iter_mut().enumerate() {
+        if present & (1 << index) != 0 {
+            *item = Some(stat_bytes(index, snapshot.stats[index], page)?);
+        }
+    }
+    Ok(Breakdown::from_items(items))
+}
+
+fn memory_events(snapshot: &MemcgSnapshot, present: u32) -> Option<MemoryEvents> {
+    if present == 0 {
+        return None;
+    }
+    let event = |index: usize| (present & (1 << index) != 0).then_some(snapshot.events[index]);
+    Some(MemoryEvents {
+        max: event(memory_event::MAX),
+        oom: event(memory_event::OOM),
+        oom_kill: event(memory_event::OOM_KILL),
+        oom_group_kill: event(memory_event::OOM_GROUP_KILL),
+    })
+}
+
 fn memcg(
     snapshot: &MemcgSnapshot,
-    failcnt_valid: bool,
+    event: &OomKillEvent,
     page: u64,
 ) -> Result<MemcgRecord, DecodeError> {
+    let failcnt_valid = event.flags & flags::FAILCNT_VALID != 0;
     let lru = |index: usize, field: &'static str| bytes(field, snapshot.lru_pages[index], page);
     let name = c_string(&snapshot.name);
     Ok(MemcgRecord {
@@ -124,6 +165,8 @@ fn memcg(
         inactive_file_bytes: lru(LRU_INACTIVE_FILE, "inactive_file")?,
         active_file_bytes: lru(LRU_ACTIVE_FILE, "active_file")?,
         unevictable_bytes: lru(LRU_UNEVICTABLE, "unevictable")?,
+        breakdown: breakdown(snapshot, event.stats_present, page)?,
+        events: memory_events(snapshot, event.events_present),
     })
 }
 
@@ -142,7 +185,7 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
     let resolved = has(flags::VICTIM_TASK);
     let cgroups = event.cgroups[..depth]
         .iter()
-        .map(|snapshot| memcg(snapshot, has(flags::FAILCNT_VALID), page_size))
+        .map(|snapshot| memcg(snapshot, &event, page_size))
         .collect::<Result<Vec<_>, _>>()?;
     let victim_rss = match has(flags::RSS_VALID) {
         true => Some(Rss {
@@ -177,6 +220,7 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
         }),
         cgroups,
         chain_truncated: has(flags::CHAIN_TRUNCATED),
+        failcnt_v1_only: has(flags::FAILCNT_V1_ONLY),
     })
 }
 
@@ -210,6 +254,23 @@ pub(crate) mod fixtures {
             watermark_pages: usage,
             failcnt: 7,
             lru_pages: [usage - inactive_file, 0, inactive_file, 0, 0],
+            // anon, file, shmem, dirty, writeback, slab (bytes), stack (KiB), pagetables,
+            // sock, percpu (bytes), swap
+            stats: [
+                usage - inactive_file,
+                inactive_file,
+                0,
+                0,
+                0,
+                4096,
+                8192,
+                16,
+                1,
+                0,
+                1024,
+                0,
+            ],
+            events: [3, 1, 1, 0],
             name: name(leaf),
         }
     }
@@ -242,6 +303,8 @@ pub(crate) mod fixtures {
             oc_gfp_mask: 0,
             oc_order: 0,
             depth: levels.len() as u32,
+            stats_present: (1 << leak_common::layout::stat::COUNT) - 1,
+            events_present: 0b0111,
             cgroups,
         }
     }
@@ -266,6 +329,28 @@ pub(crate) mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::{fixtures::*, *};
+
+    /// The fuzz target's committed seeds follow the record layout (make_seeds.py writes them).
+    #[test]
+    fn the_fuzz_seeds_decode() {
+        let seed = include_bytes!("../../fuzz/corpus/decode/memcg-kill-tp-btf");
+        let kill = decode_kill(seed, PAGE).expect("the memcg-kill seed decodes");
+        assert_eq!(kill.cgroups.len(), 3);
+        assert_eq!(
+            kill.cgroups[0].breakdown.kernel_stack_bytes,
+            Some(64 * 1024)
+        );
+        assert_eq!(
+            kill.cgroups[0].breakdown.slab_reclaimable_bytes,
+            Some(81_920)
+        );
+        let seed = include_bytes!("../../fuzz/corpus/decode/pid-only-tracepoint");
+        let kill = decode_kill(seed, PAGE).expect("the pid-only seed decodes");
+        assert_eq!(kill.cgroups[0].breakdown.pagetables_bytes, None);
+        assert!(kill.failcnt_v1_only);
+        let events = kill.cgroups[0].events.as_ref().expect("events");
+        assert_eq!((events.oom_kill, events.oom_group_kill), (Some(1), None));
+    }
 
     #[test]
     fn decode_checks_size_hook_and_depth() {

@@ -6,7 +6,7 @@ use crate::{
     model::{
         kill::{CgroupState, Constraint, Kill, OomAttribution, OomControl},
         kubernetes::WorkloadNames,
-        memory::{working_set_bytes, CHARGE_SLACK_PAGES},
+        memory::{cause, working_set_bytes, CHARGE_SLACK_PAGES},
         time::rfc3339,
     },
 };
@@ -25,6 +25,10 @@ pub struct KillContext<'a> {
     /// found at its limit: a group kill marks its members one after another while the first
     /// victims already release memory, so later members may no longer show the limit reached.
     pub same_oom_cgroup_id: Option<u64>,
+    /// Whether the memory controller is on cgroup v2 (`None`: not known). It decides which
+    /// limit-hit counter is served: `memory.events` on v2, `failcnt` on v1 (and on v2 where
+    /// the kernel still counts it).
+    pub cgroup_v2: Option<bool>,
 }
 
 /// Which level of the chain hit its limit, when `oom_control` is not available: the nearest
@@ -109,6 +113,10 @@ fn oom_level(
 /// Names, procfs and the timeline are the [`super::Enricher`]'s to add.
 pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut CgroupPaths) -> Kill {
     let (oom_level, constraint, attribution) = oom_level(record, context);
+    // From 6.15 `failcnt` stays 0 on v2; where the version is unknown, serve neither guess.
+    let failcnt_kept = !record.failcnt_v1_only || context.cgroup_v2 == Some(false);
+    // v1 counts these events too but neither shows nor propagates them.
+    let events_shown = context.cgroup_v2 != Some(false);
     let cgroups: Vec<CgroupState> = record
         .cgroups
         .iter()
@@ -120,13 +128,15 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
             usage_bytes: s.usage_bytes,
             limit_bytes: s.limit_bytes,
             peak_bytes: s.peak_bytes,
-            failcnt: s.failcnt,
+            failcnt: s.failcnt.filter(|_| failcnt_kept),
+            events: s.events.clone().filter(|_| events_shown),
             working_set_bytes: working_set_bytes(s.usage_bytes, s.inactive_file_bytes),
             inactive_anon_bytes: s.inactive_anon_bytes,
             active_anon_bytes: s.active_anon_bytes,
             inactive_file_bytes: s.inactive_file_bytes,
             active_file_bytes: s.active_file_bytes,
             unevictable_bytes: s.unevictable_bytes,
+            breakdown: s.breakdown.clone(),
             hit_limit: Some(level) == oom_level,
         })
         .collect();
@@ -164,6 +174,7 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
         working_set_bytes: described.map_or(0, |c| c.working_set_bytes),
         inactive_file_bytes: described.map_or(0, |c| c.inactive_file_bytes),
         constraint,
+        cause: described.and_then(|c| cause(&c.breakdown, c.usage_bytes)),
         attribution,
         oom_control: record.oom_control.as_ref().map(|control| OomControl {
             totalpages: control.totalpages,

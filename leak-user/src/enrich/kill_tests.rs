@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     decode::event::fixtures::{event, level, record, PAGE, UNLIMITED},
     enrich::{dedup::VictimDedup, procfs::fill_from_procfs},
-    model::kill::OomAttribution as Attribution,
+    model::kill::{CauseKind, OomAttribution as Attribution},
 };
 
 fn context() -> KillContext<'static> {
@@ -14,6 +14,7 @@ fn context() -> KillContext<'static> {
         attach_mode: "tp_btf",
         seq: 1,
         same_oom_cgroup_id: None,
+        cgroup_v2: Some(true),
     }
 }
 
@@ -218,4 +219,41 @@ fn a_victim_detached_from_its_pids_keeps_its_thread_id() {
     assert_eq!((kill.victim_pid, kill.victim_tid), (224, 224));
     assert_eq!(kill.victim_tgid, None);
     assert_eq!(kill.victim_comm.as_deref(), Some("leak"));
+}
+
+#[test]
+fn limit_hit_counters_follow_the_cgroup_version() {
+    let levels = [
+        level(31, "app", 16384, 16384, 0),
+        level(1, "", 20000, UNLIMITED, 0),
+    ];
+    let mut ev = event(&levels);
+    let counters = |ev: &OomKillEvent, cgroup_v2: Option<bool>| {
+        let context = KillContext {
+            cgroup_v2,
+            ..context()
+        };
+        let kill = build_kill(ev, &context, &mut CgroupPaths::new(None));
+        let level = &kill.cgroups[0];
+        (level.failcnt, level.events.as_ref().map(|e| e.max))
+    };
+    // Before 6.15 failcnt is counted on both versions; memory.events only shows on v2.
+    assert_eq!(counters(&ev, Some(true)), (Some(7), Some(Some(3))));
+    assert_eq!(counters(&ev, Some(false)), (Some(7), None));
+    // 6.15+ (`track_failcnt`): failcnt is a stale 0 on v2, so it is not served there.
+    ev.flags |= flags::FAILCNT_V1_ONLY;
+    assert_eq!(counters(&ev, Some(true)), (None, Some(Some(3))));
+    assert_eq!(counters(&ev, Some(false)), (Some(7), None));
+    assert_eq!(
+        counters(&ev, None),
+        (None, Some(Some(3))),
+        "version unknown"
+    );
+    let kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    let events = kill.cgroups[0].events.clone().expect("events on v2");
+    assert_eq!(
+        events.oom_group_kill, None,
+        "an event the kernel lacks is null"
+    );
+    assert_eq!(kill.cause.map(|c| c.component), Some(CauseKind::Anon));
 }

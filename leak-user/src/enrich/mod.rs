@@ -38,13 +38,14 @@ pub struct Enricher {
     seq: u64,
     /// (triggering thread, boot_ns, cgroup id) of the last kill attributed to a cgroup.
     last_attribution: Option<(u32, u64, u64)>,
+    cgroup_v2: Option<bool>,
 }
 
 impl Enricher {
-    /// `memory_root` is the memory hierarchy's root directory, when one is mounted; `rootfs`
-    /// the node's root filesystem (for the kubelet's log directories).
+    /// `memory` is the memory hierarchy's root directory and version, when one is mounted;
+    /// `rootfs` the node's root filesystem (for the kubelet's log directories).
     pub fn new(
-        memory_root: Option<PathBuf>,
+        memory: Option<(PathBuf, cgroupfs::Version)>,
         rootfs: PathBuf,
         page_size: u64,
         attach_mode: &str,
@@ -53,8 +54,11 @@ impl Enricher {
         if let Err(err) = names.refresh() {
             log::warn!("{err}");
         }
+        let cgroup_v2 = memory
+            .as_ref()
+            .map(|(_, version)| *version == cgroupfs::Version::V2);
         Self {
-            paths: CgroupPaths::new(memory_root),
+            paths: CgroupPaths::new(memory.map(|(root, _)| root)),
             names,
             dedup: VictimDedup::default(),
             page_size,
@@ -62,6 +66,7 @@ impl Enricher {
             proc_root: PathBuf::from("/proc"),
             seq: 0,
             last_attribution: None,
+            cgroup_v2,
         }
     }
 
@@ -84,6 +89,7 @@ impl Enricher {
                     *trigger == record.trigger.pid && record.boot_ns.abs_diff(*at) < SAME_OOM_NS
                 })
                 .map(|(_, _, id)| id),
+            cgroup_v2: self.cgroup_v2,
         };
         let mut kill = assemble(record, &context, &mut self.paths);
         procfs::fill_from_procfs(&mut kill, &self.proc_root);

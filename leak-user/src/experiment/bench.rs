@@ -245,7 +245,7 @@ fn kill_latency(
 /// kernel timestamp and when each endpoint first showed it (CLOCK_BOOTTIME).
 fn watch_for_kill(addr: SocketAddr, cgroup: &str) -> Result<(u64, u64, u64), LabError> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let series = format!("leak_oom_kills_total{{cgroup=\"{cgroup}\"");
+    let label = format!("cgroup=\"{cgroup}\"");
     let mut on_kills: Option<(u64, u64)> = None;
     let mut on_metrics: Option<u64> = None;
     while Instant::now() < deadline {
@@ -259,7 +259,10 @@ fn watch_for_kill(addr: SocketAddr, cgroup: &str) -> Result<(u64, u64, u64), Lab
         if on_metrics.is_none() {
             let body = http_get(addr, "/metrics")?.body;
             let now = boot_ns();
-            if body.contains(&series) {
+            if body
+                .lines()
+                .any(|line| line.starts_with("leak_oom_kills_total{") && line.contains(&label))
+            {
                 on_metrics = Some(now);
             }
         }

@@ -7,6 +7,7 @@
 //! checks and prepares what the host must allow before anything is loaded.
 
 pub mod attach;
+pub mod crosscheck;
 pub mod host;
 pub mod kmsg;
 pub mod layout;
@@ -30,6 +31,7 @@ pub use self::{
 };
 use self::{
     attach::{Loader, Walker, Wants},
+    crosscheck::CrossCheckError,
     host::Tracefs,
     layout::{LayoutError, Resolver},
     table::{Hook, CHARGE_PATH_CHAIN, OOM_HOOK_CHAIN},
@@ -82,6 +84,8 @@ pub enum ProbeError {
     },
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    CrossCheck(#[from] CrossCheckError),
 }
 
 impl From<EbpfError> for ProbeError {
@@ -125,6 +129,9 @@ pub struct LoadOptions {
     /// With tp_btf, also sample on every memcg LRU update (6.13+): a timeline before the
     /// limit, at a cost on page-fault-heavy loads (see the README's benchmark).
     pub dense_samples: bool,
+    /// The root memory cgroup's `memory.stat`, against which the statistics indices resolved
+    /// from BTF are cross-checked before anything is attached; `None` skips the check.
+    pub root_memory_stat: Option<std::path::PathBuf>,
 }
 
 impl Probes {
@@ -168,6 +175,18 @@ impl Probes {
             .map_err(|source| map_error(COUNTERS, source))?;
         let cgroup_counters = AyaHashMap::try_from(take_map(&mut ebpf, CGROUP_COUNTERS)?)
             .map_err(|source| map_error(CGROUP_COUNTERS, source))?;
+
+        if let Some(path) = &options.root_memory_stat {
+            match crosscheck::cross_check(&mut ebpf, &kernel_layout, path, crate::sys::page_size())
+            {
+                Ok(figures) => info!(
+                    "memcg statistics indices agree with {} ({figures} figures)",
+                    path.display()
+                ),
+                Err(err @ CrossCheckError::Disagree(_)) => return Err(err.into()),
+                Err(err) => warn!("memcg statistics indices not cross-checked: {err}"),
+            }
+        }
 
         let btf = Btf::parse_file(&options.btf_path, aya::Endianness::default())?;
         let mut loader = Loader {
@@ -265,6 +284,7 @@ impl Probes {
             lost_events: sum(counter::LOST_EVENTS),
             read_errors: sum(counter::READ_ERRORS),
             lost_samples: sum(counter::LOST_SAMPLES),
+            charge_state_dropped: sum(counter::CHARGE_STATE_DROPPED),
         }
     }
 
@@ -289,4 +309,5 @@ pub struct KernelCounters {
     pub lost_events: u64,
     pub read_errors: u64,
     pub lost_samples: u64,
+    pub charge_state_dropped: u64,
 }

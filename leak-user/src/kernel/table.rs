@@ -58,13 +58,17 @@ pub enum Program {
     TryChargeKprobe,
     TryChargeKretprobe,
     ReclaimKprobe,
+    OverHighFentry,
+    OverHighFexit,
+    OverHighKprobe,
+    OverHighKretprobe,
     LruvecStateBtf,
     ReclaimBeginBtf,
     ReclaimBeginTracepoint,
 }
 
 impl Program {
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 22] = [
         Self::OomKillProcessFentry,
         Self::OomKillProcessFexit,
         Self::OomKillProcessKprobe,
@@ -80,6 +84,10 @@ impl Program {
         Self::TryChargeKprobe,
         Self::TryChargeKretprobe,
         Self::ReclaimKprobe,
+        Self::OverHighFentry,
+        Self::OverHighFexit,
+        Self::OverHighKprobe,
+        Self::OverHighKretprobe,
         Self::LruvecStateBtf,
         Self::ReclaimBeginBtf,
         Self::ReclaimBeginTracepoint,
@@ -102,6 +110,10 @@ impl Program {
             Self::TryChargeKprobe => "try_charge_kprobe",
             Self::TryChargeKretprobe => "try_charge_kretprobe",
             Self::ReclaimKprobe => "reclaim_kprobe",
+            Self::OverHighFentry => "over_high_fentry",
+            Self::OverHighFexit => "over_high_fexit",
+            Self::OverHighKprobe => "over_high_kprobe",
+            Self::OverHighKretprobe => "over_high_kretprobe",
             Self::LruvecStateBtf => "lruvec_state_btf",
             Self::ReclaimBeginBtf => "reclaim_begin_btf",
             Self::ReclaimBeginTracepoint => "reclaim_begin_tracepoint",
@@ -114,13 +126,19 @@ impl Program {
             Self::OomKillProcessFentry
             | Self::OomVictimFentry
             | Self::TryChargeFentry
-            | Self::ReclaimFentry => ProgramKind::FEntry,
-            Self::OomKillProcessFexit | Self::TryChargeFexit => ProgramKind::FExit,
+            | Self::ReclaimFentry
+            | Self::OverHighFentry => ProgramKind::FEntry,
+            Self::OomKillProcessFexit | Self::TryChargeFexit | Self::OverHighFexit => {
+                ProgramKind::FExit
+            }
             Self::OomKillProcessKprobe
             | Self::OomVictimKprobe
             | Self::TryChargeKprobe
-            | Self::ReclaimKprobe => ProgramKind::KProbe,
-            Self::OomKillProcessKretprobe | Self::TryChargeKretprobe => ProgramKind::KRetProbe,
+            | Self::ReclaimKprobe
+            | Self::OverHighKprobe => ProgramKind::KProbe,
+            Self::OomKillProcessKretprobe | Self::TryChargeKretprobe | Self::OverHighKretprobe => {
+                ProgramKind::KRetProbe
+            }
             Self::SignalGenerateBtf
             | Self::MarkVictimBtf
             | Self::LruvecStateBtf
@@ -215,8 +233,13 @@ pub enum Hook {
     TryChargeMemcg,
     /// `try_charge`, its name before 5.15.
     TryCharge,
-    /// `try_to_free_mem_cgroup_pages`: reclaim in the cgroup that hit its limit.
+    /// `try_to_free_mem_cgroup_pages`: reclaim in a cgroup, at its limit or for other reasons.
     TryToFreeMemCgroupPages,
+    /// `__mem_cgroup_handle_over_high` (newer kernels, 6.18 here): memory.high reclaim, also run from inside a
+    /// charge, whose reclaim is no limit hit.
+    HandleOverHigh,
+    /// `mem_cgroup_handle_over_high`, its name on older kernels (5.10 to 6.x).
+    HandleOverHighBefore67,
     /// `vmscan:mm_vmscan_memcg_reclaim_begin`.
     MmVmscanMemcgReclaimBegin,
     /// `memcg:mod_memcg_lruvec_state` (6.13+).
@@ -233,6 +256,8 @@ impl Hook {
             Self::TryChargeMemcg => "try_charge_memcg",
             Self::TryCharge => "try_charge",
             Self::TryToFreeMemCgroupPages => "try_to_free_mem_cgroup_pages",
+            Self::HandleOverHigh => "__mem_cgroup_handle_over_high",
+            Self::HandleOverHighBefore67 => "mem_cgroup_handle_over_high",
             Self::MmVmscanMemcgReclaimBegin => "mm_vmscan_memcg_reclaim_begin",
             Self::ModMemcgLruvecState => "mod_memcg_lruvec_state",
         }
@@ -249,7 +274,9 @@ impl Hook {
             | Self::OomKillVictim
             | Self::TryChargeMemcg
             | Self::TryCharge
-            | Self::TryToFreeMemCgroupPages => None,
+            | Self::TryToFreeMemCgroupPages
+            | Self::HandleOverHigh
+            | Self::HandleOverHighBefore67 => None,
         }
     }
 }
@@ -441,9 +468,19 @@ pub const CHARGE_PATH_CHAIN: Chain = Chain {
                     hook: H::TryToFreeMemCgroupPages,
                     programs: &[P::ReclaimFentry],
                 }]),
+                required(&[
+                    Probe {
+                        hook: H::HandleOverHigh,
+                        programs: &[P::OverHighFentry, P::OverHighFexit],
+                    },
+                    Probe {
+                        hook: H::HandleOverHighBefore67,
+                        programs: &[P::OverHighFentry, P::OverHighFexit],
+                    },
+                ]),
             ],
-            needs: "try_charge_memcg (5.15+) or try_charge, and try_to_free_mem_cgroup_pages, in \
-                    BTF; BPF trampolines allowed",
+            needs: "try_charge_memcg (5.15+) or try_charge, try_to_free_mem_cgroup_pages and \
+                    (__)mem_cgroup_handle_over_high in BTF; BPF trampolines allowed",
         },
         Row {
             mode: AttachMode::Kprobe,
@@ -462,9 +499,19 @@ pub const CHARGE_PATH_CHAIN: Chain = Chain {
                     hook: H::TryToFreeMemCgroupPages,
                     programs: &[P::ReclaimKprobe],
                 }]),
+                required(&[
+                    Probe {
+                        hook: H::HandleOverHigh,
+                        programs: &[P::OverHighKprobe, P::OverHighKretprobe],
+                    },
+                    Probe {
+                        hook: H::HandleOverHighBefore67,
+                        programs: &[P::OverHighKprobe, P::OverHighKretprobe],
+                    },
+                ]),
             ],
-            needs: "CONFIG_KPROBES; try_charge_memcg or try_charge, and \
-                    try_to_free_mem_cgroup_pages, in /proc/kallsyms",
+            needs: "CONFIG_KPROBES; try_charge_memcg or try_charge, try_to_free_mem_cgroup_pages \
+                    and (__)mem_cgroup_handle_over_high in /proc/kallsyms",
         },
         Row {
             mode: AttachMode::TpBtf,

@@ -55,6 +55,137 @@ pub enum OomAttribution {
     Inferred,
 }
 
+/// What fills a cgroup beyond its LRU lists, from the kernel's hierarchical memcg statistics
+/// (the items of `memory.stat`), in bytes; `None` where this kernel does not keep the item.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Breakdown {
+    /// Anonymous memory, shmem excluded (`anon`; `rss` on v1).
+    pub anon_bytes: Option<u64>,
+    /// Page cache, shmem and tmpfs included (`file`; `cache` on v1).
+    pub file_bytes: Option<u64>,
+    /// tmpfs and shared memory: on the anon LRU, counted in `file`, never reclaimable
+    /// without swap.
+    pub shmem_bytes: Option<u64>,
+    pub file_dirty_bytes: Option<u64>,
+    pub file_writeback_bytes: Option<u64>,
+    pub slab_reclaimable_bytes: Option<u64>,
+    pub slab_unreclaimable_bytes: Option<u64>,
+    pub kernel_stack_bytes: Option<u64>,
+    pub pagetables_bytes: Option<u64>,
+    /// Socket buffers (charged to the memcg on v2 only).
+    pub sock_bytes: Option<u64>,
+    pub percpu_bytes: Option<u64>,
+    /// Swapped out (not part of usage).
+    pub swap_bytes: Option<u64>,
+}
+
+impl Breakdown {
+    /// From the items in [`leak_common::layout::stat`] order, in bytes.
+    pub fn from_items(items: [Option<u64>; leak_common::layout::stat::COUNT]) -> Self {
+        let [anon, file, shmem, file_dirty, file_writeback, slab_reclaimable, slab_unreclaimable, kernel_stack, pagetables, sock, percpu, swap] =
+            items;
+        Self {
+            anon_bytes: anon,
+            file_bytes: file,
+            shmem_bytes: shmem,
+            file_dirty_bytes: file_dirty,
+            file_writeback_bytes: file_writeback,
+            slab_reclaimable_bytes: slab_reclaimable,
+            slab_unreclaimable_bytes: slab_unreclaimable,
+            kernel_stack_bytes: kernel_stack,
+            pagetables_bytes: pagetables,
+            sock_bytes: sock,
+            percpu_bytes: percpu,
+            swap_bytes: swap,
+        }
+    }
+
+    /// The items in [`leak_common::layout::stat`] order.
+    pub fn items(&self) -> [Option<u64>; leak_common::layout::stat::COUNT] {
+        [
+            self.anon_bytes,
+            self.file_bytes,
+            self.shmem_bytes,
+            self.file_dirty_bytes,
+            self.file_writeback_bytes,
+            self.slab_reclaimable_bytes,
+            self.slab_unreclaimable_bytes,
+            self.kernel_stack_bytes,
+            self.pagetables_bytes,
+            self.sock_bytes,
+            self.percpu_bytes,
+            self.swap_bytes,
+        ]
+    }
+
+    /// Kernel memory: slab, kernel stacks, page tables, socket buffers and per-CPU data.
+    pub fn kernel_bytes(&self) -> Option<u64> {
+        let parts = [
+            self.slab_reclaimable_bytes,
+            self.slab_unreclaimable_bytes,
+            self.kernel_stack_bytes,
+            self.pagetables_bytes,
+            self.sock_bytes,
+            self.percpu_bytes,
+        ];
+        parts.iter().flatten().copied().reduce(u64::saturating_add)
+    }
+
+    /// Dirty page cache and pages under writeback.
+    pub fn dirty_bytes(&self) -> Option<u64> {
+        match (self.file_dirty_bytes, self.file_writeback_bytes) {
+            (None, None) => None,
+            (dirty, writeback) => Some(dirty.unwrap_or(0).saturating_add(writeback.unwrap_or(0))),
+        }
+    }
+}
+
+/// The limit-hit and OOM counters of a cgroup (`memory.events` on cgroup v2), hierarchical;
+/// `None` where this kernel has no such event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryEvents {
+    /// Charges that hit `memory.max` (what the kernel reports instead of `failcnt` on v2).
+    pub max: Option<u64>,
+    pub oom: Option<u64>,
+    pub oom_kill: Option<u64>,
+    pub oom_group_kill: Option<u64>,
+}
+
+/// The component of usage that could not be reclaimed and filled the cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CauseKind {
+    /// Anonymous memory (heap, stacks, private mappings).
+    Anon,
+    /// tmpfs and shared memory, which look like files but cannot be dropped.
+    Shmem,
+    /// Slab, kernel stacks, page tables, socket buffers, per-CPU data.
+    Kernel,
+    /// Dirty page cache and pages under writeback, which must be written before reclaim.
+    FileDirty,
+}
+
+impl CauseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anon => "anon",
+            Self::Shmem => "shmem",
+            Self::Kernel => "kernel",
+            Self::FileDirty => "file_dirty",
+        }
+    }
+}
+
+/// What filled the cgroup that hit its limit: the largest component that could not be
+/// reclaimed, and its share of that cgroup's usage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cause {
+    pub component: CauseKind,
+    pub bytes: u64,
+    /// `bytes` over usage (can exceed 1 a little: the statistics lag usage by a flush).
+    pub share_of_usage: f64,
+}
+
 /// One memory cgroup at the moment of the kill, in bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CgroupState {
@@ -64,13 +195,20 @@ pub struct CgroupState {
     /// `None` when the cgroup has no limit.
     pub limit_bytes: Option<u64>,
     pub peak_bytes: u64,
+    /// `page_counter.failcnt`: limit hits on cgroup v1 (and v2 before 6.15); `None` where the
+    /// kernel no longer counts it.
     pub failcnt: Option<u64>,
+    /// `memory.events` (cgroup v2); `None` on v1.
+    #[serde(default)]
+    pub events: Option<MemoryEvents>,
     pub working_set_bytes: u64,
     pub inactive_anon_bytes: u64,
     pub active_anon_bytes: u64,
     pub inactive_file_bytes: u64,
     pub active_file_bytes: u64,
     pub unevictable_bytes: u64,
+    #[serde(flatten)]
+    pub breakdown: Breakdown,
     /// This is the cgroup whose limit the kill was about.
     pub hit_limit: bool,
 }
@@ -126,7 +264,7 @@ pub struct OomControl {
 }
 
 /// A victim of the OOM killer with its cgroups' memory at the kill.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Kill {
     /// Monotonic sequence number assigned by the agent.
     pub seq: u64,
@@ -157,6 +295,10 @@ pub struct Kill {
     pub working_set_bytes: u64,
     pub inactive_file_bytes: u64,
     pub constraint: Constraint,
+    /// What filled `oom_cgroup` (the victim's cgroup for a global OOM); `None` where the
+    /// kernel's statistics were not read.
+    #[serde(default)]
+    pub cause: Option<Cause>,
     pub attribution: OomAttribution,
     pub oom_control: Option<OomControl>,
     pub trigger: Trigger,

@@ -88,7 +88,8 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
             "<tr class=\"kill\" data-seq=\"{seq}\"><td><a href=\"/kill/{seq}\">{time}</a></td>\
              <td>{workload}</td><td>{comm} <span class=\"muted\">({pid})</span></td>\
              <td>{main}</td><td class=\"n\">{usage}</td><td class=\"n\">{ws}</td>\
-             <td class=\"n\">{limit}</td><td>{constraint}</td><td>{mode}</td></tr>",
+             <td class=\"n\">{limit}</td><td class=\"cause\">{cause}</td><td>{constraint}</td>\
+             <td>{mode}</td></tr>",
             seq = kill.seq,
             time = escape(&kill.timestamp),
             workload = escape(&workload(kill)),
@@ -98,6 +99,14 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
             usage = mib(kill.usage_bytes),
             ws = mib(kill.working_set_bytes),
             limit = mib_or_none(kill.limit_bytes),
+            cause = kill.cause.as_ref().map_or_else(
+                || "unknown".to_owned(),
+                |cause| format!(
+                    "{} ({:.0}%)",
+                    cause.component.as_str(),
+                    cause.share_of_usage * 100.0
+                )
+            ),
             constraint = kill.constraint.as_str(),
             mode = escape(&kill.attach_mode),
         );
@@ -108,7 +117,8 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
         format!(
             "<table id=\"kills\"><thead><tr><th>time (UTC)</th><th>namespace/pod/container \
              or cgroup</th><th>process</th><th>main process</th><th>usage MiB</th>\
-             <th>working set MiB</th><th>limit MiB</th><th>constraint</th><th>attach mode</th>\
+             <th>working set MiB</th><th>limit MiB</th><th>cause</th><th>constraint</th>\
+             <th>attach mode</th>\
              </tr></thead><tbody>{rows}</tbody></table>"
         )
     };
@@ -135,6 +145,7 @@ pub fn kill(kill: &Kill) -> String {
          <tr><th>cgroup that hit its limit</th><td>{oom}</td></tr>\
          <tr><th>main process of its container</th><td>{main}</td></tr>\
          <tr><th>usage / working set / limit (MiB)</th><td>{usage} / {ws} / {limit}</td></tr>\
+         <tr><th>cause</th><td id=\"cause\">{cause}</td></tr>\
          <tr><th>constraint</th><td>{constraint} ({attribution})</td></tr>\
          <tr><th>attach mode</th><td>{mode}</td></tr>\
          <tr><th>triggered by</th><td>{trigger} ({trigger_pid})</td></tr></table>",
@@ -149,6 +160,15 @@ pub fn kill(kill: &Kill) -> String {
         usage = mib(kill.usage_bytes),
         ws = mib(kill.working_set_bytes),
         limit = mib_or_none(kill.limit_bytes),
+        cause = kill.cause.as_ref().map_or_else(
+            || "unknown (the kernel's statistics were not read)".to_owned(),
+            |cause| format!(
+                "{}: {} MiB, {:.0}% of usage",
+                cause.component.as_str(),
+                mib(cause.bytes),
+                cause.share_of_usage * 100.0
+            )
+        ),
         constraint = kill.constraint.as_str(),
         attribution = match kill.attribution {
             crate::model::kill::OomAttribution::OomControl => "from the kernel's oom_control",
@@ -214,6 +234,27 @@ pub fn kill(kill: &Kill) -> String {
             mib(level.unevictable_bytes),
             if level.hit_limit { "yes" } else { "" },
         );
+    }
+    body.push_str("</tbody></table>");
+    body.push_str(
+        "<h2>What filled them (MiB; &mdash; where the kernel keeps no such figure)</h2>\
+         <table id=\"breakdown\"><thead><tr><th>cgroup</th>",
+    );
+    for name in leak_common::layout::stat::NAMES {
+        let _ = write!(body, "<th>{name}</th>");
+    }
+    body.push_str("</tr></thead><tbody>");
+    for level in &kill.cgroups {
+        let _ = write!(body, "<tr><td>{}</td>", escape(&level.path));
+        for value in level.breakdown.items() {
+            match value {
+                Some(bytes) => {
+                    let _ = write!(body, "<td class=\"n\">{}</td>", mib(bytes));
+                }
+                None => body.push_str("<td class=\"n\">&mdash;</td>"),
+            }
+        }
+        body.push_str("</tr>");
     }
     body.push_str("</tbody></table>");
     let _ = write!(
@@ -285,3 +326,7 @@ mod tests {
         assert_eq!(escape("a\u{1b}b"), "a\\x1bb");
     }
 }
+
+#[cfg(test)]
+#[path = "html_tests.rs"]
+mod kill_page_tests;

@@ -5,10 +5,12 @@ use prometheus::{
     Registry,
 };
 
+use leak_common::layout::stat;
+
 use crate::{
     kernel::{Attachment, KernelCounters},
     model::{
-        kill::Kill,
+        kill::{Breakdown, Kill},
         kubernetes::CgroupLabels,
         timeline::{Point, SampleKind},
     },
@@ -47,6 +49,7 @@ pub struct Metrics {
     attach_info: IntGaugeVec,
     last_kill: Gauge,
     lost_samples: IntCounter,
+    charge_state_dropped: IntCounter,
     /// Kill series by (gauge labels), each with the counter label sets seen with it, least
     /// recently killed first.
     kill_series: std::sync::Mutex<std::collections::VecDeque<KillSeries>>,
@@ -56,6 +59,7 @@ pub struct Metrics {
     live_working_set: GaugeVec,
     live_page_cache: GaugeVec,
     live_limit: GaugeVec,
+    live_breakdown: GaugeVec,
     limit_hits: IntCounterVec,
     charge_failures: IntCounterVec,
 }
@@ -101,8 +105,10 @@ impl Metrics {
             Opts::new(
                 "oom_kills_total",
                 "OOM-killer victims, by the victim's memory cgroup, the cgroup that hit its \
-                 limit (empty for a global OOM), Kubernetes names, the constraint, and whether \
-                 the victim was its pid namespace's main process",
+                 limit (empty for a global OOM), Kubernetes names, the constraint, whether \
+                 the victim was its pid namespace's main process, and the cause (the largest \
+                 unreclaimable component of the cgroup's usage: anon, shmem, kernel, \
+                 file_dirty; empty when unknown)",
             ),
             &[
                 "cgroup",
@@ -112,6 +118,7 @@ impl Metrics {
                 "container",
                 "constraint",
                 "main_process",
+                "cause",
             ],
         )?;
         registry.register(Box::new(kills.clone()))?;
@@ -202,6 +209,12 @@ impl Metrics {
             "samples_lost_total",
             "Charge-path samples dropped because their ring buffer was full",
         )?;
+        let charge_state_dropped = counter(
+            "charge_state_dropped_total",
+            "Per-thread charge states the fentry/kprobe charge path lost (evicted from its \
+             bounded map) or threw away (left behind by unreported returns); each may miss a \
+             limit hit or a charge failure",
+        )?;
         let samples = IntCounterVec::new(
             Opts::new(
                 "charge_samples_total",
@@ -231,6 +244,17 @@ impl Metrics {
             "cgroup_limit_bytes",
             "Memory limit of a watched cgroup (+Inf when unlimited)",
         )?;
+        let live_breakdown = GaugeVec::new(
+            Opts::new(
+                "cgroup_memory_bytes",
+                "What fills a watched cgroup, by component (anon, file, shmem, file_dirty, \
+                 file_writeback, slab_reclaimable, slab_unreclaimable, kernel_stack, pagetables, \
+                 sock, percpu, swap), from its memory.stat every 5 s; components the cgroup \
+                 version does not print are absent",
+            ),
+            &["cgroup", "namespace", "pod", "container", "component"],
+        )?;
+        registry.register(Box::new(live_breakdown.clone()))?;
         let pressure = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
             let counter = IntCounterVec::new(Opts::new(name, help), CGROUP_LABELS)?;
             registry.register(Box::new(counter.clone()))?;
@@ -264,6 +288,7 @@ impl Metrics {
             attach_info,
             last_kill,
             lost_samples,
+            charge_state_dropped,
             kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
             max_kill_series: MAX_KILL_SERIES,
             samples,
@@ -271,6 +296,7 @@ impl Metrics {
             live_working_set,
             live_page_cache,
             live_limit,
+            live_breakdown,
             limit_hits,
             charge_failures,
         })
@@ -306,6 +332,9 @@ impl Metrics {
             labels[4],
             kill.constraint.as_str(),
             main_process,
+            kill.cause
+                .as_ref()
+                .map_or("", |cause| cause.component.as_str()),
         ];
         let process = kill.victim_comm.as_deref().unwrap_or("");
         let victim_labels = [
@@ -392,7 +421,8 @@ impl Metrics {
         }
     }
 
-    /// Brings the lost-event, lost-sample and read-error counters up to the kernel's totals.
+    /// Brings the lost-event, lost-sample, read-error and dropped-charge-state counters up to the
+    /// kernel's totals.
     pub fn set_kernel_counters(&self, counters: &KernelCounters) {
         let catch_up = |counter: &IntCounter, total: u64| {
             let seen = counter.get();
@@ -403,6 +433,7 @@ impl Metrics {
         catch_up(&self.lost_events, counters.lost_events);
         catch_up(&self.read_errors, counters.read_errors);
         catch_up(&self.lost_samples, counters.lost_samples);
+        catch_up(&self.charge_state_dropped, counters.charge_state_dropped);
     }
 
     pub fn count_sample(&self, kind: SampleKind) {
@@ -426,6 +457,23 @@ impl Metrics {
                 .limit_bytes
                 .map_or(f64::INFINITY, |limit| limit as f64),
         );
+    }
+
+    /// The breakdown series of a watched cgroup, from its latest poll.
+    pub fn set_cgroup_breakdown(&self, labels: &CgroupLabels, breakdown: &Breakdown) {
+        let [cgroup, namespace, pod, container] = cgroup_label_values(labels);
+        for (component, value) in stat::NAMES.iter().zip(breakdown.items()) {
+            let values = [cgroup, namespace, pod, container, component];
+            match value {
+                Some(bytes) => self
+                    .live_breakdown
+                    .with_label_values(&values)
+                    .set(bytes as f64),
+                None => {
+                    let _ = self.live_breakdown.remove_label_values(&values);
+                }
+            }
+        }
     }
 
     pub fn count_cgroup_pressure(&self, labels: &CgroupLabels, limit_hits: u64, failures: u64) {
@@ -452,6 +500,12 @@ impl Metrics {
             &self.live_limit,
         ] {
             let _ = gauge.remove_label_values(&values);
+        }
+        for component in stat::NAMES {
+            let [cgroup, namespace, pod, container] = values;
+            let _ = self
+                .live_breakdown
+                .remove_label_values(&[cgroup, namespace, pod, container, component]);
         }
     }
 

@@ -17,6 +17,7 @@ fn build_kill(levels: &[leak_common::event::MemcgSnapshot], paths: &mut CgroupPa
         attach_mode: "tp_btf",
         seq: 1,
         same_oom_cgroup_id: None,
+        cgroup_v2: Some(true),
     };
     assemble(&record(&event(levels)), &context, paths)
 }
@@ -41,9 +42,56 @@ fn metrics_keep_a_bounded_number_of_kill_series() {
         !text.contains("leak_oom_kill_victim_timestamp_seconds{cgroup=\"/first\""),
         "and its victims with it"
     );
-    assert!(text.contains("leak_oom_kills_total{cgroup=\"/second\""));
+    assert!(
+        text.contains("leak_oom_kills_total{cause=\"anon\",cgroup=\"/second\""),
+        "the counter names the cause:\n{text}"
+    );
     assert!(text.contains(
         "leak_oom_kill_victim_timestamp_seconds{cgroup=\"/third\",container=\"\",main_process=\"true\",namespace=\"\",oom_cgroup=\"/third\",pod=\"\",process=\"leak\"}"
     ));
     assert!(text.contains("leak_oom_kill_working_set_bytes{cgroup=\"/third\""));
+}
+
+#[test]
+fn breakdown_gauges_follow_the_latest_poll_and_go_with_the_cgroup() {
+    use crate::model::{
+        kill::Breakdown,
+        kubernetes::{CgroupLabels, WorkloadNames},
+    };
+    let metrics = Metrics::new("test").expect("metrics");
+    let labels = CgroupLabels {
+        cgroup: "/tmpfs".into(),
+        names: WorkloadNames::default(),
+    };
+    let series = |component: &str| {
+        format!(
+            "leak_cgroup_memory_bytes{{cgroup=\"/tmpfs\",component=\"{component}\",container=\"\",\
+             namespace=\"\",pod=\"\"}}"
+        )
+    };
+    let mut breakdown = Breakdown {
+        anon_bytes: Some(1 << 20),
+        shmem_bytes: Some(60 << 20),
+        ..Breakdown::default()
+    };
+    metrics.set_cgroup_breakdown(&labels, &breakdown);
+    let text = metrics.render().expect("render");
+    assert!(
+        text.contains(&format!("{} 62914560", series("shmem"))),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&series("swap")),
+        "absent components have no series"
+    );
+    breakdown.shmem_bytes = None;
+    metrics.set_cgroup_breakdown(&labels, &breakdown);
+    let text = metrics.render().expect("render");
+    assert!(
+        !text.contains(&series("shmem")),
+        "a component that went away is dropped"
+    );
+    metrics.forget_cgroup(&labels);
+    let text = metrics.render().expect("render");
+    assert!(!text.contains(&series("anon")), "{text}");
 }

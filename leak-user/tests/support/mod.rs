@@ -213,6 +213,13 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The `cause` label a kill's counter carries (empty when the kill has no cause).
+pub fn cause_label(kill: &Kill) -> &'static str {
+    kill.cause
+        .as_ref()
+        .map_or("", |cause| cause.component.as_str())
+}
+
 /// The value of the first sample line starting with `prefix`, 0 when absent.
 pub fn sample_with_prefix(metrics: &str, prefix: &str) -> u64 {
     metrics

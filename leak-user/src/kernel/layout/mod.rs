@@ -7,7 +7,7 @@ pub mod btf;
 
 use std::path::Path;
 
-use leak_common::layout::{rss_scheme, stats_scheme, Layout, LRU_COUNT};
+use leak_common::layout::{memory_event, rss_scheme, stat, stats_scheme, Layout, LRU_COUNT};
 
 pub use self::btf::{Btf, BtfError, Kind};
 
@@ -153,6 +153,27 @@ impl Resolver {
             .ok_or_else(|| LayoutError::MissingEnumerator(name.into()))
     }
 
+    /// The value of enumerator `name` of `enum enum_name`, `None` when that enum lacks it.
+    pub fn enumerator_in(&self, enum_name: &str, name: &str) -> Option<i64> {
+        [Kind::Enum, Kind::Enum64]
+            .into_iter()
+            .flat_map(|kind| self.btf.find(enum_name, kind))
+            .filter_map(|id| self.btf.get(id).ok())
+            .flat_map(|ty| ty.enumerators.iter())
+            .find(|(enumerator, _)| enumerator == name)
+            .map(|&(_, value)| value)
+    }
+
+    /// The element count of the array member `ty.member`.
+    fn array_len(&self, ty: &str, member: &str) -> Result<u32, LayoutError> {
+        let found = self.member(ty, member)?;
+        let (_, array) = self.btf.resolve(found.type_id)?;
+        array
+            .array
+            .map(|(_, count)| count)
+            .ok_or_else(|| LayoutError::Unsupported(format!("`{ty}.{member}` is not an array")))
+    }
+
     /// Whether `name` is a function with its own BTF entry (so not inlined away).
     pub fn has_function(&self, name: &str) -> bool {
         self.btf.find(name, Kind::Func).next().is_some()
@@ -253,6 +274,8 @@ impl Resolver {
         };
         self.resolve_rss(&mut layout)?;
         self.resolve_stats(&mut layout)?;
+        self.resolve_stat_items(&mut layout)?;
+        self.resolve_memory_events(&mut layout)?;
         Ok(layout)
     }
 
@@ -404,7 +427,177 @@ impl Resolver {
         }
         Ok(())
     }
+
+    /// The number of slots of the memcg state array.
+    fn state_slots(&self, layout: &Layout) -> Result<u32, LayoutError> {
+        if layout.stats_scheme == stats_scheme::INLINE_ARRAY {
+            self.array_len("mem_cgroup", "vmstats")
+        } else {
+            self.array_len("memcg_vmstats", "state")
+        }
+    }
+
+    /// Where each [`stat`] item sits in the memcg state array. Up to 6.9 the array is indexed
+    /// by `enum node_stat_item` then `enum memcg_stat_item`, so BTF's enumerators are the
+    /// indices (an item that is not in its enum, such as `NR_PAGETABLE` before 5.11, is
+    /// absent). From 6.10 it holds only the items memcg keeps, in the order of
+    /// `memcg_node_stat_items[]` then `memcg_stat_items[]`, arrays BTF does not carry: the
+    /// order is [`COMPACT_NODE_ITEMS`], checked against the array lengths BTF does give, and
+    /// at start-up against the root cgroup's `memory.stat` (`kernel::crosscheck`).
+    fn resolve_stat_items(&self, layout: &mut Layout) -> Result<(), LayoutError> {
+        let slots = self.state_slots(layout)?;
+        let all_items = self.enumerator("MEMCG_NR_STAT")?;
+        let compact = i64::from(slots) < all_items;
+        layout.stat_index = [Layout::ABSENT; stat::COUNT];
+        for (item, &(enum_name, name)) in STAT_ITEMS.iter().enumerate() {
+            let Some(value) = self.enumerator_in(enum_name, name) else {
+                continue;
+            };
+            let index = if !compact {
+                value
+            } else if enum_name == "memcg_stat_item" {
+                let first = self
+                    .enumerator_in("memcg_stat_item", "MEMCG_SWAP")
+                    .ok_or_else(|| LayoutError::MissingEnumerator("MEMCG_SWAP".into()))?;
+                i64::from(self.compact_node_items()?) + value - first
+            } else {
+                match self
+                    .compact_node_order()
+                    .iter()
+                    .position(|known| *known == name)
+                {
+                    Some(position) => position as i64,
+                    None => continue,
+                }
+            };
+            if !(0..i64::from(slots)).contains(&index) {
+                return Err(LayoutError::Unsupported(format!(
+                    "{name} resolves to index {index}, outside the memcg state array of {slots}"
+                )));
+            }
+            layout.stat_index[item] = index as u32;
+        }
+        Ok(())
+    }
+
+    /// `NR_MEMCG_NODE_STAT_ITEMS` (6.10+): the length of `lruvec_stats.state`, checked
+    /// against the state array, which holds those then one slot per `enum memcg_stat_item`.
+    fn compact_node_items(&self) -> Result<u32, LayoutError> {
+        let node_items = self.array_len("lruvec_stats", "state")?;
+        let slots = self.array_len("memcg_vmstats", "state")?;
+        let memcg_items = self.enumerator("MEMCG_NR_STAT")?
+            - self
+                .enumerator_in("memcg_stat_item", "MEMCG_SWAP")
+                .ok_or_else(|| LayoutError::MissingEnumerator("MEMCG_SWAP".into()))?;
+        if i64::from(slots) - i64::from(node_items) != memcg_items {
+            return Err(LayoutError::Unsupported(format!(
+                "memcg_vmstats.state has {slots} slots, lruvec_stats.state {node_items}: not \
+                 one per memcg_stat_item ({memcg_items}) after the node items"
+            )));
+        }
+        let known = self.compact_node_order().len() as u32;
+        if node_items < known {
+            return Err(LayoutError::Unsupported(format!(
+                "lruvec_stats.state has {node_items} slots, fewer than the {known} leading \
+                 memcg_node_stat_items leak knows: the compact memcg index changed"
+            )));
+        }
+        Ok(node_items)
+    }
+
+    /// The leading entries of `memcg_node_stat_items[]` (6.10 to 6.18 and on), as far as
+    /// the items leak reads, keeping only those this kernel's `enum node_stat_item` has.
+    fn compact_node_order(&self) -> Vec<&'static str> {
+        // NR_VMALLOC joined the node items when MEMCG_VMALLOC left the memcg items.
+        let vmalloc_is_node_item = self
+            .enumerator_in("memcg_stat_item", "MEMCG_VMALLOC")
+            .is_none();
+        COMPACT_NODE_ORDER
+            .iter()
+            .copied()
+            .filter(|&name| name != "NR_VMALLOC" || vmalloc_is_node_item)
+            .filter(|name| self.enumerator_in("node_stat_item", name).is_some())
+            .collect()
+    }
+
+    /// `mem_cgroup.memory_events[]` and the index of each [`memory_event`] in it, and whether
+    /// `page_counter.failcnt` is kept for cgroup v1 only (`track_failcnt`, 6.15+).
+    fn resolve_memory_events(&self, layout: &mut Layout) -> Result<(), LayoutError> {
+        layout.memory_event_index = [Layout::ABSENT; memory_event::COUNT];
+        layout.memcg_memory_events = self.optional_offset("mem_cgroup", "memory_events")?;
+        if layout.memcg_memory_events != Layout::ABSENT {
+            let slots = i64::from(self.array_len("mem_cgroup", "memory_events")?);
+            for (event, name) in MEMORY_EVENTS.iter().enumerate() {
+                if let Some(value) = self.enumerator_in("memcg_memory_event", name) {
+                    if (0..slots).contains(&value) {
+                        layout.memory_event_index[event] = value as u32;
+                    }
+                }
+            }
+        }
+        let page_counter = self.struct_id("page_counter")?;
+        layout.failcnt_v1_only = u32::from(matches!(
+            self.member_in(page_counter, "track_failcnt"),
+            Ok(Some(_)) | Err(LayoutError::Unsupported(_))
+        ));
+        Ok(())
+    }
 }
+
+/// The enum and enumerator of each [`stat`] item, in [`stat`] order.
+pub const STAT_ITEMS: [(&str, &str); stat::COUNT] = [
+    ("node_stat_item", "NR_ANON_MAPPED"),
+    ("node_stat_item", "NR_FILE_PAGES"),
+    ("node_stat_item", "NR_SHMEM"),
+    ("node_stat_item", "NR_FILE_DIRTY"),
+    ("node_stat_item", "NR_WRITEBACK"),
+    ("node_stat_item", "NR_SLAB_RECLAIMABLE_B"),
+    ("node_stat_item", "NR_SLAB_UNRECLAIMABLE_B"),
+    ("node_stat_item", "NR_KERNEL_STACK_KB"),
+    ("node_stat_item", "NR_PAGETABLE"),
+    ("memcg_stat_item", "MEMCG_SOCK"),
+    ("memcg_stat_item", "MEMCG_PERCPU_B"),
+    ("memcg_stat_item", "MEMCG_SWAP"),
+];
+
+/// `memcg_node_stat_items[]` in mm/memcontrol.c up to `NR_PAGETABLE`, the last item leak
+/// reads; identical from 6.10 to 6.18 but for `NR_VMALLOC`, which later kernels insert.
+const COMPACT_NODE_ORDER: &[&str] = &[
+    "NR_INACTIVE_ANON",
+    "NR_ACTIVE_ANON",
+    "NR_INACTIVE_FILE",
+    "NR_ACTIVE_FILE",
+    "NR_UNEVICTABLE",
+    "NR_SLAB_RECLAIMABLE_B",
+    "NR_SLAB_UNRECLAIMABLE_B",
+    "WORKINGSET_REFAULT_ANON",
+    "WORKINGSET_REFAULT_FILE",
+    "WORKINGSET_ACTIVATE_ANON",
+    "WORKINGSET_ACTIVATE_FILE",
+    "WORKINGSET_RESTORE_ANON",
+    "WORKINGSET_RESTORE_FILE",
+    "WORKINGSET_NODERECLAIM",
+    "NR_ANON_MAPPED",
+    "NR_FILE_MAPPED",
+    "NR_FILE_PAGES",
+    "NR_FILE_DIRTY",
+    "NR_WRITEBACK",
+    "NR_SHMEM",
+    "NR_SHMEM_THPS",
+    "NR_FILE_THPS",
+    "NR_ANON_THPS",
+    "NR_VMALLOC",
+    "NR_KERNEL_STACK_KB",
+    "NR_PAGETABLE",
+];
+
+/// The enumerators of `enum memcg_memory_event`, in [`memory_event`] order.
+const MEMORY_EVENTS: [&str; memory_event::COUNT] = [
+    "MEMCG_MAX",
+    "MEMCG_OOM",
+    "MEMCG_OOM_KILL",
+    "MEMCG_OOM_GROUP_KILL",
+];
 
 /// Reads the offset of `field` from a classic tracepoint's `format` file text.
 pub fn tracepoint_field_offset(format: &str, field: &str) -> Option<u32> {

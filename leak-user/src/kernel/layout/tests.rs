@@ -77,6 +77,26 @@ fn check(release: &str, resolver: &Resolver) -> Layout {
             "{release}: failcnt kept"
         );
     }
+    // From 6.15 `failcnt` is counted for v1 only (`page_counter.track_failcnt`).
+    assert_eq!(
+        layout.failcnt_v1_only,
+        u32::from(version >= (6, 15)),
+        "{release}: failcnt kept for v1 only"
+    );
+    // Every kernel of 5.11 and later keeps all twelve items in its memcg statistics; 5.10
+    // keeps page tables per zone, not per memcg.
+    let absent = layout
+        .stat_index
+        .iter()
+        .filter(|&&index| index == Layout::ABSENT)
+        .count();
+    assert_eq!(
+        absent,
+        usize::from(version < (5, 11)),
+        "{release}: {:?}",
+        layout.stat_index
+    );
+    assert_ne!(layout.memcg_memory_events, Layout::ABSENT, "{release}");
     eprintln!("{release}: {layout:?}");
     layout
 }
@@ -91,7 +111,14 @@ struct Expected {
     stats_scheme: u32,
     compact_stats_index: bool,
     rss_scheme: u32,
+    /// `Layout::stat_index` (anon, file, shmem, file_dirty, file_writeback, slab_reclaimable,
+    /// slab_unreclaimable, kernel_stack, pagetables, sock, percpu, swap); `A` is absent.
+    stat_index: [u32; stat::COUNT],
+    /// `Layout::memory_event_index` (max, oom, oom_kill, oom_group_kill).
+    memory_event_index: [u32; memory_event::COUNT],
 }
+
+const A: u32 = Layout::ABSENT;
 
 /// xtask's `BTF_KERNELS`: 5.10.0-30, the newest 5.10, 6.1 and 6.12 (Debian cloud kernels).
 const SUITE: &[Expected] = &[
@@ -102,6 +129,8 @@ const SUITE: &[Expected] = &[
         stats_scheme: stats_scheme::INLINE_ARRAY,
         compact_stats_index: false,
         rss_scheme: rss_scheme::ATOMIC_ARRAY,
+        stat_index: [17, 19, 23, 20, 21, 5, 6, 36, A, 38, 39, 37],
+        memory_event_index: [2, 3, 4, A],
     },
     Expected {
         // Any later Debian 5.10 ABI (5.10.0-46 when written): after the backport.
@@ -111,6 +140,8 @@ const SUITE: &[Expected] = &[
         stats_scheme: stats_scheme::INLINE_ARRAY,
         compact_stats_index: false,
         rss_scheme: rss_scheme::ATOMIC_ARRAY,
+        stat_index: [17, 19, 23, 20, 21, 5, 6, 36, A, 38, 39, 37],
+        memory_event_index: [2, 3, 4, A],
     },
     Expected {
         release_prefix: "6.1.",
@@ -120,6 +151,8 @@ const SUITE: &[Expected] = &[
         stats_scheme: stats_scheme::POINTER,
         compact_stats_index: false,
         rss_scheme: rss_scheme::ATOMIC_ARRAY,
+        stat_index: [17, 19, 23, 20, 21, 5, 6, 37, 38, 44, 45, 43],
+        memory_event_index: [2, 3, 4, 5],
     },
     Expected {
         release_prefix: "6.12.",
@@ -128,6 +161,8 @@ const SUITE: &[Expected] = &[
         stats_scheme: stats_scheme::POINTER,
         compact_stats_index: true,
         rss_scheme: rss_scheme::PERCPU_COUNTER_ARRAY,
+        stat_index: [14, 16, 19, 17, 18, 5, 6, 23, 24, 32, 33, 31],
+        memory_event_index: [2, 3, 4, 5],
     },
 ];
 
@@ -232,6 +267,14 @@ fn resolves_the_suite_kernels() {
         assert_eq!(
             layout.rss_scheme, expected.rss_scheme,
             "{release} ({why}): rss scheme"
+        );
+        assert_eq!(
+            layout.stat_index, expected.stat_index,
+            "{release} ({why}): memcg stat items (A = absent)"
+        );
+        assert_eq!(
+            layout.memory_event_index, expected.memory_event_index,
+            "{release} ({why}): memory events"
         );
     }
     let missing: Vec<&str> = SUITE
