@@ -444,9 +444,11 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
     fs::File::create(&disk)?.set_len(512 << 20)?;
     bootstrap::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk))?;
 
+    // A soft lockup panics (ends the run at once instead of at the time limit), and the panic
+    // replays the whole kernel log, so the hung CPUs' stacks (below loglevel 4) reach the console.
     let mut append = format!(
-        "console=ttyS0 panic=-1 oops=panic loglevel=4 leak.modes={} leak.expect_auto={} \
-         leak.k8s={} leak.bench={}",
+        "console=ttyS0 panic=-1 oops=panic softlockup_panic=1 panic_print=0x20 loglevel=4 \
+         leak.modes={} leak.expect_auto={} leak.k8s={} leak.bench={}",
         settings.modes,
         settings.expect_auto,
         u8::from(settings.k8s),
