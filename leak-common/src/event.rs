@@ -33,6 +33,10 @@ pub mod flags {
     pub const NS_PID_VALID: u32 = 1 << 6;
     /// The kernel counts `failcnt` for cgroup v1 only (6.15+): on v2 it reads a stale 0.
     pub const FAILCNT_V1_ONLY: u32 = 1 << 7;
+    /// The kernel's report of this OOM (`dump_header`, rate-limited to 10 per 5 s) printed the
+    /// memory cgroup's statistics, flushing them first: set only where the report is hooked
+    /// (with `oom_kill_process`, fentry and kprobe modes).
+    pub const STATS_FLUSHED: u32 = 1 << 24;
 }
 
 /// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the
@@ -138,7 +142,9 @@ pub struct OomContext {
     pub constraint: u32,
     pub gfp_mask: u32,
     pub order: i32,
-    pub _pad: u32,
+    /// 1 once the kernel's report of this OOM printed the memory cgroup's statistics
+    /// (`mem_cgroup_print_oom_meminfo`, which flushes them first).
+    pub reported: u32,
 }
 
 const _: () = assert!(size_of::<OomContext>() == 56);

@@ -59,6 +59,21 @@ pub fn oom_kill_process_kretprobe(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// `mem_cgroup_print_oom_meminfo(memcg)`: the memory cgroup part of the kernel's OOM report,
+/// which flushes the statistics it prints. `oom_kill_process` calls it (through `dump_header`)
+/// before killing, unless the report is rate-limited; never for a global OOM.
+#[fentry(function = "mem_cgroup_print_oom_meminfo")]
+pub fn oom_report_fentry(_ctx: FEntryContext) -> i32 {
+    remember_report();
+    0
+}
+
+#[kprobe]
+pub fn oom_report_kprobe(_ctx: ProbeContext) -> u32 {
+    remember_report();
+    0
+}
+
 /// `__oom_kill_process(victim, message)` kills one task: the chosen victim, then each member of
 /// a group kill. Attached only where `oom:mark_victim` gives a bare pid (kernels without the
 /// task prototype), so that every member's task is known when its `mark_victim` fires.
@@ -137,7 +152,7 @@ fn remember_oom_control(oc: u64) {
         constraint: read::<u32>(oc, layout!(oc_constraint)).unwrap_or(u32::MAX),
         gfp_mask: read::<u32>(oc, layout!(oc_gfp_mask)).unwrap_or(0),
         order: read::<i32>(oc, layout!(oc_order)).unwrap_or(0),
-        _pad: 0,
+        reported: 0,
     };
     if OOM_CONTEXT.insert(current_tid(), context, 0).is_err() {
         count(counter::READ_ERRORS);
@@ -149,6 +164,14 @@ fn remember_killing(task: u64) {
         // SAFETY: the entry belongs to this thread (keyed by its tid) and a thread runs one
         // program at a time, so nothing else writes it concurrently.
         unsafe { (*context).killing = task };
+    }
+}
+
+fn remember_report() {
+    if let Some(context) = OOM_CONTEXT.get_ptr_mut(current_tid()) {
+        // SAFETY: the entry belongs to this thread (keyed by its tid) and a thread runs one
+        // program at a time, so nothing else writes it concurrently.
+        unsafe { (*context).reported = 1 };
     }
 }
 
@@ -231,6 +254,9 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         event.oc_constraint = context.constraint;
         event.oc_gfp_mask = context.gfp_mask;
         event.oc_order = context.order;
+        if context.reported == 1 {
+            event_flags |= flags::STATS_FLUSHED;
+        }
         if context.memcg != 0 {
             event.oc_memcg_cgroup_id = memcg_cgroup_id(context.memcg);
         }

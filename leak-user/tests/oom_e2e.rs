@@ -638,6 +638,142 @@ fn kernel_memory_with(hierarchy: &MemoryHierarchy, attach: &str) {
     );
 }
 
+/// The kernel's own count of OOM kills in `cgroup`: `oom_kill` of `memory.events` on v2, of
+/// `memory.oom_control` on v1.
+fn kernel_oom_kills(cgroup: &Cgroup) -> u64 {
+    let file = match cgroup.hierarchy.version {
+        Version::V2 => "memory.events",
+        Version::V1 => "memory.oom_control",
+    };
+    let text = std::fs::read_to_string(cgroup.path().join(file))
+        .unwrap_or_else(|err| panic!("read {file} of {}: {err}", cgroup.relative));
+    text.lines()
+        .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no oom_kill in {file}:\n{text}"))
+}
+
+/// Whether this kernel keeps live memcg counters with nothing to flush (5.10 to 5.12).
+fn live_stat_counters() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    version < (5, 13)
+}
+
+/// Kills in a burst, more than the kernel's report allows (10 per 5 s): every kill is still
+/// reported, once, and each says whether the kernel's report flushed its statistics, which is
+/// true exactly for the kills whose report the kernel printed (its `oom-kill:` summary line).
+fn rate_limited_report_storm_with(hierarchy: &MemoryHierarchy, attach: &str) {
+    const CGROUPS: usize = 24;
+    const STORM_LIMIT: u64 = 16 << 20;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroups: Vec<Cgroup> = (0..CGROUPS)
+        .map(|i| {
+            Cgroup::with_limit(
+                hierarchy,
+                &format!("leak-e2e-storm-{attach}-{i}"),
+                STORM_LIMIT,
+            )
+            .unwrap_or_else(|err| panic!("{err}"))
+        })
+        .collect();
+    let before: Vec<u64> = cgroups.iter().map(kernel_oom_kills).collect();
+    let mut agent = Agent::start(&["--attach", attach]);
+    let mode = reported_mode(&agent, attach);
+    let live = live_stat_counters();
+    let report_hooked = matches!(mode.as_str(), "fentry" | "kprobe");
+    // Where stats_flushed is known, the storm must show both: kills with the report and kills
+    // without. A storm just before (the previous mode's) may still hold the kernel's rate
+    // limit window (5 s) and suppress every report of this one.
+    let both_needed = report_hooked && !live;
+    if both_needed {
+        std::thread::sleep(Duration::from_millis(5500));
+    }
+    let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
+    let mut leakers: Vec<Process> = cgroups.iter().map(|c| spawn_in(c, FAST_ANON)).collect();
+    for leaker in &mut leakers {
+        wait_for_oom_kill(leaker, Duration::from_secs(120));
+    }
+    let pids: Vec<u32> = leakers.iter().map(Process::pid).collect();
+    let kills: Vec<Kill> = pids.iter().map(|&pid| agent.wait_for_kill(pid)).collect();
+
+    // The kernel's view: every victim has its `Killed process` line; only those whose report
+    // got through the rate limit have the report (and its `oom-kill:` summary naming them).
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reports = loop {
+        seen.extend(kmsg.read_new().expect("read /dev/kmsg"));
+        // Not through the reports: a kill whose report was suppressed has its `Killed
+        // process` line without the report's first line.
+        let killed: Vec<u32> = seen
+            .iter()
+            .filter_map(|line| {
+                let (_, rest) = line.split_once("Killed process ")?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .collect();
+        if pids.iter().all(|pid| killed.contains(pid)) || Instant::now() > deadline {
+            break (killed, kmsg::parse_reports(seen.iter().map(String::as_str)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (killed, reports) = reports;
+    let reported: Vec<u32> = reports.iter().filter_map(|r| r.pid).collect();
+    for pid in &pids {
+        assert!(killed.contains(pid), "no `Killed process {pid}` line");
+    }
+    let unreported = pids.iter().filter(|pid| !reported.contains(pid)).count();
+    assert!(
+        unreported > 0 && (unreported < CGROUPS || !both_needed),
+        "{unreported} of {CGROUPS} kills without the kernel's report: the storm did not hit \
+         the report's rate limit"
+    );
+
+    // The kernel's counters: one kill per cgroup, each reported once by the agent.
+    for (cgroup, before) in cgroups.iter().zip(&before) {
+        assert_eq!(kernel_oom_kills(cgroup) - before, 1, "{}", cgroup.relative);
+    }
+    let all = agent.kills();
+    for pid in &pids {
+        let reports = all.iter().filter(|k| k.victim_pid == *pid).count();
+        assert_eq!(reports, 1, "pid {pid} reported {reports} times");
+    }
+
+    for (kill, pid) in kills.iter().zip(&pids) {
+        let expected = match (live, report_hooked) {
+            (true, _) | (false, false) => None,
+            (false, true) => Some(reported.contains(pid)),
+        };
+        assert_eq!(
+            kill.stats_flushed,
+            expected,
+            "pid {pid} via {mode}: the kernel's report {} printed",
+            if reported.contains(pid) {
+                "was"
+            } else {
+                "was not"
+            }
+        );
+        let max_age = match (live, kill.stats_flushed) {
+            (true, _) | (false, Some(true)) => Some(0),
+            _ => Some(250),
+        };
+        assert_eq!(kill.stats_max_age_ms, max_age, "pid {pid} via {mode}");
+    }
+    eprintln!(
+        "storm via {mode}: {CGROUPS} kills, {unreported} without the kernel's report, all \
+         reported once; stats_flushed {}",
+        match (live, report_hooked) {
+            (true, _) => "null (live counters)",
+            (false, true) => "true exactly for the reported ones",
+            (false, false) => "null (report not hooked in this mode)",
+        }
+    );
+    assert!(agent.stop().success());
+}
+
 /// `memory.oom.group` (cgroup v2): the OOM killer kills every process of the group, and each
 /// victim gets its own snapshot with its own pid.
 fn group_kill_with(hierarchy: &MemoryHierarchy, attach: &str) {
@@ -978,6 +1114,14 @@ fn kernel_memory() {
         return;
     };
     for_each_mode(&hierarchy, kernel_memory_with);
+}
+
+#[test]
+fn rate_limited_report_storm() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    for_each_mode(&hierarchy, rate_limited_report_storm_with);
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::{
     enrich::{poll, Enricher},
     kernel::Probes,
     model::{
-        kill::{Breakdown, Kill},
+        kill::{Breakdown, Kill, StatsFreshness},
         kubernetes::CgroupLabels,
         timeline::{self, SampleKind},
     },
@@ -32,7 +32,7 @@ use crate::{
 /// How often watched cgroups are read from the cgroup filesystem.
 const POLL_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How often the agent has the kernel flush memcg statistics while the charge path is on.
+/// How often the agent has the kernel flush memcg statistics.
 const STATS_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Points kept per cgroup: a minute at the default 10 ms rate limit, plus limit hits.
@@ -201,7 +201,19 @@ pub(super) async fn run(
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut flush_tick = tokio::time::interval(STATS_FLUSH_INTERVAL);
-    let stats_file = hierarchy.as_ref().map(|(root, _)| root.join("memory.stat"));
+    // The root's memory.stat, read on every flush tick; where it cannot be read (the root has
+    // none, or no memory hierarchy is mounted) the statistics are as of the kernel's own flushes.
+    let stats_file = hierarchy
+        .as_ref()
+        .map(|(root, _)| root.join("memory.stat"))
+        .filter(|file| std::fs::File::open(file).is_ok());
+    let freshness = StatsFreshness {
+        report_hooked: probes.report_hooked(),
+        live_counters: probes.live_stat_counters(),
+        flush_interval_ms: stats_file
+            .as_ref()
+            .map(|_| u64::try_from(STATS_FLUSH_INTERVAL.as_millis()).unwrap_or(u64::MAX)),
+    };
     let mut poll_tick = tokio::time::interval(POLL_INTERVAL);
     let page_size = sys::page_size();
     let mut state = State {
@@ -211,7 +223,8 @@ pub(super) async fn run(
             options.rootfs.clone(),
             page_size,
             probes.mode().as_str(),
-        ),
+        )
+        .with_freshness(freshness),
         history: History::new(
             u64::try_from(options.history.as_nanos()).unwrap_or(u64::MAX),
             MAX_POINTS_PER_CGROUP,
@@ -273,10 +286,12 @@ pub(super) async fn run(
                 }
             }
             // The kernel batches memcg statistics and flushes them when read or when enough
-            // piled up; the LRU figures of charge samples are as fresh as the last flush.
-            // Reading the root's memory.stat flushes the whole hierarchy, as a cAdvisor scrape
-            // would, so that even a cgroup's first limit hit carries current figures.
-            _ = flush_tick.tick(), if samples.is_some() && stats_file.is_some() => {
+            // piled up (5.13+); the LRU lists and breakdown of a kill the kernel's report did
+            // not flush, and of every charge sample, are as fresh as the last flush. Reading
+            // the root's memory.stat flushes the whole hierarchy (from 6.8 only when more than
+            // a batch per CPU is pending), as a cAdvisor scrape would, so those figures are
+            // never older than this interval.
+            _ = flush_tick.tick(), if stats_file.is_some() => {
                 if let Some(file) = &stats_file {
                     let _ = tokio::fs::read(file).await;
                 }

@@ -76,6 +76,9 @@ pub struct KillRecord {
     pub chain_truncated: bool,
     /// The kernel counts `failcnt` for cgroup v1 only (6.15+).
     pub failcnt_v1_only: bool,
+    /// The kernel's report of this OOM flushed the memcg statistics before the kill; `None`
+    /// when the `oom_control` was not captured (the report is hooked only with it).
+    pub stats_flushed: Option<bool>,
 }
 
 impl KillRecord {
@@ -221,6 +224,7 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
         cgroups,
         chain_truncated: has(flags::CHAIN_TRUNCATED),
         failcnt_v1_only: has(flags::FAILCNT_V1_ONLY),
+        stats_flushed: has(flags::HAS_OOM_CONTROL).then_some(has(flags::STATS_FLUSHED)),
     })
 }
 

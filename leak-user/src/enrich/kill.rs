@@ -4,7 +4,7 @@
 use crate::{
     decode::{KillRecord, MemcgRecord},
     model::{
-        kill::{CgroupState, Constraint, Kill, OomAttribution, OomControl},
+        kill::{CgroupState, Constraint, Kill, OomAttribution, OomControl, StatsFreshness},
         kubernetes::WorkloadNames,
         memory::{cause, working_set_bytes, CHARGE_SLACK_PAGES},
         time::rfc3339,
@@ -21,6 +21,8 @@ pub struct KillContext<'a> {
     pub realtime_offset_ns: i128,
     pub attach_mode: &'a str,
     pub seq: u64,
+    /// What can be known about how fresh the statistics are.
+    pub freshness: StatsFreshness,
     /// The cgroup the previous report of the same OOM (same triggering task, moments before)
     /// found at its limit: a group kill marks its members one after another while the first
     /// victims already release memory, so later members may no longer show the limit reached.
@@ -146,6 +148,7 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
     let described = oom.or(cgroups.first());
     let unix_ns = i128::from(record.boot_ns) + context.realtime_offset_ns;
     let unix_ns = u128::try_from(unix_ns).unwrap_or(0);
+    let (stats_flushed, stats_max_age_ms) = context.freshness.of(record.stats_flushed);
 
     Kill {
         seq: context.seq,
@@ -194,6 +197,8 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
         story: None,
         victim_task_resolved: record.victim_task_resolved,
         cgroups_truncated: record.chain_truncated,
+        stats_flushed,
+        stats_max_age_ms,
     }
 }
 

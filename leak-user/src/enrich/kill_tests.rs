@@ -13,6 +13,7 @@ fn context() -> KillContext<'static> {
         realtime_offset_ns: 1_700_000_000_000_000_000,
         attach_mode: "tp_btf",
         seq: 1,
+        freshness: StatsFreshness::default(),
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
     }
@@ -256,4 +257,74 @@ fn limit_hit_counters_follow_the_cgroup_version() {
         "an event the kernel lacks is null"
     );
     assert_eq!(kill.cause.map(|c| c.component), Some(CauseKind::Anon));
+}
+
+#[test]
+fn stats_freshness_follows_the_report_the_mode_and_the_kernel() {
+    let levels = [
+        level(20, "app", 1024, 1024, 200),
+        level(1, "", 5000, UNLIMITED, 1000),
+    ];
+    let hooked = StatsFreshness {
+        report_hooked: true,
+        live_counters: false,
+        flush_interval_ms: Some(250),
+    };
+    let cases = [
+        // (event flags, freshness, stats_flushed, stats_max_age_ms)
+        (
+            flags::HAS_OOM_CONTROL | flags::STATS_FLUSHED,
+            hooked,
+            Some(true),
+            Some(0),
+        ),
+        // The report was rate-limited (or it was a global OOM): as of the agent's last flush.
+        (flags::HAS_OOM_CONTROL, hooked, Some(false), Some(250)),
+        // tp_btf: no oom_control, so whether the report ran is unknown.
+        (0, hooked, None, Some(250)),
+        // The report could not be hooked: a stray bit says nothing.
+        (
+            flags::HAS_OOM_CONTROL | flags::STATS_FLUSHED,
+            StatsFreshness {
+                report_hooked: false,
+                ..hooked
+            },
+            None,
+            Some(250),
+        ),
+        // 5.10 to 5.12: live counters, nothing to flush.
+        (
+            flags::HAS_OOM_CONTROL,
+            StatsFreshness {
+                live_counters: true,
+                ..hooked
+            },
+            None,
+            Some(0),
+        ),
+        // No root memory.stat to read: nothing bounds the age.
+        (
+            flags::HAS_OOM_CONTROL,
+            StatsFreshness {
+                flush_interval_ms: None,
+                ..hooked
+            },
+            Some(false),
+            None,
+        ),
+    ];
+    for (event_flags, freshness, flushed, max_age) in cases {
+        let mut ev = event(&levels);
+        ev.flags |= event_flags;
+        let context = KillContext {
+            freshness,
+            ..context()
+        };
+        let kill = build_kill(&ev, &context, &mut CgroupPaths::new(None));
+        assert_eq!(
+            (kill.stats_flushed, kill.stats_max_age_ms),
+            (flushed, max_age),
+            "flags {event_flags:#x}, {freshness:?}"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use crate::{
     decode::KillRecord,
     model::{
-        kill::{Kill, SAME_OOM_NS},
+        kill::{Kill, StatsFreshness, SAME_OOM_NS},
         kubernetes::CgroupLabels,
         timeline::{self, Timelines, MAX_KILL_TIMELINE_POINTS},
     },
@@ -39,6 +39,7 @@ pub struct Enricher {
     /// (triggering thread, boot_ns, cgroup id) of the last kill attributed to a cgroup.
     last_attribution: Option<(u32, u64, u64)>,
     cgroup_v2: Option<bool>,
+    freshness: StatsFreshness,
 }
 
 impl Enricher {
@@ -67,7 +68,14 @@ impl Enricher {
             seq: 0,
             last_attribution: None,
             cgroup_v2,
+            freshness: StatsFreshness::default(),
         }
+    }
+
+    /// What the kernel and the attach mode let a kill say about how fresh its statistics are.
+    pub fn with_freshness(mut self, freshness: StatsFreshness) -> Self {
+        self.freshness = freshness;
+        self
     }
 
     /// The served kill of a record, or `None` when it repeats a death already reported.
@@ -83,6 +91,7 @@ impl Enricher {
             realtime_offset_ns,
             attach_mode: &self.attach_mode,
             seq: self.seq,
+            freshness: self.freshness,
             same_oom_cgroup_id: self
                 .last_attribution
                 .filter(|(trigger, at, _)| {

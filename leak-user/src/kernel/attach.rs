@@ -336,6 +336,15 @@ impl<'k, K: Kernel> Walker<'k, K> {
                 }
                 Ok(())
             }
+            Role::Report => {
+                if let Err(reason) = self.attach_step(step, loaded) {
+                    warn!(
+                        "the kernel's OOM report cannot be hooked ({reason}): whether it flushed \
+                         the statistics before a kill (stats_flushed) is unknown"
+                    );
+                }
+                Ok(())
+            }
             Role::DenseSamples => {
                 if !self.wants.dense_samples {
                     info!(

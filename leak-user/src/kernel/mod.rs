@@ -19,7 +19,7 @@ use aya::{
 };
 use leak_common::{
     event::counter,
-    layout::Layout,
+    layout::{stats_scheme, Layout},
     sample::{CgroupCounters, ChargeConfig},
 };
 use log::{debug, info, warn};
@@ -110,6 +110,8 @@ pub struct Probes {
     mode: AttachMode,
     charge_mode: Option<AttachMode>,
     attachments: Vec<Attachment>,
+    /// The kernel keeps live memcg counters, with nothing to flush (5.10 to 5.12).
+    live_stat_counters: bool,
     counters: PerCpuArray<MapData, u64>,
     cgroup_counters: AyaHashMap<MapData, u64, CgroupCounters>,
 }
@@ -225,6 +227,7 @@ impl Probes {
             mode,
             charge_mode,
             attachments,
+            live_stat_counters: kernel_layout.stats_scheme == stats_scheme::INLINE_ARRAY,
             counters,
             cgroup_counters,
         })
@@ -242,6 +245,19 @@ impl Probes {
 
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// Whether the kernel's OOM report is hooked, so that each kill can say whether it
+    /// flushed the statistics.
+    pub fn report_hooked(&self) -> bool {
+        self.attachments
+            .iter()
+            .any(|attachment| attachment.hook == Hook::OomReport)
+    }
+
+    /// Whether the kernel keeps live memcg counters with nothing to flush (5.10 to 5.12).
+    pub fn live_stat_counters(&self) -> bool {
+        self.live_stat_counters
     }
 
     /// The ring buffer of OOM-kill events; can be taken once.

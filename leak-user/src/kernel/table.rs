@@ -49,6 +49,8 @@ pub enum Program {
     OomKillProcessKretprobe,
     OomVictimFentry,
     OomVictimKprobe,
+    OomReportFentry,
+    OomReportKprobe,
     SignalGenerateBtf,
     MarkVictimBtf,
     MarkVictimTracepoint,
@@ -68,13 +70,15 @@ pub enum Program {
 }
 
 impl Program {
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 24] = [
         Self::OomKillProcessFentry,
         Self::OomKillProcessFexit,
         Self::OomKillProcessKprobe,
         Self::OomKillProcessKretprobe,
         Self::OomVictimFentry,
         Self::OomVictimKprobe,
+        Self::OomReportFentry,
+        Self::OomReportKprobe,
         Self::SignalGenerateBtf,
         Self::MarkVictimBtf,
         Self::MarkVictimTracepoint,
@@ -101,6 +105,8 @@ impl Program {
             Self::OomKillProcessKretprobe => "oom_kill_process_kretprobe",
             Self::OomVictimFentry => "oom_victim_fentry",
             Self::OomVictimKprobe => "oom_victim_kprobe",
+            Self::OomReportFentry => "oom_report_fentry",
+            Self::OomReportKprobe => "oom_report_kprobe",
             Self::SignalGenerateBtf => "signal_generate_btf",
             Self::MarkVictimBtf => "mark_victim_btf",
             Self::MarkVictimTracepoint => "mark_victim_tracepoint",
@@ -125,6 +131,7 @@ impl Program {
         match self {
             Self::OomKillProcessFentry
             | Self::OomVictimFentry
+            | Self::OomReportFentry
             | Self::TryChargeFentry
             | Self::ReclaimFentry
             | Self::OverHighFentry => ProgramKind::FEntry,
@@ -133,6 +140,7 @@ impl Program {
             }
             Self::OomKillProcessKprobe
             | Self::OomVictimKprobe
+            | Self::OomReportKprobe
             | Self::TryChargeKprobe
             | Self::ReclaimKprobe
             | Self::OverHighKprobe => ProgramKind::KProbe,
@@ -227,6 +235,9 @@ pub enum Hook {
     OomKillVictim,
     /// `oom:mark_victim`: fired once per victim.
     MarkVictim,
+    /// `mem_cgroup_print_oom_meminfo(memcg)`: the memory cgroup part of the kernel's OOM
+    /// report, which flushes the statistics before printing them.
+    OomReport,
     /// `signal:signal_generate`: the SIGKILL the OOM killer sends each victim.
     SignalGenerate,
     /// `try_charge_memcg` (5.15+).
@@ -252,6 +263,7 @@ impl Hook {
             Self::OomKillProcess => "oom_kill_process",
             Self::OomKillVictim => "__oom_kill_process",
             Self::MarkVictim => "mark_victim",
+            Self::OomReport => "mem_cgroup_print_oom_meminfo",
             Self::SignalGenerate => "signal_generate",
             Self::TryChargeMemcg => "try_charge_memcg",
             Self::TryCharge => "try_charge",
@@ -272,6 +284,7 @@ impl Hook {
             Self::ModMemcgLruvecState => Some("memcg"),
             Self::OomKillProcess
             | Self::OomKillVictim
+            | Self::OomReport
             | Self::TryChargeMemcg
             | Self::TryCharge
             | Self::TryToFreeMemCgroupPages
@@ -327,6 +340,10 @@ pub enum Role {
     /// Only with `--dense-samples`, and only where the kernel has the hook (6.13+): it fires on
     /// every LRU update, so it is opt-in. Once tried, the mode fails without it.
     DenseSamples,
+    /// Wherever the kernel has the hook: it tells whether the kernel's report of an OOM (which
+    /// flushes the memcg statistics) ran before the kill. Without it the mode goes on and
+    /// `stats_flushed` is unknown.
+    Report,
 }
 
 /// One part of a mode: the first of its choices the kernel has and accepts.
@@ -397,6 +414,13 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                         programs: &[P::OomVictimFentry],
                     }],
                 },
+                Step {
+                    role: Role::Report,
+                    choices: &[Probe {
+                        hook: H::OomReport,
+                        programs: &[P::OomReportFentry],
+                    }],
+                },
             ],
             needs: "oom_kill_process in BTF (not inlined) and BPF trampolines (fentry) allowed",
         },
@@ -413,6 +437,13 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                     choices: &[Probe {
                         hook: H::OomKillVictim,
                         programs: &[P::OomVictimKprobe],
+                    }],
+                },
+                Step {
+                    role: Role::Report,
+                    choices: &[Probe {
+                        hook: H::OomReport,
+                        programs: &[P::OomReportKprobe],
                     }],
                 },
             ],
@@ -543,93 +574,5 @@ pub const CHARGE_PATH_CHAIN: Chain = Chain {
 };
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CHAINS: [Chain; 2] = [OOM_HOOK_CHAIN, CHARGE_PATH_CHAIN];
-
-    fn probes(chain: &Chain) -> impl Iterator<Item = &'static Probe> + '_ {
-        chain
-            .rows
-            .iter()
-            .flat_map(|row| row.steps.iter())
-            .flat_map(|step| step.choices.iter())
-    }
-
-    #[test]
-    fn every_chain_tries_the_modes_in_the_readme_order() {
-        let order = [
-            AttachMode::Fentry,
-            AttachMode::Kprobe,
-            AttachMode::TpBtf,
-            AttachMode::Tracepoint,
-        ];
-        for chain in CHAINS {
-            let modes: Vec<_> = chain.rows.iter().map(|row| row.mode).collect();
-            assert_eq!(modes, order, "{}", chain.name);
-        }
-    }
-
-    #[test]
-    fn every_program_is_in_a_table_and_names_are_unique() {
-        for program in Program::ALL {
-            assert!(
-                CHAINS
-                    .iter()
-                    .any(|chain| probes(chain).any(|probe| probe.programs.contains(&program))),
-                "{program} is in no table"
-            );
-        }
-        let mut names: Vec<_> = Program::ALL.iter().map(|p| p.name()).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), Program::ALL.len());
-    }
-
-    #[test]
-    fn every_program_is_in_the_bpf_object() {
-        // The object's string table holds each program's symbol, NUL-terminated.
-        for program in Program::ALL {
-            let symbol = [program.name().as_bytes(), b"\0"].concat();
-            assert!(
-                super::super::EBPF_OBJECT
-                    .windows(symbol.len())
-                    .any(|window| window == symbol),
-                "{program} is not in the BPF object"
-            );
-        }
-    }
-
-    #[test]
-    fn a_probe_is_one_family_and_a_tracepoint_has_a_category() {
-        for chain in CHAINS {
-            for row in chain.rows {
-                assert!(row.steps.iter().all(|step| !step.choices.is_empty()));
-            }
-            for probe in probes(&chain) {
-                assert!(!probe.programs.is_empty());
-                for program in probe.programs {
-                    assert_eq!(program.kind().need(), probe.need(), "{program}");
-                }
-                if probe.need() == Need::TracefsFormat {
-                    assert!(probe.hook.category().is_some(), "{}", probe.hook);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_row_attaches_its_required_programs_in_its_own_mode() {
-        for chain in CHAINS {
-            for row in chain.rows {
-                let first = row.steps.first().expect("a row has steps");
-                assert_eq!(first.role, Role::Required);
-                for probe in first.choices {
-                    for program in probe.programs {
-                        assert_eq!(program.kind().mode(), row.mode, "{program}");
-                    }
-                }
-            }
-        }
-    }
-}
+#[path = "table_tests.rs"]
+mod tests;

@@ -327,6 +327,47 @@ pub struct Kill {
     pub victim_task_resolved: bool,
     /// The cgroup chain ended early on an unreadable pointer.
     pub cgroups_truncated: bool,
+    /// Whether the kernel flushed the memcg statistics for this kill (its OOM report prints
+    /// them, flushing first, unless the report is rate-limited: at most 10 per 5 s; never for a
+    /// global OOM). `None` where it cannot be known: the report is not hooked (tp_btf and
+    /// tracepoint modes), or the kernel keeps live counters with no flush at all (5.10 to 5.12).
+    /// Usage, limit and peak are page counters and always exact; this is about the LRU lists
+    /// and the breakdown.
+    #[serde(default)]
+    pub stats_flushed: Option<bool>,
+    /// How old, at most, the memcg statistics of this kill are: 0 when the kernel flushed them
+    /// for it (to within its flush threshold) or keeps live counters, else the interval of the
+    /// agent's own flush; `None` when nothing bounds it.
+    #[serde(default)]
+    pub stats_max_age_ms: Option<u64>,
+}
+
+/// What can be known about how fresh the memcg statistics of a kill are, for the running
+/// kernel and attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsFreshness {
+    /// The kernel's OOM report is hooked, along with `oom_kill_process` (fentry, kprobe).
+    pub report_hooked: bool,
+    /// The kernel keeps live hierarchical counters, updated in per-CPU batches of 32 pages,
+    /// and has nothing to flush (5.10 to 5.12).
+    pub live_counters: bool,
+    /// How often the agent has the kernel flush the statistics, when it can.
+    pub flush_interval_ms: Option<u64>,
+}
+
+impl StatsFreshness {
+    /// `stats_flushed` and `stats_max_age_ms` of a kill whose record says `flushed` (`None`
+    /// when its `oom_control` was not captured).
+    pub fn of(&self, flushed: Option<bool>) -> (Option<bool>, Option<u64>) {
+        if self.live_counters {
+            return (None, Some(0));
+        }
+        let flushed = flushed.filter(|_| self.report_hooked);
+        match flushed {
+            Some(true) => (Some(true), Some(0)),
+            _ => (flushed, self.flush_interval_ms),
+        }
+    }
 }
 
 impl Kill {

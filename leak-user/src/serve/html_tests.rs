@@ -14,6 +14,7 @@ fn the_kill_page_names_the_cause_and_what_filled_each_cgroup() {
         realtime_offset_ns: 0,
         attach_mode: "tp_btf",
         seq: 1,
+        freshness: Default::default(),
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
     };

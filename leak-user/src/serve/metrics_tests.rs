@@ -16,6 +16,7 @@ fn build_kill(levels: &[leak_common::event::MemcgSnapshot], paths: &mut CgroupPa
         realtime_offset_ns: 0,
         attach_mode: "tp_btf",
         seq: 1,
+        freshness: Default::default(),
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
     };

@@ -181,6 +181,7 @@ fn auto_lands_on_fentry_with_the_victim_path_and_the_charge_path() {
             attachment(Hook::OomKillProcess, AttachMode::Fentry),
             attachment(Hook::MarkVictim, AttachMode::TpBtf),
             attachment(Hook::OomKillVictim, AttachMode::Fentry),
+            attachment(Hook::OomReport, AttachMode::Fentry),
             attachment(Hook::TryChargeMemcg, AttachMode::Fentry),
             attachment(Hook::TryToFreeMemCgroupPages, AttachMode::Fentry),
             attachment(Hook::HandleOverHigh, AttachMode::Fentry),
@@ -235,6 +236,7 @@ fn a_half_attached_row_is_undone_before_the_next() {
         [
             attachment(Hook::OomKillProcess, AttachMode::Kprobe),
             attachment(Hook::MarkVictim, AttachMode::TpBtf),
+            attachment(Hook::OomReport, AttachMode::Kprobe),
             attachment(Hook::TryChargeMemcg, AttachMode::Kprobe),
             attachment(Hook::TryToFreeMemCgroupPages, AttachMode::Kprobe),
             attachment(Hook::HandleOverHigh, AttachMode::Kprobe),
@@ -247,6 +249,7 @@ fn a_half_attached_row_is_undone_before_the_next() {
             "mark_victim_btf",
             "oom_kill_process_kprobe",
             "oom_kill_process_kretprobe",
+            "oom_report_kprobe",
             "over_high_kprobe",
             "over_high_kretprobe",
             "reclaim_kprobe",
@@ -273,6 +276,7 @@ fn the_victim_path_falls_back_to_the_classic_tracepoint() {
         [
             attachment(Hook::OomKillProcess, AttachMode::Fentry),
             attachment(Hook::MarkVictim, AttachMode::Tracepoint),
+            attachment(Hook::OomReport, AttachMode::Fentry),
         ]
     );
     assert!(!kernel.loaded.contains(&Program::MarkVictimBtf));
@@ -314,6 +318,7 @@ fn a_refused_victim_task_hook_leaves_the_mode_attached() {
         [
             attachment(Hook::OomKillProcess, AttachMode::Fentry),
             attachment(Hook::MarkVictim, AttachMode::TpBtf),
+            attachment(Hook::OomReport, AttachMode::Fentry),
         ]
     );
     assert!(!kernel.loaded.contains(&Program::OomVictimFentry));
@@ -414,4 +419,27 @@ fn errors_are_read_by_type_not_by_text() {
         "{message}"
     );
     assert!(message.contains("os error 2"), "{message}");
+}
+
+#[test]
+fn a_kernel_without_the_report_hook_keeps_the_mode() {
+    let mut has = everything();
+    has.retain(|&(_, hook)| hook != Hook::OomReport);
+    let mut kernel = FakeKernel {
+        has,
+        ..FakeKernel::default()
+    };
+    let mut walker = Walker::new(&mut kernel, TASK);
+    assert_eq!(
+        walker.attach(&OOM_HOOK_CHAIN, AttachMode::Fentry).ok(),
+        Some(AttachMode::Fentry)
+    );
+    assert_eq!(
+        walker.into_attachments(),
+        [
+            attachment(Hook::OomKillProcess, AttachMode::Fentry),
+            attachment(Hook::MarkVictim, AttachMode::TpBtf),
+        ]
+    );
+    assert!(!kernel.ever_loaded.contains(&Program::OomReportFentry));
 }
