@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// How many OOM kills to time.
     #[arg(long, default_value_t = 30)]
     pub kills: usize,
+    /// How many OOM kills the storm makes (in waves of 50 cgroups), to measure the agent's CPU
+    /// time and peak memory under them.
+    #[arg(long, default_value_t = 1000)]
+    pub storm: usize,
     /// Directory for the file workload (a disk filesystem).
     #[arg(long, default_value = "/var/tmp")]
     pub file_dir: PathBuf,
@@ -145,6 +149,11 @@ pub struct TraceArgs {
     /// a timeline before the limit, at a measurable cost on page-fault-heavy loads.
     #[arg(long)]
     pub dense_samples: bool,
+    /// Have the kernel count the runs and run time of each of leak's BPF programs (for as long
+    /// as the agent runs; BPF_ENABLE_STATS, 5.8+; two clock reads per program run) and export
+    /// them as leak_bpf_program_runs_total and leak_bpf_program_run_seconds_total.
+    #[arg(long, env = "LEAK_BPF_STATS")]
+    pub bpf_stats: bool,
     /// At most this many cgroups are watched (the least recently active are dropped).
     #[arg(long, default_value_t = 500)]
     pub max_watched_cgroups: usize,

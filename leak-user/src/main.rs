@@ -30,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
             history: args.history,
             only_limited: args.watch == Watch::Limited,
             dense_samples: args.dense_samples,
+            bpf_stats: args.bpf_stats,
             max_watched_cgroups: args.max_watched_cgroups,
         })
         .await
@@ -49,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: args.duration,
                 churn_bytes: usize::try_from(args.bytes).context("--bytes is too large")?,
                 kills: args.kills.max(1),
+                storm: args.storm,
                 file_dir: args.file_dir,
                 json: args.json,
             };

@@ -134,6 +134,7 @@ impl State<'_> {
     fn tick(&mut self, probes: &Probes) {
         let metrics = &self.shared.metrics;
         metrics.set_kernel_counters(&probes.kernel_counters());
+        metrics.set_program_stats(&probes.program_stats());
 
         for id in self.history.expire(sys::boot_ns(), WATCH_IDLE_NS) {
             if let Some(labels) = self.watched.remove(&id) {

@@ -39,6 +39,8 @@ pub struct TraceOptions {
     pub only_limited: bool,
     /// With tp_btf, also sample on every memcg LRU update (6.13+).
     pub dense_samples: bool,
+    /// Have the kernel count each program's runs and run time.
+    pub bpf_stats: bool,
     /// At most this many cgroups have a history and live series.
     pub max_watched_cgroups: usize,
 }
@@ -82,8 +84,16 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         sample_interval_ns: u64::try_from(options.sample_interval.as_nanos()).unwrap_or(u64::MAX),
         only_limited: options.only_limited,
         dense_samples: options.dense_samples,
+        bpf_stats: options.bpf_stats,
         root_memory_stat: hierarchy.as_ref().map(|h| h.root.join("memory.stat")),
     })?;
+    // Loading parsed the kernel's BTF (megabytes, twice) and the BPF object; hand the freed
+    // heap back to the system rather than keep it resident for the agent's whole life.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let mode = probes.mode();
     info!("OOM hook attach mode: {mode}");
     match probes.charge_mode() {

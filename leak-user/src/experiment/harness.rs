@@ -553,6 +553,11 @@ impl Tracer {
         Ok(tracer)
     }
 
+    /// The tracer's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
     /// Everything the tracer logged so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|log| log.clone()).unwrap_or_default()

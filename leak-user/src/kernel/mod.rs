@@ -34,7 +34,7 @@ use self::{
     crosscheck::CrossCheckError,
     host::Tracefs,
     layout::{LayoutError, Resolver},
-    table::{Hook, CHARGE_PATH_CHAIN, OOM_HOOK_CHAIN},
+    table::{Hook, Program, CHARGE_PATH_CHAIN, OOM_HOOK_CHAIN},
 };
 
 /// The compiled kernel programs.
@@ -113,6 +113,8 @@ pub struct Probes {
     /// The kernel keeps live memcg counters, with nothing to flush (5.10 to 5.12).
     live_stat_counters: bool,
     counters: PerCpuArray<MapData, u64>,
+    /// Held while the kernel counts program run times (BPF_ENABLE_STATS); closing it stops that.
+    _stats: Option<std::os::fd::OwnedFd>,
     cgroup_counters: AyaHashMap<MapData, u64, CgroupCounters>,
 }
 
@@ -131,6 +133,8 @@ pub struct LoadOptions {
     /// With tp_btf, also sample on every memcg LRU update (6.13+): a timeline before the
     /// limit, at a cost on page-fault-heavy loads (see the README's benchmark).
     pub dense_samples: bool,
+    /// Have the kernel count each program's runs and run time while the programs are loaded.
+    pub bpf_stats: bool,
     /// The root memory cgroup's `memory.stat`, against which the statistics indices resolved
     /// from BTF are cross-checked before anything is attached; `None` skips the check.
     pub root_memory_stat: Option<std::path::PathBuf>,
@@ -219,6 +223,19 @@ impl Probes {
             },
         };
         let attachments = walker.into_attachments();
+        let stats = match options.bpf_stats {
+            false => None,
+            true => match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => {
+                    info!("the kernel counts each BPF program's runs and run time (--bpf-stats)");
+                    Some(fd)
+                }
+                Err(err) => {
+                    warn!("--bpf-stats: the kernel refused BPF_ENABLE_STATS (5.8+): {err}");
+                    None
+                }
+            },
+        };
         for attachment in &attachments {
             info!("attached {} via {}", attachment.hook, attachment.mode);
         }
@@ -229,6 +246,7 @@ impl Probes {
             attachments,
             live_stat_counters: kernel_layout.stats_scheme == stats_scheme::INLINE_ARRAY,
             counters,
+            _stats: stats,
             cgroup_counters,
         })
     }
@@ -304,6 +322,22 @@ impl Probes {
         }
     }
 
+    /// Runs and total run time of each loaded program, as the kernel counts them (zero unless
+    /// statistics are enabled: `--bpf-stats` or the `kernel.bpf_stats_enabled` sysctl).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        Program::ALL
+            .iter()
+            .filter_map(|program| {
+                let info = self.ebpf.program(program.name())?.info().ok()?;
+                Some(ProgramStats {
+                    program: program.name(),
+                    run_count: info.run_count(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
+    }
+
     /// Detaches every program and unloads them (also done on drop; this logs it).
     pub fn detach(self) {
         let count = self.ebpf.programs().count();
@@ -318,6 +352,14 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Probe
 
 fn map_error(name: &'static str, source: MapError) -> ProbeError {
     ProbeError::Map { name, source }
+}
+
+/// What the kernel counted for one loaded program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub program: &'static str,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

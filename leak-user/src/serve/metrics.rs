@@ -8,7 +8,7 @@ use prometheus::{
 use leak_common::layout::stat;
 
 use crate::{
-    kernel::{Attachment, KernelCounters},
+    kernel::{Attachment, KernelCounters, ProgramStats},
     model::{
         kill::{Breakdown, Kill},
         kubernetes::CgroupLabels,
@@ -50,6 +50,8 @@ pub struct Metrics {
     last_kill: Gauge,
     lost_samples: IntCounter,
     charge_state_dropped: IntCounter,
+    program_runs: IntCounterVec,
+    program_run_seconds: prometheus::CounterVec,
     /// Kill series by (gauge labels), each with the counter label sets seen with it, least
     /// recently killed first.
     kill_series: std::sync::Mutex<std::collections::VecDeque<KillSeries>>,
@@ -215,6 +217,24 @@ impl Metrics {
              bounded map) or threw away (left behind by unreported returns); each may miss a \
              limit hit or a charge failure",
         )?;
+        let program_runs = IntCounterVec::new(
+            Opts::new(
+                "bpf_program_runs_total",
+                "Runs of each of leak's BPF programs, as the kernel counts them (only while \
+                 statistics are on: --bpf-stats or kernel.bpf_stats_enabled)",
+            ),
+            &["program"],
+        )?;
+        registry.register(Box::new(program_runs.clone()))?;
+        let program_run_seconds = prometheus::CounterVec::new(
+            Opts::new(
+                "bpf_program_run_seconds_total",
+                "Time spent in each of leak's BPF programs, as the kernel counts it (only while \
+                 statistics are on)",
+            ),
+            &["program"],
+        )?;
+        registry.register(Box::new(program_run_seconds.clone()))?;
         let samples = IntCounterVec::new(
             Opts::new(
                 "charge_samples_total",
@@ -289,6 +309,8 @@ impl Metrics {
             last_kill,
             lost_samples,
             charge_state_dropped,
+            program_runs,
+            program_run_seconds,
             kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
             max_kill_series: MAX_KILL_SERIES,
             samples,
@@ -434,6 +456,21 @@ impl Metrics {
         catch_up(&self.read_errors, counters.read_errors);
         catch_up(&self.lost_samples, counters.lost_samples);
         catch_up(&self.charge_state_dropped, counters.charge_state_dropped);
+    }
+
+    /// Catches the per-program counters up with the kernel's totals.
+    pub fn set_program_stats(&self, stats: &[ProgramStats]) {
+        for stat in stats {
+            let runs = self.program_runs.with_label_values(&[stat.program]);
+            if stat.run_count > runs.get() {
+                runs.inc_by(stat.run_count - runs.get());
+            }
+            let seconds = self.program_run_seconds.with_label_values(&[stat.program]);
+            let total = stat.run_time_ns as f64 / 1e9;
+            if total > seconds.get() {
+                seconds.inc_by(total - seconds.get());
+            }
+        }
     }
 
     pub fn count_sample(&self, kind: SampleKind) {
