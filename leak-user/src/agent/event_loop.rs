@@ -8,7 +8,7 @@ use std::{
 };
 
 use leak_common::sample::CgroupCounters;
-use log::{info, warn};
+use log::{debug, info, warn};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::watch,
@@ -60,6 +60,7 @@ struct State<'a> {
 
 impl State<'_> {
     async fn on_kill_record(&mut self, record: &[u8]) {
+        let read_ns = sys::boot_ns();
         let record = match decode_kill(record, self.page_size) {
             Ok(record) => record,
             Err(err) => {
@@ -80,7 +81,14 @@ impl State<'_> {
             self.history.mark_kill(kill.cgroup_id, kill.boot_ns);
         }
         log_kill(&kill);
+        let (pid, marked_ns) = (kill.victim_pid, kill.boot_ns);
         self.shared.publish_kill(kill).await;
+        let published_ns = sys::boot_ns();
+        debug!(
+            "kill of pid {pid}: read {} us after the kernel marked it, served {} us after",
+            read_ns.saturating_sub(marked_ns) / 1000,
+            published_ns.saturating_sub(marked_ns) / 1000
+        );
     }
 
     fn on_sample_record(&mut self, record: &[u8]) {
