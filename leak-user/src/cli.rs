@@ -44,6 +44,16 @@ pub enum Command {
     Bench(BenchArgs),
     /// A page-fault-heavy loop for benchmarks (prints bytes per second).
     Churn(ChurnArgs),
+    /// Read a password on stdin and print its bcrypt hash, for `basic_auth_users` of the web
+    /// configuration file (as `htpasswd -nB` would).
+    HashPassword(HashPasswordArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HashPasswordArgs {
+    /// bcrypt cost (4 to 31): each verification takes about 2^cost / 2^10 * 50 ms.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub cost: u32,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +164,14 @@ pub struct TraceArgs {
     /// them as leak_bpf_program_runs_total and leak_bpf_program_run_seconds_total.
     #[arg(long, env = "LEAK_BPF_STATS")]
     pub bpf_stats: bool,
+    /// TLS, client certificates and basic auth for every endpoint, in the web configuration
+    /// format of Prometheus exporters (tls_server_config, basic_auth_users).
+    #[arg(long, env = "LEAK_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<PathBuf>,
+    /// At most this many open HTTP connections; at the cap the one idle the longest is closed
+    /// for a new one.
+    #[arg(long, default_value_t = 256)]
+    pub web_max_connections: usize,
     /// At most this many cgroups are watched (the least recently active are dropped).
     #[arg(long, default_value_t = 500)]
     pub max_watched_cgroups: usize,

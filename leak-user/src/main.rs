@@ -31,6 +31,8 @@ async fn main() -> anyhow::Result<()> {
             only_limited: args.watch == Watch::Limited,
             dense_samples: args.dense_samples,
             bpf_stats: args.bpf_stats,
+            web_config_file: args.web_config_file,
+            web_max_connections: args.web_max_connections.max(1),
             max_watched_cgroups: args.max_watched_cgroups,
         })
         .await
@@ -58,6 +60,15 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("leak bench")?
                 .context("leak bench")?;
+        }
+        Command::HashPassword(args) => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from stdin")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!password.is_empty(), "an empty password on stdin");
+            println!("{}", bcrypt::hash(password, args.cost).context("bcrypt")?);
         }
         Command::Churn(args) => {
             let bytes = usize::try_from(args.bytes).context("--bytes is too large")?;

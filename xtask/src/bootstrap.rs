@@ -20,9 +20,12 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages the test suite uses: `promtool` (lint of /metrics) and the `prometheus`
 /// server (a real scrape, on the host and inside every test VM), and the tools that take
 /// Debian kernel packages apart.
-pub const TEST_PACKAGES: [(&str, &str); 6] = [
+pub const TEST_PACKAGES: [(&str, &str); 8] = [
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // The web configuration's TLS and basic auth, tested with certificates made on the spot.
+    ("openssl", "openssl"),
+    ("curl", "curl"),
     // The pages are tested in a real browser, headless, over the DevTools pipe.
     ("chromium", "chromium"),
     ("dpkg-deb", "dpkg"),

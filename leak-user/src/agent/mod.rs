@@ -4,7 +4,7 @@
 
 mod event_loop;
 
-use std::{future::IntoFuture, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use log::{error, info, warn};
 use tokio::sync::watch;
@@ -15,6 +15,8 @@ use crate::{
     serve::{
         http::{self, Shared},
         metrics::{Metrics, MetricsError},
+        server,
+        webconfig::{WebConfig, WebConfigError},
     },
     store::RecentKills,
     sys,
@@ -41,6 +43,9 @@ pub struct TraceOptions {
     pub dense_samples: bool,
     /// Have the kernel count each program's runs and run time.
     pub bpf_stats: bool,
+    /// The exporter web configuration (TLS, basic auth), if any.
+    pub web_config_file: Option<PathBuf>,
+    pub web_max_connections: usize,
     /// At most this many cgroups have a history and live series.
     pub max_watched_cgroups: usize,
 }
@@ -58,9 +63,16 @@ pub enum TraceError {
     },
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    WebConfig(#[from] WebConfigError),
 }
 
 pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
+    // Read first: a bad web configuration must stop the agent before it loads anything.
+    let web = match &options.web_config_file {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::default(),
+    };
     let hierarchy = match MemoryHierarchy::discover() {
         Ok(hierarchy) => {
             info!(
@@ -117,17 +129,28 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
                 addr: options.listen,
                 source,
             })?;
-    info!("listening on http://{local} (/metrics, /kills, /healthz; pages at /)");
+    info!(
+        "listening on {}://{local} (/metrics, /kills, /healthz; pages at /){}",
+        if web.tls.is_some() { "https" } else { "http" },
+        if web.auth.is_some() {
+            "; basic auth required"
+        } else {
+            ""
+        }
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(
-        axum::serve(listener, http::router(shared.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|stop| *stop).await;
-            })
-            .into_future(),
-    );
+    let limits = server::Limits {
+        max_connections: options.web_max_connections,
+        ..server::Limits::default()
+    };
+    let server = tokio::spawn(server::serve(
+        listener,
+        http::router(shared.clone()),
+        web,
+        limits,
+        stop_rx.clone(),
+    ));
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -142,10 +165,8 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
     )
     .await;
     probes.detach();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => error!("HTTP server: {err}"),
-        Err(err) => error!("HTTP server task: {err}"),
+    if let Err(err) = server.await {
+        error!("HTTP server task: {err}");
     }
     result
 }

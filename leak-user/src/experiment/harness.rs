@@ -516,7 +516,8 @@ impl Tracer {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
+                let listening = ["listening on http://", "listening on https://"];
+                if let Some(rest) = listening.iter().find_map(|at| line.split(at).nth(1)) {
                     let addr = rest.split_whitespace().next().unwrap_or_default();
                     let _ = tx.send(addr.to_owned());
                 }

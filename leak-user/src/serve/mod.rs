@@ -5,3 +5,5 @@ pub mod chart;
 pub mod html;
 pub mod http;
 pub mod metrics;
+pub mod server;
+pub mod webconfig;

@@ -46,6 +46,17 @@ impl Prometheus {
 
     /// Starts it with these rule files loaded (evaluated every second).
     pub fn start_with_rules(target: SocketAddr, rules: &[&Path]) -> Prometheus {
+        let jobs =
+            format!("  - job_name: leak\n    static_configs:\n      - targets: ['{target}']\n");
+        Self::start_configured(&jobs, rules)
+    }
+
+    /// Starts it with these scrape configs (YAML list items, indented by two spaces).
+    pub fn start_with_scrape_configs(jobs: &str) -> Prometheus {
+        Self::start_configured(jobs, &[])
+    }
+
+    fn start_configured(jobs: &str, rules: &[&Path]) -> Prometheus {
         let dir = TempDir::new("leak-e2e-prometheus").unwrap_or_else(|err| panic!("{err}"));
         let config = dir.path().join("prometheus.yml");
         fs::write(
@@ -53,7 +64,7 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
                  rule_files: [{rules}]\n\
-                 scrape_configs:\n  - job_name: leak\n    static_configs:\n      - targets: ['{target}']\n",
+                 scrape_configs:\n{jobs}",
                 rules = rules
                     .iter()
                     .map(|rule| format!("'{}'", rule.display()))
