@@ -172,6 +172,16 @@ pub struct TraceArgs {
     /// for a new one.
     #[arg(long, default_value_t = 256)]
     pub web_max_connections: usize,
+    /// Where kill snapshots are kept across restarts (an SQLite database, kills.db); an empty
+    /// value keeps them in memory only.
+    #[arg(long, default_value = "/var/lib/leak", env = "LEAK_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Kills older than this leave the store.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// At most this many kills are kept in the store (the oldest leave first).
+    #[arg(long, default_value_t = 100_000)]
+    pub retention_kills: u64,
     /// At most this many cgroups are watched (the least recently active are dropped).
     #[arg(long, default_value_t = 500)]
     pub max_watched_cgroups: usize,
@@ -269,9 +279,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ns" => 1e-9,
         "s" => 1.0,
         "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
         other => {
             return Err(format!(
-                "unknown duration unit `{other}` (ns, us, ms, s, m)"
+                "unknown duration unit `{other}` (ns, us, ms, s, m, h, d)"
             ))
         }
     };

@@ -33,6 +33,11 @@ async fn main() -> anyhow::Result<()> {
             bpf_stats: args.bpf_stats,
             web_config_file: args.web_config_file,
             web_max_connections: args.web_max_connections.max(1),
+            state_dir: (!args.state_dir.as_os_str().is_empty()).then_some(args.state_dir),
+            retention: leak_user::store::disk::Retention {
+                max_kills: args.retention_kills.max(1),
+                max_age: args.retention,
+            },
             max_watched_cgroups: args.max_watched_cgroups,
         })
         .await

@@ -34,6 +34,19 @@ pub fn boot_ns() -> u64 {
     u64::try_from(clock_ns(libc::CLOCK_BOOTTIME)).unwrap_or(0)
 }
 
+/// `CLOCK_REALTIME` in nanoseconds since the Unix epoch.
+pub fn unix_ns() -> u128 {
+    u128::try_from(clock_ns(libc::CLOCK_REALTIME)).unwrap_or(0)
+}
+
+/// This boot's random id (`/proc/sys/kernel/random/boot_id`), empty if procfs does not say:
+/// a kernel timestamp is unique only within one boot.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// `CLOCK_REALTIME - CLOCK_BOOTTIME`, to turn `bpf_ktime_get_boot_ns` into wall-clock time.
 pub fn realtime_offset_ns() -> i128 {
     clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME)

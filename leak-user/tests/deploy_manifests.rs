@@ -39,47 +39,62 @@ struct HostPath {
     under_rootfs: bool,
     /// The agent cannot work without it (the others are fallbacks).
     required: bool,
+    /// The agent writes it (mounted read-write); everything else is mounted read-only.
+    writable: bool,
 }
 
-/// Every host path the agent reads. `/proc` is the host's through `hostPID` (enrich/procfs.rs
-/// reads victims' entries), not a mount; nothing is pinned under /sys/fs/bpf, and the kernel's
-/// log (/dev/kmsg) is read by the tests only.
+/// Every host path the agent reads (or writes). `/proc` is the host's through `hostPID`
+/// (enrich/procfs.rs reads victims' entries), not a mount; nothing is pinned under /sys/fs/bpf,
+/// and the kernel's log (/dev/kmsg) is read by the tests only.
 const HOST_PATHS: &[HostPath] = &[
+    HostPath {
+        host: "/var/lib/leak",
+        read_by: "store/disk.rs (the kill store, kills.db, at --state-dir)",
+        under_rootfs: false,
+        required: true,
+        writable: true,
+    },
     HostPath {
         host: "/sys/kernel/btf",
         read_by: "kernel/layout (struct layouts from /sys/kernel/btf/vmlinux)",
         under_rootfs: false,
         required: true,
+        writable: false,
     },
     HostPath {
         host: "/sys/fs/cgroup",
         read_by: "enrich/cgroupfs.rs and enrich/poll.rs (cgroup paths, limits, memory.stat)",
         under_rootfs: false,
         required: true,
+        writable: false,
     },
     HostPath {
         host: "/sys/kernel/tracing",
         read_by: "kernel/mod.rs (classic tracepoints' format files)",
         under_rootfs: false,
         required: true,
+        writable: false,
     },
     HostPath {
         host: "/sys/kernel/debug",
         read_by: "kernel/mod.rs (tracefs under debugfs, where nothing is at /sys/kernel/tracing)",
         under_rootfs: false,
         required: false,
+        writable: false,
     },
     HostPath {
         host: "/var/log/pods",
         read_by: "enrich/kubernetes.rs (pod names), under --rootfs",
         under_rootfs: true,
         required: true,
+        writable: false,
     },
     HostPath {
         host: "/var/log/containers",
         read_by: "enrich/kubernetes.rs (container names), under --rootfs",
         under_rootfs: true,
         required: true,
+        writable: false,
     },
 ];
 
@@ -171,10 +186,18 @@ fn daemonset_has_privileges_mounts_probes_and_resources() {
             known.read_by
         );
         assert_eq!(
-            mount["readOnly"].as_bool(),
-            Some(true),
-            "{host} must be read-only"
+            mount["readOnly"].as_bool().unwrap_or(false),
+            !known.writable,
+            "{host} must be {}",
+            if known.writable {
+                "writable"
+            } else {
+                "read-only"
+            }
         );
+        if known.writable {
+            assert_eq!(trace.state_dir, PathBuf::from(host), "--state-dir");
+        }
         mounted.push(host);
     }
     // The btf flag's default points into the BTF mount.

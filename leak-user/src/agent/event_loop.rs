@@ -14,7 +14,7 @@ use tokio::{
     sync::watch,
 };
 
-use super::{Hierarchy, TraceError, TraceOptions};
+use super::{persist::Writer, Hierarchy, TraceError, TraceOptions};
 use crate::{
     decode::{decode_kill, decode_sample},
     enrich::{poll, Enricher},
@@ -45,8 +45,16 @@ const LIVE_POINTS: usize = 200;
 const WATCH_IDLE_NS: u64 = 300_000_000_000;
 
 /// What the loop keeps between records.
+/// The store on disk, as the event loop uses it.
+pub(super) struct Persistence<'a> {
+    pub writer: Option<&'a Writer>,
+    /// The last sequence number the store holds; the next kill is numbered after it.
+    pub first_seq: u64,
+}
+
 struct State<'a> {
     shared: &'a Shared,
+    writer: Option<&'a Writer>,
     enricher: Enricher,
     history: History,
     page_size: u64,
@@ -82,6 +90,10 @@ impl State<'_> {
         }
         log_kill(&kill);
         let (pid, marked_ns) = (kill.victim_pid, kill.boot_ns);
+        // Written before it is served (or once the write has had its bounded wait).
+        if let Some(writer) = self.writer {
+            writer.write(&kill, &self.shared.metrics).await;
+        }
         self.shared.publish_kill(kill).await;
         let published_ns = sys::boot_ns();
         debug!(
@@ -197,6 +209,7 @@ pub(super) async fn run(
     shared: &Shared,
     hierarchy: Hierarchy,
     options: &TraceOptions,
+    persistence: Persistence<'_>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), TraceError> {
     let mut ring = readable(probes.take_events()?)?;
@@ -227,13 +240,15 @@ pub(super) async fn run(
     let page_size = sys::page_size();
     let mut state = State {
         shared,
+        writer: persistence.writer,
         enricher: Enricher::new(
             hierarchy.clone(),
             options.rootfs.clone(),
             page_size,
             probes.mode().as_str(),
         )
-        .with_freshness(freshness),
+        .with_freshness(freshness)
+        .numbering_after(persistence.first_seq),
         history: History::new(
             u64::try_from(options.history.as_nanos()).unwrap_or(u64::MAX),
             MAX_POINTS_PER_CGROUP,

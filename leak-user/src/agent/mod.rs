@@ -3,6 +3,7 @@
 //! every probe.
 
 mod event_loop;
+mod persist;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -18,7 +19,7 @@ use crate::{
         server,
         webconfig::{WebConfig, WebConfigError},
     },
-    store::RecentKills,
+    store::{disk::Retention, filter::KillFilter, RecentKills},
     sys,
 };
 
@@ -48,6 +49,9 @@ pub struct TraceOptions {
     pub web_max_connections: usize,
     /// At most this many cgroups have a history and live series.
     pub max_watched_cgroups: usize,
+    /// Where kills are kept across restarts; `None`: in memory only.
+    pub state_dir: Option<PathBuf>,
+    pub retention: Retention,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,11 +119,45 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
 
     let metrics = Metrics::new(&sys::kernel_release())?;
     metrics.set_attachments(probes.attachments());
+    let store = match &options.state_dir {
+        Some(dir) => persist::open(dir, options.retention).await,
+        None => {
+            info!("no --state-dir: kills are kept in memory only");
+            None
+        }
+    };
+    metrics.set_store_up(store.is_some());
+    // The history on disk: the most recent kills are served (and numbered on) from it.
+    let mut recent = RecentKills::new(options.max_kills);
+    let mut first_seq = 0;
+    if let Some(store) = &store {
+        if let Ok(store) = store.lock() {
+            first_seq = store.last_seq().unwrap_or(0);
+            let filter = KillFilter {
+                limit: options.max_kills,
+                ..KillFilter::default()
+            };
+            let kept = store.query(&filter).unwrap_or_default();
+            info!(
+                "{} kills kept from before (the newest #{first_seq})",
+                kept.len()
+            );
+            for kill in kept.into_iter().rev() {
+                recent.push(kill);
+            }
+        }
+    }
+    let writer = match &store {
+        Some(store) => Some(persist::Writer::start(store.clone(), sys::boot_id())?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         metrics,
-        kills: tokio::sync::RwLock::new(RecentKills::new(options.max_kills)),
+        kills: tokio::sync::RwLock::new(recent),
         attach_mode: mode.to_string(),
         live: tokio::sync::RwLock::new(Vec::new()),
+        store,
+        default_limit: options.max_kills,
     });
 
     let (listener, local) =
@@ -161,6 +199,10 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         &shared,
         hierarchy.map(|h| (h.root, h.version)),
         &options,
+        event_loop::Persistence {
+            writer: writer.as_ref(),
+            first_seq,
+        },
         stop_rx,
     )
     .await;

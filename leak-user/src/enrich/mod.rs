@@ -72,6 +72,13 @@ impl Enricher {
         }
     }
 
+    /// Numbers kills after `seq` (the last one a store on disk holds), so numbers stay unique
+    /// across restarts.
+    pub fn numbering_after(mut self, seq: u64) -> Self {
+        self.seq = seq;
+        self
+    }
+
     /// What the kernel and the attach mode let a kill say about how fresh its statistics are.
     pub fn with_freshness(mut self, freshness: StatsFreshness) -> Self {
         self.freshness = freshness;

@@ -500,8 +500,14 @@ impl Tracer {
         args: &[&str],
         echo: &'static [&'static str],
     ) -> Result<Self, LabError> {
+        // In memory only unless the caller names a store: runs must not share history.
+        let store: &[&str] = match args.contains(&"--state-dir") {
+            true => &[],
+            false => &["--state-dir", ""],
+        };
         let mut child = Command::new(exe)
             .args(["trace", "--listen", "127.0.0.1:0"])
+            .args(store)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

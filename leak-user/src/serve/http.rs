@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, RawQuery, State},
     http::{header, StatusCode},
     response::{Html, IntoResponse, Response},
     routing::get,
@@ -15,7 +15,11 @@ use super::{
     html::{self, LiveSeries},
     metrics::Metrics,
 };
-use crate::{model::kill::Kill, store::RecentKills, sys};
+use crate::{
+    model::kill::Kill,
+    store::{disk::SharedStore, filter::KillFilter, RecentKills},
+    sys,
+};
 
 /// What the handlers read.
 pub struct Shared {
@@ -24,6 +28,10 @@ pub struct Shared {
     pub attach_mode: String,
     /// The watched cgroups' recent points, refreshed by the agent every second.
     pub live: RwLock<Vec<LiveSeries>>,
+    /// The kills on disk, when there is a store: `/kills` is served from it.
+    pub store: Option<SharedStore>,
+    /// How many kills `/kills` returns without `?limit`.
+    pub default_limit: usize,
 }
 
 impl Shared {
@@ -32,11 +40,6 @@ impl Shared {
         self.metrics.record_kill(&kill);
         self.kills.write().await.push(kill);
     }
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct KillsQuery {
-    limit: Option<usize>,
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -91,14 +94,56 @@ pub fn serve_registry(listener: TcpListener, registry: prometheus::Registry) {
     tokio::spawn(async move { axum::serve(listener, app).await });
 }
 
-/// The most recent kills, newest first; `?limit=N` caps the count.
-async fn kills(
-    State(shared): State<Arc<Shared>>,
-    Query(query): Query<KillsQuery>,
-) -> Json<Vec<Kill>> {
-    let kills = shared.kills.read().await;
-    let limit = query.limit.unwrap_or(usize::MAX);
-    Json(kills.newest_first().take(limit).cloned().collect())
+/// The most recent kills, newest first, from the store when there is one: `?limit=N` caps
+/// the count; `namespace`, `pod`, `container`, `cgroup`, `since` and `until` select.
+async fn kills(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> Response {
+    let pairs: Vec<(String, String)> =
+        match serde_urlencoded::from_str(query.as_deref().unwrap_or_default()) {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                return (StatusCode::BAD_REQUEST, format!("malformed query: {err}\n"))
+                    .into_response()
+            }
+        };
+    let filter = match KillFilter::from_query(
+        pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        shared.default_limit,
+    ) {
+        Ok(filter) => filter,
+        Err(err) => return (StatusCode::BAD_REQUEST, format!("{err}\n")).into_response(),
+    };
+    let mut selected: Vec<Kill> = {
+        let kills = shared.kills.read().await;
+        let found = kills
+            .newest_first()
+            .filter(|kill| filter.matches(kill))
+            .take(filter.limit)
+            .cloned()
+            .collect();
+        found
+    };
+    // The store holds what memory no longer does; memory holds what the store could not take
+    // (a full or failing disk). Both, once each, newest first.
+    if let Some(store) = shared.store.clone() {
+        let query = filter.clone();
+        let found = tokio::task::spawn_blocking(move || match store.lock() {
+            Ok(store) => store.query(&query).map_err(|err| err.to_string()),
+            Err(_) => Err("kill store: poisoned lock".to_owned()),
+        })
+        .await;
+        match found {
+            Ok(Ok(stored)) => {
+                let seen: std::collections::HashSet<u64> =
+                    selected.iter().map(|kill| kill.seq).collect();
+                selected.extend(stored.into_iter().filter(|kill| !seen.contains(&kill.seq)));
+                selected.sort_by_key(|kill| std::cmp::Reverse(kill.seq));
+                selected.truncate(filter.limit);
+            }
+            Ok(Err(err)) => log::warn!("{err}; /kills answered from memory"),
+            Err(err) => log::warn!("kill store: {err}; /kills answered from memory"),
+        }
+    }
+    Json(selected).into_response()
 }
 
 /// The kill with sequence number `seq`, if it is still kept.
@@ -110,8 +155,24 @@ async fn find_kill(shared: &Shared, seq: &str) -> Result<Kill, Response> {
         )
             .into_response()
     })?;
-    let kills = shared.kills.read().await;
-    let found = kills.newest_first().find(|kill| kill.seq == seq).cloned();
+    let in_memory = {
+        let kills = shared.kills.read().await;
+        let found = kills.newest_first().find(|kill| kill.seq == seq).cloned();
+        found
+    };
+    let found = match (in_memory, shared.store.clone()) {
+        (Some(kill), _) => Some(kill),
+        (None, Some(store)) => tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .ok()
+                .and_then(|store| store.get(seq).ok().flatten())
+        })
+        .await
+        .ok()
+        .flatten(),
+        (None, None) => None,
+    };
     found.ok_or_else(|| {
         (
             StatusCode::NOT_FOUND,

@@ -51,6 +51,8 @@ pub struct Metrics {
     lost_samples: IntCounter,
     charge_state_dropped: IntCounter,
     program_runs: IntCounterVec,
+    store_up: prometheus::IntGauge,
+    store_write_failures: IntCounter,
     program_run_seconds: prometheus::CounterVec,
     /// Kill series by (gauge labels), each with the counter label sets seen with it, least
     /// recently killed first.
@@ -217,6 +219,17 @@ impl Metrics {
              bounded map) or threw away (left behind by unreported returns); each may miss a \
              limit hit or a charge failure",
         )?;
+        let store_up = prometheus::IntGauge::new(
+            "store_up",
+            "1 while kills are written to the store on disk (--state-dir), 0 when it could not \
+             be opened or its last write failed (kills are then kept in memory only)",
+        )?;
+        registry.register(Box::new(store_up.clone()))?;
+        let store_write_failures = counter(
+            "store_write_failures_total",
+            "Kills the store on disk could not take (full, read-only or failing disk, or too \
+             many writes waiting); each was still served from memory",
+        )?;
         let program_runs = IntCounterVec::new(
             Opts::new(
                 "bpf_program_runs_total",
@@ -311,6 +324,8 @@ impl Metrics {
             charge_state_dropped,
             program_runs,
             program_run_seconds,
+            store_up,
+            store_write_failures,
             kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
             max_kill_series: MAX_KILL_SERIES,
             samples,
@@ -456,6 +471,15 @@ impl Metrics {
         catch_up(&self.read_errors, counters.read_errors);
         catch_up(&self.lost_samples, counters.lost_samples);
         catch_up(&self.charge_state_dropped, counters.charge_state_dropped);
+    }
+
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
+    }
+
+    pub fn count_store_write_failure(&self) {
+        self.store_write_failures.inc();
+        self.store_up.set(0);
     }
 
     /// Catches the per-program counters up with the kernel's totals.
