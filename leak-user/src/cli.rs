@@ -174,7 +174,12 @@ pub struct TraceArgs {
     pub web_max_connections: usize,
     /// Where kill snapshots are kept across restarts (an SQLite database, kills.db); an empty
     /// value keeps them in memory only.
-    #[arg(long, default_value = "/var/lib/leak", env = "LEAK_STATE_DIR")]
+    #[arg(
+        long,
+        default_value = "/var/lib/leak",
+        env = "LEAK_STATE_DIR",
+        value_parser = parse_state_dir
+    )]
     pub state_dir: PathBuf,
     /// Kills older than this leave the store.
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
@@ -261,6 +266,11 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
         ));
     }
     u32::try_from(bytes).map_err(|_| format!("{bytes} bytes: too large for a ring buffer"))
+}
+
+/// A state directory; empty means none (so not clap's path parser, which refuses empty values).
+fn parse_state_dir(text: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(text))
 }
 
 /// Parses `5ms`, `1s`, `250us`, `2m`; a bare number is milliseconds.
@@ -355,5 +365,16 @@ mod tests {
         assert_eq!(args.charge_attach.mode(), Some(AttachMode::Auto));
         assert!(Cli::try_parse_from(["leak", "--ring-buffer", "3000"]).is_err());
         assert!(Cli::try_parse_from(["leak", "--no-such-flag"]).is_err());
+        assert_eq!(args.state_dir, PathBuf::from("/var/lib/leak"));
+        assert_eq!(args.retention, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn an_empty_state_dir_means_none() {
+        let cli = Cli::try_parse_from(["leak", "trace", "--state-dir", ""]).expect("parses");
+        let Command::Trace(args) = cli.into_command() else {
+            panic!("not trace");
+        };
+        assert!(args.state_dir.as_os_str().is_empty());
     }
 }

@@ -1,0 +1,184 @@
+//! Storms, for real, with the kernel's own `oom_kill` counters as ground truth: a thousand kills
+//! across five hundred memory cgroups arrive complete and once each, and a ring buffer too small
+//! for what the kernel sends while the agent is stopped loses kills only as counted losses.
+
+mod support;
+
+use std::{collections::HashMap, process::Command, time::Duration};
+
+use leak_user::{
+    enrich::cgroupfs::{MemoryHierarchy, Version},
+    experiment::harness::report_figure,
+};
+use support::*;
+
+const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
+
+/// The kernel's count of OOM kills in `cgroup`.
+fn kernel_oom_kills(cgroup: &Cgroup) -> u64 {
+    let file = match cgroup.hierarchy.version {
+        Version::V2 => "memory.events",
+        Version::V1 => "memory.oom_control",
+    };
+    let text = std::fs::read_to_string(cgroup.path().join(file))
+        .unwrap_or_else(|err| panic!("read {file} of {}: {err}", cgroup.relative));
+    text.lines()
+        .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no oom_kill in {file}:\n{text}"))
+}
+
+/// `count` cgroups of 8 MiB under one parent (removed with it).
+fn cgroups(hierarchy: &MemoryHierarchy, name: &str, count: usize) -> (Cgroup, Vec<Cgroup>) {
+    let parent = Cgroup::create(hierarchy, name).unwrap_or_else(|err| panic!("{err}"));
+    let children = (0..count)
+        .map(|i| {
+            let child = parent
+                .child(&format!("c{i}"))
+                .unwrap_or_else(|err| panic!("{err}"));
+            child
+                .set_limit(8 << 20)
+                .unwrap_or_else(|err| panic!("{err}"));
+            child
+        })
+        .collect();
+    (parent, children)
+}
+
+/// One leaker in each of `cgroups` at once; waits until each is killed.
+fn kill_each(cgroups: &[Cgroup]) {
+    let mut leakers: Vec<Process> = cgroups.iter().map(|c| spawn_in(c, FAST_ANON)).collect();
+    for leaker in &mut leakers {
+        wait_for_oom_kill(leaker, Duration::from_secs(120));
+    }
+}
+
+/// The agent's `leak_oom_kills_total` summed by `cgroup` label.
+fn agent_kills_by_cgroup(agent: &Agent) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
+    for line in agent.page("/metrics").lines() {
+        let Some(labels) = line.strip_prefix("leak_oom_kills_total{") else {
+            continue;
+        };
+        let Some(cgroup) = labels
+            .split("cgroup=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let value: f64 = line
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0);
+        *counts.entry(cgroup.to_owned()).or_default() += value as u64;
+    }
+    counts
+}
+
+#[test]
+fn a_thousand_kills_across_five_hundred_cgroups() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    const CGROUPS: usize = 500;
+    const WAVE: usize = 50;
+    let (_parent, children) = cgroups(&hierarchy, "leak-e2e-storm1000", CGROUPS);
+    let before: Vec<u64> = children.iter().map(kernel_oom_kills).collect();
+    let mut agent = Agent::start(&["--max-kills", "2000"]);
+    let started = std::time::Instant::now();
+    // Two kills in every cgroup, fifty cgroups at a time.
+    for _round in 0..2 {
+        for wave in children.chunks(WAVE) {
+            kill_each(wave);
+        }
+    }
+    let took = started.elapsed();
+    // The kernel's count per cgroup, against the agent's: every kill once, none twice.
+    let expected: u64 = 2 * CGROUPS as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = agent_kills_by_cgroup(&agent);
+    while seen.values().sum::<u64>() < expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        seen = agent_kills_by_cgroup(&agent);
+    }
+    for (child, before) in children.iter().zip(&before) {
+        let kernel = kernel_oom_kills(child) - before;
+        assert_eq!(kernel, 2, "{}: the kernel counted {kernel}", child.relative);
+        assert_eq!(
+            seen.get(&child.relative).copied().unwrap_or(0),
+            kernel,
+            "{}: the agent's count against the kernel's",
+            child.relative
+        );
+    }
+    let kills = agent.kills();
+    assert_eq!(kills.len() as u64, expected, "/kills");
+    let mut pids: Vec<u32> = kills.iter().map(|k| k.victim_pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len() as u64, expected, "a victim reported twice");
+    assert_eq!(
+        sample(&agent.page("/metrics"), "leak_events_lost_total"),
+        Some(0.0)
+    );
+    report_figure(
+        "a_thousand_kills_across_five_hundred_cgroups",
+        &format!(
+            "storm: {expected} kills across {CGROUPS} cgroups in {:.1} s, all reported once",
+            took.as_secs_f64()
+        ),
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_tiny_ring_buffer_loses_only_what_it_counts() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    const KILLS: usize = 12;
+    let (_parent, children) = cgroups(&hierarchy, "leak-e2e-tinyring", KILLS);
+    let before: Vec<u64> = children.iter().map(kernel_oom_kills).collect();
+    // Two pages: room for two snapshots.
+    let mut agent = Agent::start(&["--ring-buffer", "8KiB", "--charge-attach", "off"]);
+    let pid = agent.0.pid().expect("the agent runs");
+    // Stopped, the agent reads nothing: the kernel's programs fill the ring and then lose.
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    };
+    signal("STOP");
+    for child in &children {
+        kill_each(std::slice::from_ref(child));
+    }
+    signal("CONT");
+    let kernel: u64 = children
+        .iter()
+        .zip(&before)
+        .map(|(child, before)| kernel_oom_kills(child) - before)
+        .sum();
+    assert_eq!(kernel, KILLS as u64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered = agent.kills().len() as u64;
+        let lost = sample(&agent.page("/metrics"), "leak_events_lost_total").unwrap_or(0.0) as u64;
+        if delivered + lost == kernel {
+            assert!(lost > 0, "nothing lost: the ring was not small enough");
+            assert!(delivered > 0, "nothing delivered");
+            report_figure(
+                "a_tiny_ring_buffer_loses_only_what_it_counts",
+                &format!("{delivered} delivered + {lost} counted lost = {kernel} kills"),
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "delivered {delivered} + lost {lost} != the kernel's {kernel}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(agent.stop().success());
+}
