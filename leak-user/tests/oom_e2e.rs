@@ -685,12 +685,9 @@ fn rate_limited_report_storm_with(hierarchy: &MemoryHierarchy, attach: &str) {
     let live = live_stat_counters();
     let report_hooked = matches!(mode.as_str(), "fentry" | "kprobe");
     // Where stats_flushed is known, the storm must show both: kills with the report and kills
-    // without. A storm just before (the previous mode's) may still hold the kernel's rate
-    // limit window (5 s) and suppress every report of this one.
+    // without (every storm waits out the report's rate limit when done, so this one starts
+    // with a fresh window).
     let both_needed = report_hooked && !live;
-    if both_needed {
-        std::thread::sleep(Duration::from_millis(5500));
-    }
     let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
     let mut leakers: Vec<Process> = cgroups.iter().map(|c| spawn_in(c, FAST_ANON)).collect();
     for leaker in &mut leakers {
@@ -772,6 +769,8 @@ fn rate_limited_report_storm_with(hierarchy: &MemoryHierarchy, attach: &str) {
         }
     );
     assert!(agent.stop().success());
+    // The kernel prints no report for 5 s after a burst: the next scenario needs its report.
+    std::thread::sleep(Duration::from_millis(5500));
 }
 
 /// `memory.oom.group` (cgroup v2): the OOM killer kills every process of the group, and each

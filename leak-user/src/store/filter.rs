@@ -94,11 +94,11 @@ impl KillFilter {
                 "until" => filter.until_unix_ns = Some(time(name, value)?),
                 "limit" => {
                     filter.limit = match value.parse::<usize>() {
-                        Ok(limit) if (1..=MAX_LIMIT).contains(&limit) => limit,
+                        Ok(limit) if limit <= MAX_LIMIT => limit,
                         _ => {
                             return Err(bad(
                                 name,
-                                format!("{value:?} is not a number from 1 to {MAX_LIMIT}"),
+                                format!("{value:?} is not a number from 0 to {MAX_LIMIT}"),
                             ))
                         }
                     }
@@ -146,7 +146,7 @@ mod tests {
     fn each_parameter_is_validated_by_name() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("limit", "lots")], "limit"),
-            (&[("limit", "0")], "limit"),
+            (&[("limit", "-1")], "limit"),
             (&[("limit", "10001")], "limit"),
             (&[("since", "yesterday")], "since"),
             (&[("until", "-5")], "until"),
