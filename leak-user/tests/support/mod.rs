@@ -14,6 +14,8 @@ use std::{
     time::Duration,
 };
 
+// Each test binary uses a different part of these.
+#[allow(unused_imports)]
 pub use leak_user::experiment::harness::{
     current_test, skip, Cgroup, Process, RemoveOnDrop, SkipKind, TempDir, Tracer,
 };
