@@ -512,13 +512,15 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
         .next()
         .unwrap_or(&kernel.release)
         .to_owned();
-    let deadline = Instant::now() + settings.timeout;
+    let mut deadline = Instant::now() + settings.timeout;
     let mut console = Console::new(&kernel.release);
     let mut failure = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            failure = Some(format!("timed out after {} s", settings.timeout.as_secs()));
+            if failure.is_none() {
+                failure = Some(format!("timed out after {} s", settings.timeout.as_secs()));
+            }
             break;
         }
         let line = match rx.recv_timeout(remaining.min(Duration::from_secs(5))) {
@@ -527,9 +529,15 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         println!("[{short}] {line}");
+        if failure.is_some() {
+            continue;
+        }
         if line.contains("Kernel panic") {
             failure = Some(format!("kernel panic: {line}"));
-            break;
+            // The panic replays the kernel log (panic_print), with the stacks below the
+            // console's level, before the VM powers off: read it, for at most 60 s more.
+            deadline = deadline.min(Instant::now() + Duration::from_secs(60));
+            continue;
         }
         console.line(&line);
     }
