@@ -84,7 +84,8 @@ pub struct OomKillEvent {
     pub victim_tgid: u32,
     pub victim_comm: [u8; TASK_COMM_LEN],
     pub victim_oom_score_adj: i32,
-    /// The victim's pid in its own pid namespace (1 for a container's main process).
+    /// The victim process's pid (its thread group leader's) in its own pid namespace (1 for a
+    /// container's main process).
     pub victim_ns_pid: u32,
     pub rss_anon_pages: u64,
     pub rss_file_pages: u64,

@@ -157,19 +157,25 @@ fn forget_oom_control() {
 }
 
 /// Finds the victim's `task_struct` when the hook only gives its pid: the OOM killer often
-/// kills the very task that failed to allocate, `__oom_kill_process` names the task it is
+/// kills the process that failed to allocate, `__oom_kill_process` names the task it is
 /// killing, `oom_kill_process` told us its choice, and the SIGKILL just sent names its target.
+/// The thread marked may be another of that process than the one named (`find_lock_task_mm`),
+/// so each candidate's threads are looked at too.
 #[inline(always)]
 fn find_victim_task(pid: u32) -> u64 {
-    let current = current_task();
-    if read::<u32>(current, layout!(task_pid)) == Ok(pid) {
+    // The task that ran out of memory, or another thread of its process.
+    let current = thread_with_pid(current_task(), pid);
+    if current != 0 {
         return current;
     }
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
+        // `__oom_kill_process` marks the first thread of its victim that still has an mm
+        // (`find_lock_task_mm`): another thread than the one named when the leader has exited.
         for task in [context.killing, context.chosen] {
-            if task != 0 && read::<u32>(task, layout!(task_pid)) == Ok(pid) {
-                return task;
+            let thread = thread_with_pid(task, pid);
+            if thread != 0 {
+                return thread;
             }
         }
     }
@@ -178,6 +184,40 @@ fn find_victim_task(pid: u32) -> u64 {
         if read::<u32>(task, layout!(task_pid)) == Ok(pid) {
             return task;
         }
+    }
+    0
+}
+
+/// How many threads of a process [`thread_with_pid`] looks at. The thread the OOM killer marks
+/// is the first in `for_each_thread` order that still has an mm: the leader, or one of the
+/// first few threads after it (exited threads leave the list).
+const THREADS_WALKED: u32 = 32;
+
+/// `task` if its pid is `pid`, else the thread of its process with that pid, walking
+/// `task->signal->thread_head` (bounded); 0 when there is none.
+#[inline(always)]
+fn thread_with_pid(task: u64, pid: u32) -> u64 {
+    if task == 0 {
+        return 0;
+    }
+    if read::<u32>(task, layout!(task_pid)) == Ok(pid) {
+        return task;
+    }
+    let Ok(signal) = read::<u64>(task, layout!(task_signal)) else {
+        return 0;
+    };
+    let head = signal + layout!(signal_thread_head) as u64;
+    let thread_node = layout!(task_thread_node) as u64;
+    let mut node = read::<u64>(head, 0).unwrap_or(head);
+    for _ in 0..THREADS_WALKED {
+        if node == head || node < thread_node {
+            return 0;
+        }
+        let thread = node - thread_node;
+        if read::<u32>(thread, layout!(task_pid)) == Ok(pid) {
+            return thread;
+        }
+        node = read::<u64>(node, 0).unwrap_or(head);
     }
     0
 }
@@ -275,7 +315,13 @@ fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
     let comm = task + layout!(task_comm) as u64;
     // SAFETY: `victim_comm` is TASK_COMM_LEN writable bytes, borrowed mutably for the call.
     let _ = unsafe { read_into(event.victim_comm.as_mut_ptr(), TASK_COMM_LEN as u32, comm) };
-    if let Some(ns_pid) = namespace_pid(task) {
+    // The process's pid in its namespace, as its leader holds it: the marked thread may be
+    // another one (`find_lock_task_mm` when the leader has exited).
+    let leader = match read::<u64>(task, layout!(task_group_leader)) {
+        Ok(leader) if leader != 0 => leader,
+        _ => task,
+    };
+    if let Some(ns_pid) = namespace_pid(leader) {
         event.victim_ns_pid = ns_pid;
         *event_flags |= flags::NS_PID_VALID;
     }

@@ -208,10 +208,11 @@ fn run_until_killed(attach: &str, victim: &Cgroup, spawn: impl FnOnce() -> Proce
 
     let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
     let mut workload_process = spawn();
-    let pid = workload_process.pid();
     wait_for_oom_kill(&mut workload_process, Duration::from_secs(120));
 
-    let kill = agent.wait_for_kill(pid);
+    // By cgroup: what `spawn` started may be a relay outside a pid namespace.
+    let kill = agent.wait_for_kill_in(&victim.relative);
+    let pid = kill.victim_pid;
     let mut seen = Vec::new();
     let report = report_for(&mut kmsg, &mut seen, pid);
     // Per-cgroup counters are brought up to the kernel's once a second: wait (with a generous
@@ -279,6 +280,18 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
 
 /// [`check_against_kernel`] for a victim named `comm`.
 fn check_against_kernel_as(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup, comm: &str) {
+    // The workload is not pid 1 of a pid namespace: outside a container, not a main process.
+    check_victim_against_kernel(outcome, victim, oom_cgroup, comm, Some(false));
+}
+
+/// [`check_against_kernel_as`] for a victim whose `main_process` is `main_process`.
+fn check_victim_against_kernel(
+    outcome: &Outcome,
+    victim: &Cgroup,
+    oom_cgroup: &Cgroup,
+    comm: &str,
+    main_process: Option<bool>,
+) {
     let Outcome {
         kill,
         report,
@@ -357,9 +370,15 @@ fn check_against_kernel_as(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgro
     );
     check_victim_rss(kill, report);
 
+    let main_label = match main_process {
+        Some(true) => "true",
+        Some(false) => "false",
+        None => "",
+    };
     let counter = format!(
         "leak_oom_kills_total{{cause=\"{2}\",cgroup=\"{0}\",constraint=\"memcg\",\
-         container=\"\",main_process=\"false\",namespace=\"\",oom_cgroup=\"{1}\",pod=\"\"}}",
+         container=\"\",main_process=\"{main_label}\",namespace=\"\",oom_cgroup=\"{1}\",\
+         pod=\"\"}}",
         victim.relative,
         oom_cgroup.relative,
         cause_label(kill)
@@ -380,8 +399,7 @@ fn check_against_kernel_as(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgro
         "missing `{gauge} {}` in\n{metrics}",
         kill.working_set_bytes
     );
-    // The workload is not pid 1 of a pid namespace: outside a container, not a main process.
-    assert_eq!(kill.main_process, Some(false), "{kill:#?}");
+    assert_eq!(kill.main_process, main_process, "{kill:#?}");
 }
 
 /// The victim's anonymous rss against the kernel's `Killed process ... anon-rss:` (printed just
@@ -552,6 +570,45 @@ fn limit_on_parent_with(hierarchy: &MemoryHierarchy, attach: &str) {
     assert!(!cgroups[0].hit_limit);
     assert_eq!(cgroups[1].path, parent.relative);
     assert!(cgroups[1].hit_limit);
+}
+
+/// A container's main process (pid 1 of its pid namespace) whose main thread exits while a
+/// worker thread leaks. The OOM killer chooses the process by its leader, which has no mm left,
+/// and kills and marks the first thread that still has it (`find_lock_task_mm`), not the one
+/// that ran out of memory: the kill is still the main process's, and where `mark_victim`
+/// gives a bare pid the fentry, kprobe and tp_btf modes still find the marked thread's task.
+fn leader_exits_with(hierarchy: &MemoryHierarchy, attach: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = limited(hierarchy, &format!("leak-e2e-leader-{attach}"));
+    let outcome = run_until_killed(attach, &cgroup, || {
+        let mut command = std::process::Command::new(leak_bin());
+        command.args(["workload", "--leader-exits"]).args(FAST_ANON);
+        spawn_command_as_init_in(&cgroup, command)
+    });
+    let kill = &outcome.kill;
+    let report = &outcome.report;
+    // The kernel chose the process (its leader, named in the summary line) and killed another
+    // thread of it.
+    assert_eq!(report.task.as_deref(), Some("leak"), "{report:?}");
+    assert!(
+        report.killed.contains(&kill.victim_tid),
+        "the kernel killed {:?}, the snapshot names thread {}",
+        report.killed,
+        kill.victim_tid
+    );
+    assert_ne!(report.pid, Some(kill.victim_tid), "{report:?}");
+    // Read in the kernel in every mode, the classic tracepoint's bare pid included: the
+    // marked thread belongs to the process whose thread ran out of memory.
+    assert!(kill.victim_task_resolved, "{kill:#?}");
+    assert_eq!(report.pid, Some(kill.victim_pid), "{report:?}");
+    assert_eq!(kill.victim_ns_pid, Some(1), "{kill:#?}");
+    let comm = kill.victim_comm.clone().unwrap_or_default();
+    check_victim_against_kernel(&outcome, &cgroup, &cgroup, &comm, Some(true));
+    eprintln!(
+        "[{attach} -> {}] leader {} exited; the kernel marked thread {} ({comm}), resolved in \
+         the kernel: {}",
+        outcome.mode, kill.victim_pid, kill.victim_tid, kill.victim_task_resolved
+    );
 }
 
 /// A tmpfs mounted for one scenario, unmounted (its pages freed) on drop.
@@ -978,6 +1035,14 @@ fn kernel_memory() {
         return;
     };
     for_each_mode(&hierarchy, kernel_memory_with);
+}
+
+#[test]
+fn leader_exits() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    for_each_mode(&hierarchy, leader_exits_with);
 }
 
 #[test]

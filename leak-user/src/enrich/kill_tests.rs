@@ -189,9 +189,16 @@ fn a_later_member_of_the_same_oom_inherits_its_cgroup() {
 /// A kill whose victim the kernel program named by thread id alone, completed from a fake
 /// procfs holding `/proc/<tid>/status`.
 fn named_from_procfs(tid: u32, status: &str) -> Kill {
+    named_from_fake_procfs(tid, &[(tid, status)])
+}
+
+/// The same, from a fake procfs holding `/proc/<pid>/status` for each of `files`.
+fn named_from_fake_procfs(tid: u32, files: &[(u32, &str)]) -> Kill {
     let root = std::env::temp_dir().join(format!("leak-procfs-{tid}-{}", std::process::id()));
-    std::fs::create_dir_all(root.join(tid.to_string())).unwrap();
-    std::fs::write(root.join(format!("{tid}/status")), status).unwrap();
+    for (pid, status) in files {
+        std::fs::create_dir_all(root.join(pid.to_string())).unwrap();
+        std::fs::write(root.join(format!("{pid}/status")), status).unwrap();
+    }
     let mut ev = event(&[level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
     ev.flags &= !flags::VICTIM_TASK;
     ev.victim_pid = tid;
@@ -210,6 +217,27 @@ fn an_unresolved_victim_is_named_from_procfs() {
         !kill.victim_task_resolved,
         "the snapshot itself is still the trigger's"
     );
+}
+
+#[test]
+fn an_unresolved_victim_is_its_namespace_main_process_by_its_leader() {
+    // A worker thread marked while the leader, pid 1 of its namespace, has exited.
+    let kill = named_from_fake_procfs(
+        4243,
+        &[
+            (
+                4243,
+                "Name:\tworker\nTgid:\t4242\nPid:\t4243\nNSpid:\t4243\t7\n",
+            ),
+            (
+                4242,
+                "Name:\tleak\nTgid:\t4242\nPid:\t4242\nNSpid:\t4242\t1\n",
+            ),
+        ],
+    );
+    assert_eq!((kill.victim_pid, kill.victim_tid), (4242, 4243));
+    assert_eq!(kill.victim_ns_pid, Some(1));
+    assert_eq!(kill.main_process, Some(true));
 }
 
 #[test]
