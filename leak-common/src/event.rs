@@ -33,6 +33,12 @@ pub mod flags {
     pub const NS_PID_VALID: u32 = 1 << 6;
     /// The kernel counts `failcnt` for cgroup v1 only (6.15+): on v2 it reads a stale 0.
     pub const FAILCNT_V1_ONLY: u32 = 1 << 7;
+    /// The kill witness saw this thread kill this victim just before marking it:
+    /// `__oom_kill_process` was killing its process (fentry, kprobe), or this thread had just
+    /// sent it the OOM killer's SIGKILL (tp_btf, tracepoint). Only `__oom_kill_process` kills,
+    /// and counts `oom_kill`; without this bit, where a witness is attached, the victim was
+    /// marked without a kill because it was already exiting (`task_will_free_mem`).
+    pub const KILLED: u32 = 1 << 8;
 }
 
 /// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the

@@ -30,7 +30,7 @@ use crate::{
         layout, memcg_cgroup_id, memcg_state, parent_memcg, read, read_into, read_str_into,
         state_item, task_memcg,
     },
-    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED},
+    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED, SIGKILLED_PID},
 };
 
 #[fentry(function = "oom_kill_process")]
@@ -60,8 +60,8 @@ pub fn oom_kill_process_kretprobe(_ctx: RetProbeContext) -> u32 {
 }
 
 /// `__oom_kill_process(victim, message)` kills one task: the chosen victim, then each member of
-/// a group kill. Attached only where `oom:mark_victim` gives a bare pid (kernels without the
-/// task prototype), so that every member's task is known when its `mark_victim` fires.
+/// a group kill. The kill witness of the fentry and kprobe modes (a victim marked outside it was
+/// not killed), and where `oom:mark_victim` gives a bare pid it names every member's task.
 #[fentry(function = "__oom_kill_process")]
 pub fn oom_victim_fentry(ctx: FEntryContext) -> i32 {
     remember_killing(ctx.arg(0));
@@ -76,16 +76,45 @@ pub fn oom_victim_kprobe(ctx: ProbeContext) -> u32 {
     0
 }
 
+const SIGKILL: i32 = 9;
+/// `SEND_SIG_PRIV`: the siginfo of a signal the kernel itself sends, as `__oom_kill_process`
+/// sends its SIGKILL; `SI_KERNEL` is the code the classic tracepoint records for it.
+const SEND_SIG_PRIV: u64 = 1;
+const SI_KERNEL: i32 = 0x80;
+
 /// `signal:signal_generate(sig, info, task, group, result)`: `__oom_kill_process` sends SIGKILL
-/// to each victim right before marking it. Attached only in tp_btf mode where `mark_victim`
-/// gives a bare pid, so that group-kill members are read in the kernel there too.
+/// to each victim right before marking it: the kill witness of tp_btf mode, and where
+/// `mark_victim` gives a bare pid the name of every group-kill member's task. `result` is not
+/// looked at: the kernel counted the kill before sending, whether SIGKILL was already pending
+/// or not.
 #[btf_tracepoint(function = "signal_generate")]
 pub fn signal_generate_btf(ctx: BtfTracePointContext) -> i32 {
-    const SIGKILL: i32 = 9;
     let sig = ctx.arg::<u64>(0) as i32;
-    if sig == SIGKILL {
+    if sig == SIGKILL && ctx.arg::<u64>(1) == SEND_SIG_PRIV {
         let task: u64 = ctx.arg(2);
         let _ = SIGKILLED.insert(current_tid(), task, 0);
+    }
+    0
+}
+
+/// The classic `signal:signal_generate`: the kill witness of the classic tracepoint mode, by
+/// pid (the fields' offsets come from its format file).
+#[tracepoint(category = "signal", name = "signal_generate")]
+pub fn signal_generate_tracepoint(ctx: TracePointContext) -> u32 {
+    let field = |offset: u32| -> Option<i32> {
+        if offset == Layout::ABSENT {
+            return None;
+        }
+        // SAFETY: the offset comes from the tracepoint's own format file and points at an
+        // `int` (`pid_t` for the pid).
+        unsafe { ctx.read_at::<i32>(offset as usize) }.ok()
+    };
+    if field(layout!(tp_signal_generate_sig)) == Some(SIGKILL)
+        && field(layout!(tp_signal_generate_code)) == Some(SI_KERNEL)
+    {
+        if let Some(pid) = field(layout!(tp_signal_generate_pid)) {
+            let _ = SIGKILLED_PID.insert(current_tid(), pid as u32, 0);
+        }
     }
     0
 }
@@ -222,7 +251,35 @@ fn thread_with_pid(task: u64, pid: u32) -> u64 {
     0
 }
 
+/// Whether this thread just killed the victim, by whichever kill witness is attached (only
+/// the attached one fills its map): `__oom_kill_process` is killing the victim's process, or
+/// this thread's last kernel SIGKILL went to the victim. Each witness's note is used once.
+#[inline(always)]
+fn witnessed_kill(victim: u64, victim_pid: u32) -> bool {
+    let tid = current_tid();
+    let mut killed = false;
+    let victim_tgid = read::<u32>(victim, layout!(task_tgid));
+    // SAFETY: the value is plain data, copied out before the map can change.
+    if let Some(context) = unsafe { OOM_CONTEXT.get(tid) } {
+        killed |=
+            victim_tgid.is_ok() && read::<u32>(context.killing, layout!(task_tgid)) == victim_tgid;
+    }
+    // SAFETY: as above.
+    if let Some(&task) = unsafe { SIGKILLED.get(tid) } {
+        killed |=
+            task != 0 && (task == victim || read::<u32>(task, layout!(task_pid)) == Ok(victim_pid));
+        let _ = SIGKILLED.remove(tid);
+    }
+    // SAFETY: as above.
+    if let Some(&pid) = unsafe { SIGKILLED_PID.get(tid) } {
+        killed |= pid == victim_pid;
+        let _ = SIGKILLED_PID.remove(tid);
+    }
+    killed
+}
+
 fn report_victim(hook: u32, victim: u64, victim_pid: u32) {
+    let killed = witnessed_kill(victim, victim_pid);
     let Some(mut entry) = EVENTS.reserve::<OomKillEvent>(0) else {
         count(counter::LOST_EVENTS);
         return;
@@ -234,6 +291,9 @@ fn report_victim(hook: u32, victim: u64, victim_pid: u32) {
     unsafe {
         core::ptr::write_bytes(event, 0, 1);
         fill_event(&mut *event, hook, victim, victim_pid);
+        if killed {
+            (*event).flags |= flags::KILLED;
+        }
     }
     entry.submit(0);
 }

@@ -211,6 +211,7 @@ pub(super) async fn run(
             options.rootfs.clone(),
             page_size,
             probes.mode().as_str(),
+            probes.kill_witness(),
         ),
         history: History::new(
             u64::try_from(options.history.as_nanos()).unwrap_or(u64::MAX),

@@ -76,6 +76,9 @@ pub struct KillRecord {
     pub chain_truncated: bool,
     /// The kernel counts `failcnt` for cgroup v1 only (6.15+).
     pub failcnt_v1_only: bool,
+    /// The kill witness saw the OOM killer kill this victim (meaningful only where a witness
+    /// is attached: otherwise always false).
+    pub killed: bool,
 }
 
 impl KillRecord {
@@ -221,6 +224,7 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
         cgroups,
         chain_truncated: has(flags::CHAIN_TRUNCATED),
         failcnt_v1_only: has(flags::FAILCNT_V1_ONLY),
+        killed: has(flags::KILLED),
     })
 }
 
@@ -284,7 +288,8 @@ pub(crate) mod fixtures {
             flags: flags::VICTIM_TASK
                 | flags::FAILCNT_VALID
                 | flags::RSS_VALID
-                | flags::NS_PID_VALID,
+                | flags::NS_PID_VALID
+                | flags::KILLED,
             victim_pid: 4242,
             victim_tgid: 4242,
             victim_comm: comm("leak"),

@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     decode::event::fixtures::{event, level, record, PAGE, UNLIMITED},
     enrich::{dedup::VictimDedup, procfs::fill_from_procfs},
-    model::kill::{CauseKind, OomAttribution as Attribution},
+    model::kill::{CauseKind, NotKilledReason, OomAttribution as Attribution},
 };
 
 fn context() -> KillContext<'static> {
@@ -15,6 +15,7 @@ fn context() -> KillContext<'static> {
         seq: 1,
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
+        kill_witness: true,
     }
 }
 
@@ -247,6 +248,33 @@ fn a_victim_detached_from_its_pids_keeps_its_thread_id() {
     assert_eq!((kill.victim_pid, kill.victim_tid), (224, 224));
     assert_eq!(kill.victim_tgid, None);
     assert_eq!(kill.victim_comm.as_deref(), Some("leak"));
+}
+
+#[test]
+fn a_victim_marked_without_the_witness_seeing_a_kill_was_exiting() {
+    let levels = [
+        level(31, "app", 16384, 16384, 0),
+        level(1, "", 20000, UNLIMITED, 0),
+    ];
+    let killed = build_kill(&event(&levels), &context(), &mut CgroupPaths::new(None));
+    assert_eq!(
+        (killed.killed, killed.not_killed_reason),
+        (Some(true), None)
+    );
+    let mut ev = event(&levels);
+    ev.flags &= !flags::KILLED;
+    let marked = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    assert_eq!(
+        (marked.killed, marked.not_killed_reason),
+        (Some(false), Some(NotKilledReason::Exiting))
+    );
+    // Without a witness attached nobody knows.
+    let blind = KillContext {
+        kill_witness: false,
+        ..context()
+    };
+    let unknown = build_kill(&ev, &blind, &mut CgroupPaths::new(None));
+    assert_eq!((unknown.killed, unknown.not_killed_reason), (None, None));
 }
 
 #[test]

@@ -39,16 +39,19 @@ pub struct Enricher {
     /// (triggering thread, boot_ns, cgroup id) of the last kill attributed to a cgroup.
     last_attribution: Option<(u32, u64, u64)>,
     cgroup_v2: Option<bool>,
+    kill_witness: bool,
 }
 
 impl Enricher {
     /// `memory` is the memory hierarchy's root directory and version, when one is mounted;
-    /// `rootfs` the node's root filesystem (for the kubelet's log directories).
+    /// `rootfs` the node's root filesystem (for the kubelet's log directories); `kill_witness`
+    /// whether a kill witness is attached (the probes say so).
     pub fn new(
         memory: Option<(PathBuf, cgroupfs::Version)>,
         rootfs: PathBuf,
         page_size: u64,
         attach_mode: &str,
+        kill_witness: bool,
     ) -> Self {
         let mut names = K8sNames::new(rootfs);
         if let Err(err) = names.refresh() {
@@ -67,6 +70,7 @@ impl Enricher {
             seq: 0,
             last_attribution: None,
             cgroup_v2,
+            kill_witness,
         }
     }
 
@@ -90,6 +94,7 @@ impl Enricher {
                 })
                 .map(|(_, _, id)| id),
             cgroup_v2: self.cgroup_v2,
+            kill_witness: self.kill_witness,
         };
         let mut kill = assemble(record, &context, &mut self.paths);
         procfs::fill_from_procfs(&mut kill, &self.proc_root);

@@ -50,6 +50,7 @@ pub enum Program {
     OomVictimFentry,
     OomVictimKprobe,
     SignalGenerateBtf,
+    SignalGenerateTracepoint,
     MarkVictimBtf,
     MarkVictimTracepoint,
     TryChargeFentry,
@@ -68,7 +69,7 @@ pub enum Program {
 }
 
 impl Program {
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 23] = [
         Self::OomKillProcessFentry,
         Self::OomKillProcessFexit,
         Self::OomKillProcessKprobe,
@@ -76,6 +77,7 @@ impl Program {
         Self::OomVictimFentry,
         Self::OomVictimKprobe,
         Self::SignalGenerateBtf,
+        Self::SignalGenerateTracepoint,
         Self::MarkVictimBtf,
         Self::MarkVictimTracepoint,
         Self::TryChargeFentry,
@@ -102,6 +104,7 @@ impl Program {
             Self::OomVictimFentry => "oom_victim_fentry",
             Self::OomVictimKprobe => "oom_victim_kprobe",
             Self::SignalGenerateBtf => "signal_generate_btf",
+            Self::SignalGenerateTracepoint => "signal_generate_tracepoint",
             Self::MarkVictimBtf => "mark_victim_btf",
             Self::MarkVictimTracepoint => "mark_victim_tracepoint",
             Self::TryChargeFentry => "try_charge_fentry",
@@ -143,7 +146,9 @@ impl Program {
             | Self::MarkVictimBtf
             | Self::LruvecStateBtf
             | Self::ReclaimBeginBtf => ProgramKind::BtfTracePoint,
-            Self::MarkVictimTracepoint | Self::ReclaimBeginTracepoint => ProgramKind::TracePoint,
+            Self::MarkVictimTracepoint
+            | Self::SignalGenerateTracepoint
+            | Self::ReclaimBeginTracepoint => ProgramKind::TracePoint,
         }
     }
 }
@@ -223,11 +228,11 @@ pub enum Need {
 pub enum Hook {
     /// `oom_kill_process(oc, message)`: one OOM decision, with its `struct oom_control`.
     OomKillProcess,
-    /// `__oom_kill_process(victim, message)`: called once per victim, with its task.
+    /// `__oom_kill_process(victim, message)`: called once per victim it kills, with its task.
     OomKillVictim,
     /// `oom:mark_victim`: fired once per victim.
     MarkVictim,
-    /// `signal:signal_generate`: the SIGKILL the OOM killer sends each victim.
+    /// `signal:signal_generate`: the SIGKILL the OOM killer sends each victim it kills.
     SignalGenerate,
     /// `try_charge_memcg` (5.15+).
     TryChargeMemcg,
@@ -320,10 +325,12 @@ impl Probe {
 pub enum Role {
     /// The mode fails without it.
     Required,
-    /// Only where `oom:mark_victim` passes a bare pid (before 6.9 and its backports): it names
-    /// the task of every member of a group kill, in the kernel. Without it those members are
-    /// named from procfs while they die, so the mode goes on, with a warning.
-    VictimTask,
+    /// The kill witness: it tells a victim the OOM killer killed (sent SIGKILL, counted in
+    /// `oom_kill`) from one it only marked because it was already exiting, and where
+    /// `oom:mark_victim` passes a bare pid (before 6.9 and its backports) it names the task of
+    /// every member of a group kill, in the kernel. Without it kills say `killed: null` (and
+    /// those members are named from procfs while they die), so the mode goes on, with a warning.
+    KillWitness,
     /// Only with `--dense-samples`, and only where the kernel has the hook (6.13+): it fires on
     /// every LRU update, so it is opt-in. Once tried, the mode fails without it.
     DenseSamples,
@@ -391,7 +398,7 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                 }]),
                 MARK_VICTIM,
                 Step {
-                    role: Role::VictimTask,
+                    role: Role::KillWitness,
                     choices: &[Probe {
                         hook: H::OomKillVictim,
                         programs: &[P::OomVictimFentry],
@@ -409,7 +416,7 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                 }]),
                 MARK_VICTIM,
                 Step {
-                    role: Role::VictimTask,
+                    role: Role::KillWitness,
                     choices: &[Probe {
                         hook: H::OomKillVictim,
                         programs: &[P::OomVictimKprobe],
@@ -426,7 +433,7 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                     programs: &[P::MarkVictimBtf],
                 }]),
                 Step {
-                    role: Role::VictimTask,
+                    role: Role::KillWitness,
                     choices: &[Probe {
                         hook: H::SignalGenerate,
                         programs: &[P::SignalGenerateBtf],
@@ -437,10 +444,19 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
         },
         Row {
             mode: AttachMode::Tracepoint,
-            steps: &[required(&[Probe {
-                hook: H::MarkVictim,
-                programs: &[P::MarkVictimTracepoint],
-            }])],
+            steps: &[
+                required(&[Probe {
+                    hook: H::MarkVictim,
+                    programs: &[P::MarkVictimTracepoint],
+                }]),
+                Step {
+                    role: Role::KillWitness,
+                    choices: &[Probe {
+                        hook: H::SignalGenerate,
+                        programs: &[P::SignalGenerateTracepoint],
+                    }],
+                },
+            ],
             needs: "tracefs with events/oom/mark_victim",
         },
     ],
@@ -543,93 +559,5 @@ pub const CHARGE_PATH_CHAIN: Chain = Chain {
 };
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CHAINS: [Chain; 2] = [OOM_HOOK_CHAIN, CHARGE_PATH_CHAIN];
-
-    fn probes(chain: &Chain) -> impl Iterator<Item = &'static Probe> + '_ {
-        chain
-            .rows
-            .iter()
-            .flat_map(|row| row.steps.iter())
-            .flat_map(|step| step.choices.iter())
-    }
-
-    #[test]
-    fn every_chain_tries_the_modes_in_the_readme_order() {
-        let order = [
-            AttachMode::Fentry,
-            AttachMode::Kprobe,
-            AttachMode::TpBtf,
-            AttachMode::Tracepoint,
-        ];
-        for chain in CHAINS {
-            let modes: Vec<_> = chain.rows.iter().map(|row| row.mode).collect();
-            assert_eq!(modes, order, "{}", chain.name);
-        }
-    }
-
-    #[test]
-    fn every_program_is_in_a_table_and_names_are_unique() {
-        for program in Program::ALL {
-            assert!(
-                CHAINS
-                    .iter()
-                    .any(|chain| probes(chain).any(|probe| probe.programs.contains(&program))),
-                "{program} is in no table"
-            );
-        }
-        let mut names: Vec<_> = Program::ALL.iter().map(|p| p.name()).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), Program::ALL.len());
-    }
-
-    #[test]
-    fn every_program_is_in_the_bpf_object() {
-        // The object's string table holds each program's symbol, NUL-terminated.
-        for program in Program::ALL {
-            let symbol = [program.name().as_bytes(), b"\0"].concat();
-            assert!(
-                super::super::EBPF_OBJECT
-                    .windows(symbol.len())
-                    .any(|window| window == symbol),
-                "{program} is not in the BPF object"
-            );
-        }
-    }
-
-    #[test]
-    fn a_probe_is_one_family_and_a_tracepoint_has_a_category() {
-        for chain in CHAINS {
-            for row in chain.rows {
-                assert!(row.steps.iter().all(|step| !step.choices.is_empty()));
-            }
-            for probe in probes(&chain) {
-                assert!(!probe.programs.is_empty());
-                for program in probe.programs {
-                    assert_eq!(program.kind().need(), probe.need(), "{program}");
-                }
-                if probe.need() == Need::TracefsFormat {
-                    assert!(probe.hook.category().is_some(), "{}", probe.hook);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_row_attaches_its_required_programs_in_its_own_mode() {
-        for chain in CHAINS {
-            for row in chain.rows {
-                let first = row.steps.first().expect("a row has steps");
-                assert_eq!(first.role, Role::Required);
-                for probe in first.choices {
-                    for program in probe.programs {
-                        assert_eq!(program.kind().mode(), row.mode, "{program}");
-                    }
-                }
-            }
-        }
-    }
-}
+#[path = "table_tests.rs"]
+mod tests;
