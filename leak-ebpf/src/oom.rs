@@ -3,7 +3,9 @@
 //! Every victim is reported from `oom:mark_victim` (BTF or classic tracepoint), which the kernel
 //! fires once per victim, group kills (`memory.oom.group`) included. Where the kernel lets us
 //! hook `oom_kill_process` itself (fentry or kprobe), its entry records the `oom_control` for
-//! the thread and the victim report picks it up; its exit forgets it.
+//! the thread and the victim report picks it up; its exit forgets it. A kill witness
+//! (`__oom_kill_process`, or the SIGKILL it sends) tells a kill from a victim marked only
+//! because it was already exiting (`task_will_free_mem`), which the kernel does not kill.
 
 use aya_ebpf::{
     helpers::{
