@@ -1001,9 +1001,11 @@ fn group_kill_with(hierarchy: &MemoryHierarchy, attach: &str) {
     }
     let metrics = agent.page("/metrics");
     check_attach_info(&metrics, attach, &mode, false);
-    // One kill per member. The kernel may count one more: its walk of the group meets the
-    // chosen victim again and `__oom_kill_process` counts it again while it still has its mm
-    // (it is not marked twice, so no second report).
+    // At least one kill per member, never more than the kernel counted: its walk of the group
+    // meets the chosen victim again and `__oom_kill_process` counts it again while it still
+    // has its mm, marking another of its threads if the first one already let go of it (a
+    // second report, merged with the first unless the classic tracepoint, given a bare pid,
+    // can name the thread's process neither in the kernel nor in procfs).
     let (ours, kernel) = (
         agent_oom_kills(&metrics, &cgroup.relative),
         kernel_oom_kills(&cgroup),
@@ -1013,8 +1015,10 @@ fn group_kill_with(hierarchy: &MemoryHierarchy, attach: &str) {
          kernel's oom_kill {kernel}",
         pids.len()
     );
-    assert_eq!(ours, pids.len() as u64, "{metrics}");
-    assert!(kernel >= ours, "the kernel counted {kernel} kills");
+    assert!(
+        ours >= pids.len() as u64 && ours <= kernel,
+        "{ours} kills counted, the kernel counted {kernel}:\n{metrics}"
+    );
     assert!(agent.stop().success());
 }
 
