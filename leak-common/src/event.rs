@@ -37,6 +37,12 @@ pub mod flags {
     /// memory cgroup's statistics, flushing them first: set only where the report is hooked
     /// (with `oom_kill_process`, fentry and kprobe modes).
     pub const STATS_FLUSHED: u32 = 1 << 24;
+    /// The kill witness saw this thread kill this victim just before marking it:
+    /// `__oom_kill_process` was killing its process (fentry, kprobe), or this thread had just
+    /// sent it the OOM killer's SIGKILL (tp_btf, tracepoint). Only `__oom_kill_process` kills,
+    /// and counts `oom_kill`; without this bit, where a witness is attached, the victim was
+    /// marked without a kill because it was already exiting (`task_will_free_mem`).
+    pub const KILLED: u32 = 1 << 8;
 }
 
 /// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the
@@ -88,7 +94,8 @@ pub struct OomKillEvent {
     pub victim_tgid: u32,
     pub victim_comm: [u8; TASK_COMM_LEN],
     pub victim_oom_score_adj: i32,
-    /// The victim's pid in its own pid namespace (1 for a container's main process).
+    /// The victim process's pid (its thread group leader's) in its own pid namespace (1 for a
+    /// container's main process).
     pub victim_ns_pid: u32,
     pub rss_anon_pages: u64,
     pub rss_file_pages: u64,

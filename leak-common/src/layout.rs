@@ -211,13 +211,24 @@ pub struct Layout {
     /// Offset of `pid` in the classic `oom:mark_victim` trace record (from its `format` file).
     pub tp_mark_victim_pid: u32,
     pub _pad: u32,
+    // The thread group: the process's leader, and its threads in `for_each_thread` order.
+    pub task_group_leader: u32,
+    /// `task_struct.thread_node`, linked into `signal_struct.thread_head` (3.14+).
+    pub task_thread_node: u32,
+    pub signal_thread_head: u32,
+    /// Offsets of `sig`, `code` and `pid` in the classic `signal:signal_generate` trace record
+    /// (from its `format` file); [`Layout::ABSENT`] where it has none.
+    pub tp_signal_generate_sig: u32,
+    pub tp_signal_generate_code: u32,
+    pub tp_signal_generate_pid: u32,
 }
 
 impl Layout {
     pub const ABSENT: u32 = u32::MAX;
 }
 
-const _: () = assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1) * 4);
+const _: () =
+    assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1 + 6) * 4);
 
 #[cfg(feature = "user")]
 // SAFETY: `Layout` is `#[repr(C)]`, made only of `u32`s, with no padding and no invalid bit

@@ -57,6 +57,12 @@ pub(crate) static LAYOUT: Layout = Layout {
     mark_victim_has_task: 0,
     tp_mark_victim_pid: 0,
     _pad: 0,
+    task_group_leader: 0,
+    task_thread_node: 0,
+    signal_thread_head: 0,
+    tp_signal_generate_sig: 0,
+    tp_signal_generate_code: 0,
+    tp_signal_generate_pid: 0,
 };
 
 /// Reads one layout value. Volatile, so the compiler cannot fold the zero initialiser.

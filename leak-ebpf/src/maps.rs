@@ -20,11 +20,18 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static OOM_CONTEXT: HashMap<u32, OomContext> = HashMap::with_max_entries(1024, 0);
 
-/// The task each thread last sent SIGKILL to, where the BTF tracepoint `mark_victim` gives a
-/// bare pid and nothing else names the victim: the OOM killer sends SIGKILL to a victim just
-/// before marking it, on the same thread.
+/// The task each thread last sent the kernel's SIGKILL to (tp_btf): the OOM killer sends
+/// SIGKILL to a victim just before marking it, on the same thread, but not to a victim that was
+/// already exiting. It tells a kill from a mere mark, and names the victim's task where the BTF
+/// tracepoint `mark_victim` gives a bare pid.
 #[map]
 pub static SIGKILLED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
+
+/// The thread id each thread last sent the kernel's SIGKILL to, from the classic tracepoint
+/// `signal:signal_generate` (which names its target by pid only): the kill witness of the
+/// classic tracepoint mode.
+#[map]
+pub static SIGKILLED_PID: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
 
 /// Charge-path samples (`ChargeSample`), apart from the kills so that a burst of samples can
 /// never crowd a kill out. Userspace may resize it before load.

@@ -3,7 +3,9 @@
 //! Every victim is reported from `oom:mark_victim` (BTF or classic tracepoint), which the kernel
 //! fires once per victim, group kills (`memory.oom.group`) included. Where the kernel lets us
 //! hook `oom_kill_process` itself (fentry or kprobe), its entry records the `oom_control` for
-//! the thread and the victim report picks it up; its exit forgets it.
+//! the thread and the victim report picks it up; its exit forgets it. A kill witness
+//! (`__oom_kill_process`, or the SIGKILL it sends) tells a kill from a victim marked only
+//! because it was already exiting (`task_will_free_mem`), which the kernel does not kill.
 
 use aya_ebpf::{
     helpers::{
@@ -30,7 +32,7 @@ use crate::{
         layout, memcg_cgroup_id, memcg_state, parent_memcg, read, read_into, read_str_into,
         state_item, task_memcg,
     },
-    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED},
+    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED, SIGKILLED_PID},
 };
 
 #[fentry(function = "oom_kill_process")]
@@ -75,8 +77,8 @@ pub fn oom_report_kprobe(_ctx: ProbeContext) -> u32 {
 }
 
 /// `__oom_kill_process(victim, message)` kills one task: the chosen victim, then each member of
-/// a group kill. Attached only where `oom:mark_victim` gives a bare pid (kernels without the
-/// task prototype), so that every member's task is known when its `mark_victim` fires.
+/// a group kill. The kill witness of the fentry and kprobe modes (a victim marked outside it was
+/// not killed), and where `oom:mark_victim` gives a bare pid it names every member's task.
 #[fentry(function = "__oom_kill_process")]
 pub fn oom_victim_fentry(ctx: FEntryContext) -> i32 {
     remember_killing(ctx.arg(0));
@@ -91,16 +93,45 @@ pub fn oom_victim_kprobe(ctx: ProbeContext) -> u32 {
     0
 }
 
+const SIGKILL: i32 = 9;
+/// `SEND_SIG_PRIV`: the siginfo of a signal the kernel itself sends, as `__oom_kill_process`
+/// sends its SIGKILL; `SI_KERNEL` is the code the classic tracepoint records for it.
+const SEND_SIG_PRIV: u64 = 1;
+const SI_KERNEL: i32 = 0x80;
+
 /// `signal:signal_generate(sig, info, task, group, result)`: `__oom_kill_process` sends SIGKILL
-/// to each victim right before marking it. Attached only in tp_btf mode where `mark_victim`
-/// gives a bare pid, so that group-kill members are read in the kernel there too.
+/// to each victim right before marking it: the kill witness of tp_btf mode, and where
+/// `mark_victim` gives a bare pid the name of every group-kill member's task. `result` is not
+/// looked at: the kernel counted the kill before sending, whether SIGKILL was already pending
+/// or not.
 #[btf_tracepoint(function = "signal_generate")]
 pub fn signal_generate_btf(ctx: BtfTracePointContext) -> i32 {
-    const SIGKILL: i32 = 9;
     let sig = ctx.arg::<u64>(0) as i32;
-    if sig == SIGKILL {
+    if sig == SIGKILL && ctx.arg::<u64>(1) == SEND_SIG_PRIV {
         let task: u64 = ctx.arg(2);
         let _ = SIGKILLED.insert(current_tid(), task, 0);
+    }
+    0
+}
+
+/// The classic `signal:signal_generate`: the kill witness of the classic tracepoint mode, by
+/// pid (the fields' offsets come from its format file).
+#[tracepoint(category = "signal", name = "signal_generate")]
+pub fn signal_generate_tracepoint(ctx: TracePointContext) -> u32 {
+    let field = |offset: u32| -> Option<i32> {
+        if offset == Layout::ABSENT {
+            return None;
+        }
+        // SAFETY: the offset comes from the tracepoint's own format file and points at an
+        // `int` (`pid_t` for the pid).
+        unsafe { ctx.read_at::<i32>(offset as usize) }.ok()
+    };
+    if field(layout!(tp_signal_generate_sig)) == Some(SIGKILL)
+        && field(layout!(tp_signal_generate_code)) == Some(SI_KERNEL)
+    {
+        if let Some(pid) = field(layout!(tp_signal_generate_pid)) {
+            let _ = SIGKILLED_PID.insert(current_tid(), pid as u32, 0);
+        }
     }
     0
 }
@@ -180,19 +211,25 @@ fn forget_oom_control() {
 }
 
 /// Finds the victim's `task_struct` when the hook only gives its pid: the OOM killer often
-/// kills the very task that failed to allocate, `__oom_kill_process` names the task it is
+/// kills the process that failed to allocate, `__oom_kill_process` names the task it is
 /// killing, `oom_kill_process` told us its choice, and the SIGKILL just sent names its target.
+/// The thread marked may be another of that process than the one named (`find_lock_task_mm`),
+/// so each candidate's threads are looked at too.
 #[inline(always)]
 fn find_victim_task(pid: u32) -> u64 {
-    let current = current_task();
-    if read::<u32>(current, layout!(task_pid)) == Ok(pid) {
+    // The task that ran out of memory, or another thread of its process.
+    let current = thread_with_pid(current_task(), pid);
+    if current != 0 {
         return current;
     }
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
+        // `__oom_kill_process` marks the first thread of its victim that still has an mm
+        // (`find_lock_task_mm`): another thread than the one named when the leader has exited.
         for task in [context.killing, context.chosen] {
-            if task != 0 && read::<u32>(task, layout!(task_pid)) == Ok(pid) {
-                return task;
+            let thread = thread_with_pid(task, pid);
+            if thread != 0 {
+                return thread;
             }
         }
     }
@@ -205,7 +242,69 @@ fn find_victim_task(pid: u32) -> u64 {
     0
 }
 
+/// How many threads of a process [`thread_with_pid`] looks at. The thread the OOM killer marks
+/// is the first in `for_each_thread` order that still has an mm: the leader, or one of the
+/// first few threads after it (exited threads leave the list).
+const THREADS_WALKED: u32 = 32;
+
+/// `task` if its pid is `pid`, else the thread of its process with that pid, walking
+/// `task->signal->thread_head` (bounded); 0 when there is none.
+#[inline(always)]
+fn thread_with_pid(task: u64, pid: u32) -> u64 {
+    if task == 0 {
+        return 0;
+    }
+    if read::<u32>(task, layout!(task_pid)) == Ok(pid) {
+        return task;
+    }
+    let Ok(signal) = read::<u64>(task, layout!(task_signal)) else {
+        return 0;
+    };
+    let head = signal + layout!(signal_thread_head) as u64;
+    let thread_node = layout!(task_thread_node) as u64;
+    let mut node = read::<u64>(head, 0).unwrap_or(head);
+    for _ in 0..THREADS_WALKED {
+        if node == head || node < thread_node {
+            return 0;
+        }
+        let thread = node - thread_node;
+        if read::<u32>(thread, layout!(task_pid)) == Ok(pid) {
+            return thread;
+        }
+        node = read::<u64>(node, 0).unwrap_or(head);
+    }
+    0
+}
+
+/// Whether this thread just killed the victim, by whichever kill witness is attached (only
+/// the attached one fills its map): `__oom_kill_process` is killing the victim's process, or
+/// this thread's last kernel SIGKILL went to the victim. Each witness's note is used once.
+#[inline(always)]
+fn witnessed_kill(victim: u64, victim_pid: u32) -> bool {
+    let tid = current_tid();
+    let mut killed = false;
+    let victim_tgid = read::<u32>(victim, layout!(task_tgid));
+    // SAFETY: the value is plain data, copied out before the map can change.
+    if let Some(context) = unsafe { OOM_CONTEXT.get(tid) } {
+        killed |=
+            victim_tgid.is_ok() && read::<u32>(context.killing, layout!(task_tgid)) == victim_tgid;
+    }
+    // SAFETY: as above.
+    if let Some(&task) = unsafe { SIGKILLED.get(tid) } {
+        killed |=
+            task != 0 && (task == victim || read::<u32>(task, layout!(task_pid)) == Ok(victim_pid));
+        let _ = SIGKILLED.remove(tid);
+    }
+    // SAFETY: as above.
+    if let Some(&pid) = unsafe { SIGKILLED_PID.get(tid) } {
+        killed |= pid == victim_pid;
+        let _ = SIGKILLED_PID.remove(tid);
+    }
+    killed
+}
+
 fn report_victim(hook: u32, victim: u64, victim_pid: u32) {
+    let killed = witnessed_kill(victim, victim_pid);
     let Some(mut entry) = EVENTS.reserve::<OomKillEvent>(0) else {
         count(counter::LOST_EVENTS);
         return;
@@ -217,6 +316,9 @@ fn report_victim(hook: u32, victim: u64, victim_pid: u32) {
     unsafe {
         core::ptr::write_bytes(event, 0, 1);
         fill_event(&mut *event, hook, victim, victim_pid);
+        if killed {
+            (*event).flags |= flags::KILLED;
+        }
     }
     entry.submit(0);
 }
@@ -301,7 +403,13 @@ fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
     let comm = task + layout!(task_comm) as u64;
     // SAFETY: `victim_comm` is TASK_COMM_LEN writable bytes, borrowed mutably for the call.
     let _ = unsafe { read_into(event.victim_comm.as_mut_ptr(), TASK_COMM_LEN as u32, comm) };
-    if let Some(ns_pid) = namespace_pid(task) {
+    // The process's pid in its namespace, as its leader holds it: the marked thread may be
+    // another one (`find_lock_task_mm` when the leader has exited).
+    let leader = match read::<u64>(task, layout!(task_group_leader)) {
+        Ok(leader) if leader != 0 => leader,
+        _ => task,
+    };
+    if let Some(ns_pid) = namespace_pid(leader) {
         event.victim_ns_pid = ns_pid;
         *event_flags |= flags::NS_PID_VALID;
     }

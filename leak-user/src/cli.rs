@@ -242,6 +242,10 @@ pub struct WorkloadArgs {
     /// Stop leaking after this many bytes and keep running (default: leak until killed).
     #[arg(long, value_parser = parse_bytes)]
     pub max_bytes: Option<u64>,
+    /// Leak from a worker thread while the main thread exits: the OOM killer then marks that
+    /// other thread (the process's leader has no memory left to point at).
+    #[arg(long)]
+    pub leader_exits: bool,
 }
 
 /// A listen address, or `off`.

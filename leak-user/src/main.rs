@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
             file: args.file,
             listen: args.listen.0,
             max_bytes: args.max_bytes,
+            leader_exits: args.leader_exits,
         })
         .await
         .context("leak workload")?,

@@ -12,7 +12,7 @@ use leak_user::{
     experiment::demo::DemoKills,
     kernel::kmsg::{self, Kmsg, OomReport},
     model::{
-        kill::{CauseKind, CgroupState, Constraint, Kill, OomAttribution},
+        kill::{CauseKind, CgroupState, Constraint, Kill, NotKilledReason, OomAttribution},
         timeline::{Point, SampleKind},
     },
 };
@@ -208,10 +208,11 @@ fn run_until_killed(attach: &str, victim: &Cgroup, spawn: impl FnOnce() -> Proce
 
     let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
     let mut workload_process = spawn();
-    let pid = workload_process.pid();
     wait_for_oom_kill(&mut workload_process, Duration::from_secs(120));
 
-    let kill = agent.wait_for_kill(pid);
+    // By cgroup: what `spawn` started may be a relay outside a pid namespace.
+    let kill = agent.wait_for_kill_in(&victim.relative);
+    let pid = kill.victim_pid;
     let mut seen = Vec::new();
     let report = report_for(&mut kmsg, &mut seen, pid);
     // Per-cgroup counters are brought up to the kernel's once a second: wait (with a generous
@@ -279,6 +280,18 @@ fn check_against_kernel(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup)
 
 /// [`check_against_kernel`] for a victim named `comm`.
 fn check_against_kernel_as(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgroup, comm: &str) {
+    // The workload is not pid 1 of a pid namespace: outside a container, not a main process.
+    check_victim_against_kernel(outcome, victim, oom_cgroup, comm, Some(false));
+}
+
+/// [`check_against_kernel_as`] for a victim whose `main_process` is `main_process`.
+fn check_victim_against_kernel(
+    outcome: &Outcome,
+    victim: &Cgroup,
+    oom_cgroup: &Cgroup,
+    comm: &str,
+    main_process: Option<bool>,
+) {
     let Outcome {
         kill,
         report,
@@ -357,9 +370,15 @@ fn check_against_kernel_as(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgro
     );
     check_victim_rss(kill, report);
 
+    let main_label = match main_process {
+        Some(true) => "true",
+        Some(false) => "false",
+        None => "",
+    };
     let counter = format!(
         "leak_oom_kills_total{{cause=\"{2}\",cgroup=\"{0}\",constraint=\"memcg\",\
-         container=\"\",main_process=\"false\",namespace=\"\",oom_cgroup=\"{1}\",pod=\"\"}}",
+         container=\"\",main_process=\"{main_label}\",namespace=\"\",oom_cgroup=\"{1}\",\
+         pod=\"\"}}",
         victim.relative,
         oom_cgroup.relative,
         cause_label(kill)
@@ -380,8 +399,16 @@ fn check_against_kernel_as(outcome: &Outcome, victim: &Cgroup, oom_cgroup: &Cgro
         "missing `{gauge} {}` in\n{metrics}",
         kill.working_set_bytes
     );
-    // The workload is not pid 1 of a pid namespace: outside a container, not a main process.
-    assert_eq!(kill.main_process, Some(false), "{kill:#?}");
+    assert_eq!(kill.main_process, main_process, "{kill:#?}");
+    // A real kill, seen as one, and counted as the kernel counts its cgroup's kills.
+    assert_eq!(kill.killed, Some(true), "{kill:#?}");
+    assert_eq!(kill.not_killed_reason, None);
+    assert_eq!(
+        agent_oom_kills(metrics, &victim.relative),
+        kernel_oom_kills(victim),
+        "leak_oom_kills_total of {} against the kernel's oom_kill:\n{metrics}",
+        victim.relative
+    );
 }
 
 /// The victim's anonymous rss against the kernel's `Killed process ... anon-rss:` (printed just
@@ -552,6 +579,271 @@ fn limit_on_parent_with(hierarchy: &MemoryHierarchy, attach: &str) {
     assert!(!cgroups[0].hit_limit);
     assert_eq!(cgroups[1].path, parent.relative);
     assert!(cgroups[1].hit_limit);
+}
+
+/// A container's main process (pid 1 of its pid namespace) whose main thread exits while a
+/// worker thread leaks. The OOM killer chooses the process by its leader, which has no mm left,
+/// and kills and marks the first thread that still has it (`find_lock_task_mm`), not the one
+/// that ran out of memory: the kill is still the main process's, and where `mark_victim`
+/// gives a bare pid the fentry, kprobe and tp_btf modes still find the marked thread's task.
+fn leader_exits_with(hierarchy: &MemoryHierarchy, attach: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = limited(hierarchy, &format!("leak-e2e-leader-{attach}"));
+    let outcome = run_until_killed(attach, &cgroup, || {
+        let mut command = std::process::Command::new(leak_bin());
+        command.args(["workload", "--leader-exits"]).args(FAST_ANON);
+        spawn_command_as_init_in(&cgroup, command)
+    });
+    let kill = &outcome.kill;
+    let report = &outcome.report;
+    // The kernel chose the process (its leader, named in the summary line) and killed another
+    // thread of it.
+    assert_eq!(report.task.as_deref(), Some("leak"), "{report:?}");
+    assert!(
+        report.killed.contains(&kill.victim_tid),
+        "the kernel killed {:?}, the snapshot names thread {}",
+        report.killed,
+        kill.victim_tid
+    );
+    assert_ne!(report.pid, Some(kill.victim_tid), "{report:?}");
+    // Read in the kernel in every mode, the classic tracepoint's bare pid included: the
+    // marked thread belongs to the process whose thread ran out of memory.
+    assert!(kill.victim_task_resolved, "{kill:#?}");
+    assert_eq!(report.pid, Some(kill.victim_pid), "{report:?}");
+    assert_eq!(kill.victim_ns_pid, Some(1), "{kill:#?}");
+    let comm = kill.victim_comm.clone().unwrap_or_default();
+    check_victim_against_kernel(&outcome, &cgroup, &cgroup, &comm, Some(true));
+    eprintln!(
+        "[{attach} -> {}] leader {} exited; the kernel marked thread {} ({comm}), resolved in \
+         the kernel: {}",
+        outcome.mode, kill.victim_pid, kill.victim_tid, kill.victim_task_resolved
+    );
+}
+
+/// A filesystem frozen for one scenario (`FIFREEZE`, as `fsfreeze -f` does), thawed on drop:
+/// until then a write to it sleeps uninterruptibly, even with SIGKILL pending. The test VMs
+/// freeze their own test disk (`$LEAK_TEST_DISK_DIR`, a filesystem of its own that nothing
+/// else uses); elsewhere a small ext4 image is mounted on a loop device and removed afterwards.
+struct FrozenFs {
+    dir: std::path::PathBuf,
+    /// The image and its mount point, when the filesystem was made for the scenario.
+    image: Option<TempDir>,
+    frozen: bool,
+}
+
+/// `FIFREEZE` and `FITHAW` (`_IOWR('X', 119, int)`, `_IOWR('X', 120, int)`).
+const FIFREEZE: u64 = 0xc004_5877;
+const FITHAW: u64 = 0xc004_5878;
+
+impl FrozenFs {
+    /// A writable filesystem, not frozen yet.
+    fn new(name: &str) -> Self {
+        if let Some(dir) = std::env::var_os("LEAK_TEST_DISK_DIR").map(std::path::PathBuf::from) {
+            let device = |path: &std::path::Path| {
+                std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(path).expect("stat"))
+            };
+            let parent = dir.parent().unwrap_or(std::path::Path::new("/"));
+            assert_ne!(
+                device(&dir),
+                device(parent),
+                "{} is not a filesystem of its own: it cannot be frozen for a test",
+                dir.display()
+            );
+            return Self {
+                dir,
+                image: None,
+                frozen: false,
+            };
+        }
+        let image = TempDir::new(name).unwrap_or_else(|err| panic!("{err}"));
+        let file = image.path().join("ext4.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("create the ext4 image");
+        let run = |command: &mut std::process::Command| {
+            let status = command
+                .status()
+                .unwrap_or_else(|err| panic!("{command:?}: {err}"));
+            assert!(status.success(), "{command:?}: {status}");
+        };
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&file));
+        let dir = image.path().join("mnt");
+        std::fs::create_dir(&dir).expect("mount point");
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&file)
+            .arg(&dir));
+        Self {
+            dir,
+            image: Some(image),
+            frozen: false,
+        }
+    }
+
+    fn ioctl(&self, request: u64) -> std::io::Result<()> {
+        let dir = std::fs::File::open(&self.dir)?;
+        // SAFETY: FIFREEZE and FITHAW take no argument memory; the descriptor is open.
+        let result = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                request as libc::Ioctl,
+                0,
+            )
+        };
+        match result {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
+
+    fn freeze(&mut self) {
+        self.ioctl(FIFREEZE)
+            .unwrap_or_else(|err| panic!("freeze {}: {err}", self.dir.display()));
+        self.frozen = true;
+    }
+
+    fn thaw(&mut self) {
+        if std::mem::take(&mut self.frozen) {
+            if let Err(err) = self.ioctl(FITHAW) {
+                eprintln!("warning: cannot thaw {}: {err}", self.dir.display());
+            }
+        }
+    }
+}
+
+impl Drop for FrozenFs {
+    fn drop(&mut self) {
+        self.thaw();
+        if self.image.is_some() {
+            let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        } else {
+            let _ = std::fs::remove_file(self.dir.join(EXITING_FILE));
+        }
+    }
+}
+
+const EXITING_FILE: &str = "leak-e2e-exiting";
+
+/// The state letter of `/proc/<pid>/stat` and the syscall it is in (`/proc/<pid>/syscall`).
+fn task_state(pid: u32) -> Option<(char, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit_once(") ")?.1.chars().next()?;
+    let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    let number = syscall.split_whitespace().next()?.to_owned();
+    Some((state, number))
+}
+
+/// The kernel's `Killed process <pid> (` lines for `pid` in what `kmsg` logged since it opened.
+fn killed_lines(seen: &[String], pid: u32) -> usize {
+    let needle = format!("Killed process {pid} (");
+    seen.iter().filter(|line| line.contains(&needle)).count()
+}
+
+/// The OOM killer chooses a process that is already exiting (SIGKILL pending, its only thread
+/// stuck in a write to a frozen filesystem, its memory still charged): `task_will_free_mem`
+/// holds, so the kernel marks it (`oom:mark_victim` fires) and queues the OOM reaper, but
+/// sends no SIGKILL and counts no `oom_kill`. The agent must say `killed: false` (reason
+/// `exiting`) and leave it out of `leak_oom_kills_total`; the allocating process, chosen next
+/// once the reaper freed the first, is a real kill. The kernel's `oom_kill` counter and its
+/// `Killed process` lines are the ground truth.
+fn exiting_victim_with(hierarchy: &MemoryHierarchy, attach: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = limited(hierarchy, &format!("leak-e2e-exiting-{attach}"));
+    // Declared before the filesystem, so killed (and waited for) only once it is thawed.
+    let mut stuck: Option<Process> = None;
+    let mut fs = FrozenFs::new(&format!("leak-e2e-frozen-{attach}"));
+    let file = fs.dir.join(EXITING_FILE);
+    std::fs::write(&file, b"").expect("create the file to write");
+    let mut agent = Agent::start(&["--attach", attach]);
+    let mode = reported_mode(&agent, attach);
+    let mut kmsg = Kmsg::open_at_end().expect("open /dev/kmsg");
+
+    // The file is opened before the freeze (opening for write waits on a frozen filesystem
+    // too); then 40 MiB are filled and written to it, and the write sleeps until the thaw.
+    let script = format!(
+        "exec 3>>{} && read go && exec dd if=/dev/zero bs=40M count=1 >&3",
+        file.display()
+    );
+    let mut command = std::process::Command::new("sh");
+    command
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped());
+    let process = stuck.insert(spawn_command_in(&cgroup, command));
+    let pid = process.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    fs.freeze();
+    {
+        use std::io::Write as _;
+        let stdin = process.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"go\n").expect("start dd");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // `D` in write(2) (syscall 1 on x86_64).
+    while task_state(pid) != Some(('D', "1".to_owned())) {
+        assert!(
+            Instant::now() < deadline,
+            "dd never slept in its write: {:?}",
+            task_state(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    set_oom_score_adj(pid, 1000);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        task_state(pid).map(|(state, _)| state),
+        Some('D'),
+        "SIGKILL must not wake a write to a frozen filesystem"
+    );
+    assert_eq!(kernel_oom_kills(&cgroup), 0);
+
+    let mut leaker = spawn_in(&cgroup, FAST_ANON);
+    let leaker_pid = leaker.pid();
+    wait_for_oom_kill(&mut leaker, Duration::from_secs(120));
+    let exiting = agent.wait_for_kill(pid);
+    let killed = agent.wait_for_kill(leaker_pid);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while killed_lines(&seen, leaker_pid) == 0 && Instant::now() < deadline {
+        seen.extend(kmsg.read_new().expect("read /dev/kmsg"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = agent.page("/metrics");
+    check_attach_info(&metrics, attach, &mode, false);
+    fs.thaw();
+
+    // The kernel: one kill, the leaker's; the exiting process was never `Killed`.
+    assert_eq!(killed_lines(&seen, leaker_pid), 1, "{seen:#?}");
+    assert_eq!(killed_lines(&seen, pid), 0, "{seen:#?}");
+    assert_eq!(kernel_oom_kills(&cgroup), 1);
+    // The agent: the same.
+    assert_eq!(exiting.cgroup, cgroup.relative, "{exiting:#?}");
+    assert_eq!(
+        (exiting.killed, exiting.not_killed_reason),
+        (Some(false), Some(NotKilledReason::Exiting)),
+        "{exiting:#?}"
+    );
+    assert_eq!(exiting.victim_comm.as_deref(), Some("dd"), "{exiting:#?}");
+    assert_eq!(
+        (killed.killed, killed.not_killed_reason),
+        (Some(true), None)
+    );
+    assert_eq!(agent_oom_kills(&metrics, &cgroup.relative), 1, "{metrics}");
+    let exiting_series = format!(
+        "leak_oom_victims_exiting_total{{cgroup=\"{0}\",container=\"\",namespace=\"\",\
+         oom_cgroup=\"{0}\",pod=\"\"}}",
+        cgroup.relative
+    );
+    assert_eq!(sample(&metrics, &exiting_series), Some(1.0), "{metrics}");
+    assert!(agent.stop().success());
+    eprintln!(
+        "[{attach} -> {mode}] pid {pid} marked while exiting (killed {:?}, resolved {}), pid \
+         {leaker_pid} killed; the kernel's oom_kill: 1",
+        exiting.killed, exiting.victim_task_resolved
+    );
 }
 
 /// A tmpfs mounted for one scenario, unmounted (its pages freed) on drop.
@@ -823,6 +1115,8 @@ fn group_kill_with(hierarchy: &MemoryHierarchy, attach: &str) {
         assert_eq!(kill.cgroup, cgroup.relative);
         assert_eq!(kill.oom_cgroup.as_deref(), Some(cgroup.relative.as_str()));
         assert_eq!(kill.limit_bytes, Some(LIMIT));
+        // Each member is killed by `__oom_kill_process`, with its own SIGKILL.
+        assert_eq!(kill.killed, Some(true), "{kill:#?}");
         if task_in_kernel {
             let victim = format!(
                 "pid {} (thread {}, {:?}) via {}",
@@ -840,7 +1134,26 @@ fn group_kill_with(hierarchy: &MemoryHierarchy, attach: &str) {
         let reports = all.iter().filter(|k| k.victim_pid == *pid).count();
         assert_eq!(reports, 1, "pid {pid} reported {reports} times");
     }
-    check_attach_info(&agent.page("/metrics"), attach, &mode, false);
+    let metrics = agent.page("/metrics");
+    check_attach_info(&metrics, attach, &mode, false);
+    // At least one kill per member, never more than the kernel counted: its walk of the group
+    // meets the chosen victim again and `__oom_kill_process` counts it again while it still
+    // has its mm, marking another of its threads if the first one already let go of it (a
+    // second report, merged with the first unless the classic tracepoint, given a bare pid,
+    // can name the thread's process neither in the kernel nor in procfs).
+    let (ours, kernel) = (
+        agent_oom_kills(&metrics, &cgroup.relative),
+        kernel_oom_kills(&cgroup),
+    );
+    eprintln!(
+        "[{attach} -> {mode}] group kill of {} members: leak_oom_kills_total {ours}, the \
+         kernel's oom_kill {kernel}",
+        pids.len()
+    );
+    assert!(
+        ours >= pids.len() as u64 && ours <= kernel,
+        "{ours} kills counted, the kernel counted {kernel}:\n{metrics}"
+    );
     assert!(agent.stop().success());
 }
 
@@ -1121,6 +1434,22 @@ fn rate_limited_report_storm() {
         return;
     };
     for_each_mode(&hierarchy, rate_limited_report_storm_with);
+}
+
+#[test]
+fn leader_exits() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    for_each_mode(&hierarchy, leader_exits_with);
+}
+
+#[test]
+fn exiting_victim_is_not_a_kill() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    for_each_mode(&hierarchy, exiting_victim_with);
 }
 
 #[test]

@@ -246,6 +246,7 @@ pub(super) async fn run(
             options.rootfs.clone(),
             page_size,
             probes.mode().as_str(),
+            probes.kill_witness(),
         )
         .with_freshness(freshness)
         .numbering_after(persistence.first_seq),

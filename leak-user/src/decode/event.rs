@@ -79,6 +79,9 @@ pub struct KillRecord {
     /// The kernel's report of this OOM flushed the memcg statistics before the kill; `None`
     /// when the `oom_control` was not captured (the report is hooked only with it).
     pub stats_flushed: Option<bool>,
+    /// The kill witness saw the OOM killer kill this victim (meaningful only where a witness
+    /// is attached: otherwise always false).
+    pub killed: bool,
 }
 
 impl KillRecord {
@@ -225,6 +228,7 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
         chain_truncated: has(flags::CHAIN_TRUNCATED),
         failcnt_v1_only: has(flags::FAILCNT_V1_ONLY),
         stats_flushed: has(flags::HAS_OOM_CONTROL).then_some(has(flags::STATS_FLUSHED)),
+        killed: has(flags::KILLED),
     })
 }
 
@@ -288,7 +292,8 @@ pub(crate) mod fixtures {
             flags: flags::VICTIM_TASK
                 | flags::FAILCNT_VALID
                 | flags::RSS_VALID
-                | flags::NS_PID_VALID,
+                | flags::NS_PID_VALID
+                | flags::KILLED,
             victim_pid: 4242,
             victim_tgid: 4242,
             victim_comm: comm("leak"),

@@ -4,7 +4,10 @@
 use crate::{
     decode::{KillRecord, MemcgRecord},
     model::{
-        kill::{CgroupState, Constraint, Kill, OomAttribution, OomControl, StatsFreshness},
+        kill::{
+            CgroupState, Constraint, Kill, NotKilledReason, OomAttribution, OomControl,
+            StatsFreshness,
+        },
         kubernetes::WorkloadNames,
         memory::{cause, working_set_bytes, CHARGE_SLACK_PAGES},
         time::rfc3339,
@@ -31,6 +34,8 @@ pub struct KillContext<'a> {
     /// limit-hit counter is served: `memory.events` on v2, `failcnt` on v1 (and on v2 where
     /// the kernel still counts it).
     pub cgroup_v2: Option<bool>,
+    /// Whether a kill witness is attached, so that the record's `killed` bit means something.
+    pub kill_witness: bool,
 }
 
 /// Which level of the chain hit its limit, when `oom_control` is not available: the nearest
@@ -149,6 +154,7 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
     let unix_ns = i128::from(record.boot_ns) + context.realtime_offset_ns;
     let unix_ns = u128::try_from(unix_ns).unwrap_or(0);
     let (stats_flushed, stats_max_age_ms) = context.freshness.of(record.stats_flushed);
+    let killed = context.kill_witness.then_some(record.killed);
 
     Kill {
         seq: context.seq,
@@ -196,6 +202,8 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
         victim_timeline: None,
         story: None,
         victim_task_resolved: record.victim_task_resolved,
+        killed,
+        not_killed_reason: (killed == Some(false)).then_some(NotKilledReason::Exiting),
         cgroups_truncated: record.chain_truncated,
         stats_flushed,
         stats_max_age_ms,

@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     decode::event::fixtures::{event, level, record, PAGE, UNLIMITED},
     enrich::{dedup::VictimDedup, procfs::fill_from_procfs},
-    model::kill::{CauseKind, OomAttribution as Attribution},
+    model::kill::{CauseKind, NotKilledReason, OomAttribution as Attribution},
 };
 
 fn context() -> KillContext<'static> {
@@ -16,6 +16,7 @@ fn context() -> KillContext<'static> {
         freshness: StatsFreshness::default(),
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
+        kill_witness: true,
     }
 }
 
@@ -190,9 +191,16 @@ fn a_later_member_of_the_same_oom_inherits_its_cgroup() {
 /// A kill whose victim the kernel program named by thread id alone, completed from a fake
 /// procfs holding `/proc/<tid>/status`.
 fn named_from_procfs(tid: u32, status: &str) -> Kill {
+    named_from_fake_procfs(tid, &[(tid, status)])
+}
+
+/// The same, from a fake procfs holding `/proc/<pid>/status` for each of `files`.
+fn named_from_fake_procfs(tid: u32, files: &[(u32, &str)]) -> Kill {
     let root = std::env::temp_dir().join(format!("leak-procfs-{tid}-{}", std::process::id()));
-    std::fs::create_dir_all(root.join(tid.to_string())).unwrap();
-    std::fs::write(root.join(format!("{tid}/status")), status).unwrap();
+    for (pid, status) in files {
+        std::fs::create_dir_all(root.join(pid.to_string())).unwrap();
+        std::fs::write(root.join(format!("{pid}/status")), status).unwrap();
+    }
     let mut ev = event(&[level(30, "a", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)]);
     ev.flags &= !flags::VICTIM_TASK;
     ev.victim_pid = tid;
@@ -214,12 +222,60 @@ fn an_unresolved_victim_is_named_from_procfs() {
 }
 
 #[test]
+fn an_unresolved_victim_is_its_namespace_main_process_by_its_leader() {
+    // A worker thread marked while the leader, pid 1 of its namespace, has exited.
+    let kill = named_from_fake_procfs(
+        4243,
+        &[
+            (
+                4243,
+                "Name:\tworker\nTgid:\t4242\nPid:\t4243\nNSpid:\t4243\t7\n",
+            ),
+            (
+                4242,
+                "Name:\tleak\nTgid:\t4242\nPid:\t4242\nNSpid:\t4242\t1\n",
+            ),
+        ],
+    );
+    assert_eq!((kill.victim_pid, kill.victim_tid), (4242, 4243));
+    assert_eq!(kill.victim_ns_pid, Some(1));
+    assert_eq!(kill.main_process, Some(true));
+}
+
+#[test]
 fn a_victim_detached_from_its_pids_keeps_its_thread_id() {
     // Between the kill and the reap, /proc/<pid>/status of an exiting task reads `Tgid: 0`.
     let kill = named_from_procfs(224, "Name:\tleak\nTgid:\t0\nPid:\t0\n");
     assert_eq!((kill.victim_pid, kill.victim_tid), (224, 224));
     assert_eq!(kill.victim_tgid, None);
     assert_eq!(kill.victim_comm.as_deref(), Some("leak"));
+}
+
+#[test]
+fn a_victim_marked_without_the_witness_seeing_a_kill_was_exiting() {
+    let levels = [
+        level(31, "app", 16384, 16384, 0),
+        level(1, "", 20000, UNLIMITED, 0),
+    ];
+    let killed = build_kill(&event(&levels), &context(), &mut CgroupPaths::new(None));
+    assert_eq!(
+        (killed.killed, killed.not_killed_reason),
+        (Some(true), None)
+    );
+    let mut ev = event(&levels);
+    ev.flags &= !flags::KILLED;
+    let marked = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    assert_eq!(
+        (marked.killed, marked.not_killed_reason),
+        (Some(false), Some(NotKilledReason::Exiting))
+    );
+    // Without a witness attached nobody knows.
+    let blind = KillContext {
+        kill_witness: false,
+        ..context()
+    };
+    let unknown = build_kill(&ev, &blind, &mut CgroupPaths::new(None));
+    assert_eq!((unknown.killed, unknown.not_killed_reason), (None, None));
 }
 
 #[test]

@@ -40,16 +40,19 @@ pub struct Enricher {
     last_attribution: Option<(u32, u64, u64)>,
     cgroup_v2: Option<bool>,
     freshness: StatsFreshness,
+    kill_witness: bool,
 }
 
 impl Enricher {
     /// `memory` is the memory hierarchy's root directory and version, when one is mounted;
-    /// `rootfs` the node's root filesystem (for the kubelet's log directories).
+    /// `rootfs` the node's root filesystem (for the kubelet's log directories); `kill_witness`
+    /// whether a kill witness is attached (the probes say so).
     pub fn new(
         memory: Option<(PathBuf, cgroupfs::Version)>,
         rootfs: PathBuf,
         page_size: u64,
         attach_mode: &str,
+        kill_witness: bool,
     ) -> Self {
         let mut names = K8sNames::new(rootfs);
         if let Err(err) = names.refresh() {
@@ -69,6 +72,7 @@ impl Enricher {
             last_attribution: None,
             cgroup_v2,
             freshness: StatsFreshness::default(),
+            kill_witness,
         }
     }
 
@@ -106,6 +110,7 @@ impl Enricher {
                 })
                 .map(|(_, _, id)| id),
             cgroup_v2: self.cgroup_v2,
+            kill_witness: self.kill_witness,
         };
         let mut kill = assemble(record, &context, &mut self.paths);
         procfs::fill_from_procfs(&mut kill, &self.proc_root);

@@ -16,6 +16,8 @@ pub struct WorkloadOptions {
     pub listen: Option<SocketAddr>,
     /// Stop leaking (but keep running) after this many bytes; `None` leaks until killed.
     pub max_bytes: Option<u64>,
+    /// Leak from a worker thread while the main thread (the thread group leader) exits.
+    pub leader_exits: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum WorkloadError {
     Metrics(#[from] prometheus::Error),
     #[error("--chunk must be at least one byte")]
     EmptyChunk,
+    #[error("cannot start the leaking thread: {0}")]
+    Thread(std::io::Error),
 }
 
 struct WorkloadMetrics {
@@ -72,6 +76,47 @@ pub async fn run(options: WorkloadOptions) -> Result<(), WorkloadError> {
     if options.chunk == 0 {
         return Err(WorkloadError::EmptyChunk);
     }
+    match options.leader_exits {
+        true => leak_after_the_leader_exits(options),
+        false => leak(options).await,
+    }
+}
+
+/// Leaks from a thread of its own while the calling (main) thread exits on its own, leaving
+/// the process running without its leader's mm: the OOM killer chooses the process by its
+/// leader and kills (and marks) the first thread that still has the memory.
+fn leak_after_the_leader_exits(options: WorkloadOptions) -> Result<(), WorkloadError> {
+    // An idle thread ahead of the leaking one, so that the thread the kernel marks is not the
+    // one whose allocation ran the OOM killer.
+    std::thread::Builder::new()
+        .name("idle".into())
+        .spawn(|| loop {
+            std::thread::park();
+        })
+        .map_err(WorkloadError::Thread)?;
+    std::thread::Builder::new()
+        .name("leaker".into())
+        .spawn(move || {
+            let leaked = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(WorkloadError::Thread)
+                .and_then(|runtime| runtime.block_on(leak(options)));
+            if let Err(err) = leaked {
+                log::error!("{err}");
+                std::process::exit(1);
+            }
+        })
+        .map_err(WorkloadError::Thread)?;
+    info!("the main thread exits; leaking goes on in a worker thread");
+    loop {
+        // SAFETY: exit(2) ends the calling thread only and does not return, so nothing on this
+        // thread's stack is used again; the threads started above own everything they use.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+    }
+}
+
+async fn leak(options: WorkloadOptions) -> Result<(), WorkloadError> {
     let metrics = WorkloadMetrics::new()?;
     if let Some(addr) = options.listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -75,6 +75,11 @@ pub enum Refusal {
     #[error("{} has no `pid` field for the victim; use another attach mode", .path.display())]
     NoPidField { path: PathBuf },
     #[error(
+        "{} lacks one of the `sig`, `code` and `pid` fields the kill witness reads",
+        .path.display()
+    )]
+    NoSignalFields { path: PathBuf },
+    #[error(
         "the BPF object has no program `{program}`: the agent and its kernel programs are out of \
          step; rebuild leak"
     )]
@@ -238,8 +243,9 @@ pub trait Kernel {
 /// What the optional steps of a row depend on.
 #[derive(Clone, Copy, Debug)]
 pub struct Wants {
-    /// `oom:mark_victim` passes a bare pid, so [`Role::VictimTask`] steps are wanted.
-    pub victim_task: bool,
+    /// `oom:mark_victim` passes a bare pid, so the [`Role::KillWitness`] steps also name
+    /// group-kill members' tasks (for the warning when they cannot be attached).
+    pub bare_pid: bool,
     /// `--dense-samples`: [`Role::DenseSamples`] steps are wanted.
     pub dense_samples: bool,
 }
@@ -322,16 +328,20 @@ impl<'k, K: Kernel> Walker<'k, K> {
     fn attach_role(&mut self, step: &Step, loaded: &mut Vec<Program>) -> Result<(), Refusal> {
         match step.role {
             Role::Required => self.attach_step(step, loaded),
-            Role::VictimTask => {
-                if !self.wants.victim_task {
-                    return Ok(());
-                }
+            Role::KillWitness => {
                 if let Err(reason) = self.attach_step(step, loaded) {
                     let hook = step.choices.first().map_or("", |probe| probe.hook.name());
+                    let members = match self.wants.bare_pid {
+                        true => {
+                            "; oom:mark_victim gives only a pid here, so group-kill members \
+                             other than the chosen victim are named from procfs"
+                        }
+                        false => "",
+                    };
                     warn!(
-                        "oom:mark_victim gives only a pid here and {hook} cannot be hooked \
-                         ({reason}): group-kill members other than the chosen victim are named \
-                         from procfs"
+                        "{hook} cannot be hooked ({reason}): whether the OOM killer killed a \
+                         victim or only marked one that was already exiting is unknown \
+                         (`killed: null`){members}"
                     );
                 }
                 Ok(())
@@ -433,6 +443,8 @@ pub struct Loader<'a> {
     pub tracefs: Option<&'a Tracefs>,
     /// Whether `oom:mark_victim`'s format gave the offset of its `pid` field.
     pub mark_victim_pid_known: bool,
+    /// Whether `signal:signal_generate`'s format gave the offsets of `sig`, `code` and `pid`.
+    pub signal_generate_fields_known: bool,
 }
 
 impl Loader<'_> {
@@ -453,6 +465,9 @@ impl Loader<'_> {
         // gives; without it the program would report no victim.
         if hook == Hook::MarkVictim && !self.mark_victim_pid_known {
             return Err(Refusal::NoPidField { path });
+        }
+        if hook == Hook::SignalGenerate && !self.signal_generate_fields_known {
+            return Err(Refusal::NoSignalFields { path });
         }
         Ok(())
     }

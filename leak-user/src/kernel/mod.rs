@@ -162,6 +162,18 @@ impl Probes {
         {
             kernel_layout.tp_mark_victim_pid = offset;
         }
+        if let Some(format) = tracefs
+            .as_ref()
+            .and_then(|tracefs| tracefs.format(Hook::SignalGenerate))
+        {
+            let field = |name| layout::tracepoint_field_offset(&format, name);
+            if let (Some(sig), Some(code), Some(pid)) = (field("sig"), field("code"), field("pid"))
+            {
+                kernel_layout.tp_signal_generate_sig = sig;
+                kernel_layout.tp_signal_generate_code = code;
+                kernel_layout.tp_signal_generate_pid = pid;
+            }
+        }
         info!("kernel layout resolved from {}", options.btf_path.display());
         debug!("{kernel_layout:?}");
 
@@ -201,11 +213,12 @@ impl Probes {
             resolver: &resolver,
             tracefs: tracefs.as_ref(),
             mark_victim_pid_known: kernel_layout.tp_mark_victim_pid != Layout::ABSENT,
+            signal_generate_fields_known: kernel_layout.tp_signal_generate_pid != Layout::ABSENT,
         };
         let mut walker = Walker::new(
             &mut loader,
             Wants {
-                victim_task: kernel_layout.mark_victim_has_task != 1,
+                bare_pid: kernel_layout.mark_victim_has_task != 1,
                 dense_samples: options.dense_samples,
             },
         );
@@ -276,6 +289,14 @@ impl Probes {
     /// Whether the kernel keeps live memcg counters with nothing to flush (5.10 to 5.12).
     pub fn live_stat_counters(&self) -> bool {
         self.live_stat_counters
+    }
+
+    /// Whether a kill witness is attached (`__oom_kill_process` or `signal:signal_generate`):
+    /// then every kill says whether the OOM killer killed the victim or only marked it.
+    pub fn kill_witness(&self) -> bool {
+        self.attachments
+            .iter()
+            .any(|a| matches!(a.hook, Hook::OomKillVictim | Hook::SignalGenerate))
     }
 
     /// The ring buffer of OOM-kill events; can be taken once.

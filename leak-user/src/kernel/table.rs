@@ -52,6 +52,7 @@ pub enum Program {
     OomReportFentry,
     OomReportKprobe,
     SignalGenerateBtf,
+    SignalGenerateTracepoint,
     MarkVictimBtf,
     MarkVictimTracepoint,
     TryChargeFentry,
@@ -70,7 +71,7 @@ pub enum Program {
 }
 
 impl Program {
-    pub const ALL: [Self; 24] = [
+    pub const ALL: [Self; 25] = [
         Self::OomKillProcessFentry,
         Self::OomKillProcessFexit,
         Self::OomKillProcessKprobe,
@@ -80,6 +81,7 @@ impl Program {
         Self::OomReportFentry,
         Self::OomReportKprobe,
         Self::SignalGenerateBtf,
+        Self::SignalGenerateTracepoint,
         Self::MarkVictimBtf,
         Self::MarkVictimTracepoint,
         Self::TryChargeFentry,
@@ -108,6 +110,7 @@ impl Program {
             Self::OomReportFentry => "oom_report_fentry",
             Self::OomReportKprobe => "oom_report_kprobe",
             Self::SignalGenerateBtf => "signal_generate_btf",
+            Self::SignalGenerateTracepoint => "signal_generate_tracepoint",
             Self::MarkVictimBtf => "mark_victim_btf",
             Self::MarkVictimTracepoint => "mark_victim_tracepoint",
             Self::TryChargeFentry => "try_charge_fentry",
@@ -151,7 +154,9 @@ impl Program {
             | Self::MarkVictimBtf
             | Self::LruvecStateBtf
             | Self::ReclaimBeginBtf => ProgramKind::BtfTracePoint,
-            Self::MarkVictimTracepoint | Self::ReclaimBeginTracepoint => ProgramKind::TracePoint,
+            Self::MarkVictimTracepoint
+            | Self::SignalGenerateTracepoint
+            | Self::ReclaimBeginTracepoint => ProgramKind::TracePoint,
         }
     }
 }
@@ -231,14 +236,14 @@ pub enum Need {
 pub enum Hook {
     /// `oom_kill_process(oc, message)`: one OOM decision, with its `struct oom_control`.
     OomKillProcess,
-    /// `__oom_kill_process(victim, message)`: called once per victim, with its task.
+    /// `__oom_kill_process(victim, message)`: called once per victim it kills, with its task.
     OomKillVictim,
     /// `oom:mark_victim`: fired once per victim.
     MarkVictim,
     /// `mem_cgroup_print_oom_meminfo(memcg)`: the memory cgroup part of the kernel's OOM
     /// report, which flushes the statistics before printing them.
     OomReport,
-    /// `signal:signal_generate`: the SIGKILL the OOM killer sends each victim.
+    /// `signal:signal_generate`: the SIGKILL the OOM killer sends each victim it kills.
     SignalGenerate,
     /// `try_charge_memcg` (5.15+).
     TryChargeMemcg,
@@ -333,10 +338,12 @@ impl Probe {
 pub enum Role {
     /// The mode fails without it.
     Required,
-    /// Only where `oom:mark_victim` passes a bare pid (before 6.9 and its backports): it names
-    /// the task of every member of a group kill, in the kernel. Without it those members are
-    /// named from procfs while they die, so the mode goes on, with a warning.
-    VictimTask,
+    /// The kill witness: it tells a victim the OOM killer killed (sent SIGKILL, counted in
+    /// `oom_kill`) from one it only marked because it was already exiting, and where
+    /// `oom:mark_victim` passes a bare pid (before 6.9 and its backports) it names the task of
+    /// every member of a group kill, in the kernel. Without it kills say `killed: null` (and
+    /// those members are named from procfs while they die), so the mode goes on, with a warning.
+    KillWitness,
     /// Only with `--dense-samples`, and only where the kernel has the hook (6.13+): it fires on
     /// every LRU update, so it is opt-in. Once tried, the mode fails without it.
     DenseSamples,
@@ -408,7 +415,7 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                 }]),
                 MARK_VICTIM,
                 Step {
-                    role: Role::VictimTask,
+                    role: Role::KillWitness,
                     choices: &[Probe {
                         hook: H::OomKillVictim,
                         programs: &[P::OomVictimFentry],
@@ -433,7 +440,7 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                 }]),
                 MARK_VICTIM,
                 Step {
-                    role: Role::VictimTask,
+                    role: Role::KillWitness,
                     choices: &[Probe {
                         hook: H::OomKillVictim,
                         programs: &[P::OomVictimKprobe],
@@ -457,7 +464,7 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
                     programs: &[P::MarkVictimBtf],
                 }]),
                 Step {
-                    role: Role::VictimTask,
+                    role: Role::KillWitness,
                     choices: &[Probe {
                         hook: H::SignalGenerate,
                         programs: &[P::SignalGenerateBtf],
@@ -468,10 +475,19 @@ pub const OOM_HOOK_CHAIN: Chain = Chain {
         },
         Row {
             mode: AttachMode::Tracepoint,
-            steps: &[required(&[Probe {
-                hook: H::MarkVictim,
-                programs: &[P::MarkVictimTracepoint],
-            }])],
+            steps: &[
+                required(&[Probe {
+                    hook: H::MarkVictim,
+                    programs: &[P::MarkVictimTracepoint],
+                }]),
+                Step {
+                    role: Role::KillWitness,
+                    choices: &[Probe {
+                        hook: H::SignalGenerate,
+                        programs: &[P::SignalGenerateTracepoint],
+                    }],
+                },
+            ],
             needs: "tracefs with events/oom/mark_victim",
         },
     ],

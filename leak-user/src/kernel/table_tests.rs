@@ -1,3 +1,5 @@
+//! The attach tables' own invariants.
+
 use super::*;
 
 const CHAINS: [Chain; 2] = [OOM_HOOK_CHAIN, CHARGE_PATH_CHAIN];

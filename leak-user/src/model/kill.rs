@@ -45,6 +45,16 @@ impl Constraint {
     }
 }
 
+/// Why the OOM killer marked a victim without killing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotKilledReason {
+    /// The victim was already exiting (a fatal signal or `exit_group` under way, or its last
+    /// thread exiting: `task_will_free_mem`): the kernel gave it access to memory reserves and
+    /// queued the OOM reaper for its memory, sent no SIGKILL and counted no `oom_kill`.
+    Exiting,
+}
+
 /// How `oom_cgroup` and `constraint` were established.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -325,6 +335,13 @@ pub struct Kill {
     pub story: Option<Story>,
     /// The victim's task could not be read in the kernel; `cgroups` are the trigger's.
     pub victim_task_resolved: bool,
+    /// Whether the OOM killer killed the victim (sent SIGKILL and counted it in the cgroup's
+    /// `oom_kill`), as the kill witness saw it; `None` where no witness is attached.
+    #[serde(default)]
+    pub killed: Option<bool>,
+    /// Why a victim was marked but not killed (`killed: false`).
+    #[serde(default)]
+    pub not_killed_reason: Option<NotKilledReason>,
     /// The cgroup chain ended early on an unreadable pointer.
     pub cgroups_truncated: bool,
     /// Whether the kernel flushed the memcg statistics for this kill (its OOM report prints

@@ -77,6 +77,15 @@ fn main_process(kill: &Kill) -> &'static str {
     }
 }
 
+/// Whether the OOM killer killed the victim, as the kill witness saw it.
+fn killed(kill: &Kill) -> &'static str {
+    match kill.killed {
+        Some(true) => "yes (SIGKILL)",
+        Some(false) => "no: it was already exiting; the kernel only reaps its memory",
+        None => "unknown (no kill witness attached)",
+    }
+}
+
 /// `/`: the recent kills, newest first.
 pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> String {
     let mut rows = String::new();
@@ -86,7 +95,7 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
         let _ = write!(
             rows,
             "<tr class=\"kill\" data-seq=\"{seq}\"><td><a href=\"/kill/{seq}\">{time}</a></td>\
-             <td>{workload}</td><td>{comm} <span class=\"muted\">({pid})</span></td>\
+             <td>{workload}</td><td>{comm} <span class=\"muted\">({pid}){exiting}</span></td>\
              <td>{main}</td><td class=\"n\">{usage}</td><td class=\"n\">{ws}</td>\
              <td class=\"n\">{limit}</td><td class=\"cause\">{cause}</td><td>{constraint}</td>\
              <td>{mode}</td></tr>",
@@ -95,6 +104,10 @@ pub fn index<'a>(kills: impl Iterator<Item = &'a Kill>, attach_mode: &str) -> St
             workload = escape(&workload(kill)),
             comm = escape(kill.victim_comm.as_deref().unwrap_or("?")),
             pid = kill.victim_pid,
+            exiting = match kill.killed {
+                Some(false) => " marked while exiting, not killed",
+                _ => "",
+            },
             main = main_process(kill),
             usage = mib(kill.usage_bytes),
             ws = mib(kill.working_set_bytes),
@@ -144,6 +157,7 @@ pub fn kill(kill: &Kill) -> String {
          <tr><th>victim's cgroup</th><td>{cgroup}</td></tr>\
          <tr><th>cgroup that hit its limit</th><td>{oom}</td></tr>\
          <tr><th>main process of its container</th><td>{main}</td></tr>\
+         <tr><th>killed</th><td id=\"killed\">{killed}</td></tr>\
          <tr><th>usage / working set / limit (MiB)</th><td>{usage} / {ws} / {limit}</td></tr>\
          <tr><th>cause</th><td id=\"cause\">{cause}</td></tr>\
          <tr><th>constraint</th><td>{constraint} ({attribution})</td></tr>\
@@ -157,6 +171,7 @@ pub fn kill(kill: &Kill) -> String {
         cgroup = escape(&kill.cgroup),
         oom = escape(kill.oom_cgroup.as_deref().unwrap_or("none (a global OOM)")),
         main = main_process(kill),
+        killed = killed(kill),
         usage = mib(kill.usage_bytes),
         ws = mib(kill.working_set_bytes),
         limit = mib_or_none(kill.limit_bytes),

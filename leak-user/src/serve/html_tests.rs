@@ -17,6 +17,7 @@ fn the_kill_page_names_the_cause_and_what_filled_each_cgroup() {
         freshness: Default::default(),
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
+        kill_witness: true,
     };
     let levels = [
         level(31, "app", 16384, 16384, 0),

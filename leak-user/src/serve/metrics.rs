@@ -36,6 +36,7 @@ pub struct MetricsError(#[from] prometheus::Error);
 pub struct Metrics {
     registry: Registry,
     kills: IntCounterVec,
+    exiting: IntCounterVec,
     usage: GaugeVec,
     limit: GaugeVec,
     working_set: GaugeVec,
@@ -81,6 +82,8 @@ struct KillSeries {
     counters: Vec<Vec<String>>,
     /// Label sets of `leak_oom_kill_victim_timestamp_seconds` seen with it.
     victims: Vec<Vec<String>>,
+    /// `leak_oom_victims_exiting_total` has a series with the gauge labels.
+    exiting: bool,
 }
 
 /// Labels of the per-cgroup gauges: the victim's cgroup, the one that hit its limit, and the
@@ -126,6 +129,17 @@ impl Metrics {
             ],
         )?;
         registry.register(Box::new(kills.clone()))?;
+        let exiting = IntCounterVec::new(
+            Opts::new(
+                "oom_victims_exiting_total",
+                "Victims the OOM killer marked without killing them because they were already \
+                 exiting (task_will_free_mem: no SIGKILL, not counted in the kernel's oom_kill \
+                 nor in leak_oom_kills_total), by the victim's memory cgroup, the cgroup that hit \
+                 its limit and Kubernetes names",
+            ),
+            KILL_LABELS,
+        )?;
+        registry.register(Box::new(exiting.clone()))?;
         let usage = gauge(
             "oom_kill_usage_bytes",
             "Memory usage of oom_cgroup (else the victim's cgroup) at the last kill",
@@ -308,6 +322,7 @@ impl Metrics {
         Ok(Self {
             registry,
             kills,
+            exiting,
             usage,
             limit,
             working_set,
@@ -347,6 +362,8 @@ impl Metrics {
         }
     }
 
+    /// Counts a kill (or, for a victim marked without a kill, an exiting victim) and sets the
+    /// gauges of the last kill.
     pub fn record_kill(&self, kill: &Kill) {
         let oom_cgroup = kill.oom_cgroup.as_deref().unwrap_or("");
         let main_process = match kill.main_process {
@@ -373,6 +390,13 @@ impl Metrics {
                 .as_ref()
                 .map_or("", |cause| cause.component.as_str()),
         ];
+        if kill.killed == Some(false) {
+            // Not a kill: the kernel's oom_kill did not count it, so neither does the kill
+            // counter, and the gauges keep describing the last real kill.
+            self.exiting.with_label_values(&labels).inc();
+            self.remember_kill_series(&labels, None);
+            return;
+        }
         let process = kill.victim_comm.as_deref().unwrap_or("");
         let victim_labels = [
             labels[0],
@@ -384,7 +408,7 @@ impl Metrics {
             main_process,
         ];
         self.kills.with_label_values(&counter_labels).inc();
-        self.remember_kill_series(&labels, &counter_labels, &victim_labels);
+        self.remember_kill_series(&labels, Some((&counter_labels, &victim_labels)));
         self.usage
             .with_label_values(&labels)
             .set(kill.usage_bytes as f64);
@@ -409,11 +433,11 @@ impl Metrics {
         }
     }
 
-    /// Records that these series were just written, and drops the least recently killed
-    /// beyond the bound.
-    fn remember_kill_series(&self, gauge: &[&str], counter: &[&str], victim: &[&str]) {
+    /// Records that these series were just written (the counter and victim labels of a kill,
+    /// `None` for an exiting victim), and drops the least recently killed beyond the bound.
+    fn remember_kill_series(&self, gauge: &[&str], kill: Option<(&[&str], &[&str])>) {
         let owned = |labels: &[&str]| labels.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
-        let (gauge, counter, victim) = (owned(gauge), owned(counter), owned(victim));
+        let gauge = owned(gauge);
         let Ok(mut series) = self.kill_series.lock() else {
             return;
         };
@@ -425,12 +449,19 @@ impl Metrics {
             gauge,
             counters: Vec::new(),
             victims: Vec::new(),
+            exiting: false,
         });
-        if !entry.counters.contains(&counter) {
-            entry.counters.push(counter);
-        }
-        if !entry.victims.contains(&victim) {
-            entry.victims.push(victim);
+        match kill {
+            Some((counter, victim)) => {
+                let (counter, victim) = (owned(counter), owned(victim));
+                if !entry.counters.contains(&counter) {
+                    entry.counters.push(counter);
+                }
+                if !entry.victims.contains(&victim) {
+                    entry.victims.push(victim);
+                }
+            }
+            None => entry.exiting = true,
         }
         series.push_back(entry);
         while series.len() > self.max_kill_series {
@@ -446,6 +477,9 @@ impl Metrics {
                 &self.timestamp,
             ] {
                 let _ = family.remove_label_values(&gauge);
+            }
+            if evicted.exiting {
+                let _ = self.exiting.remove_label_values(&gauge);
             }
             for counter in &evicted.counters {
                 let counter: Vec<&str> = counter.iter().map(String::as_str).collect();

@@ -19,6 +19,7 @@ fn build_kill(levels: &[leak_common::event::MemcgSnapshot], paths: &mut CgroupPa
         freshness: Default::default(),
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
+        kill_witness: true,
     };
     assemble(&record(&event(levels)), &context, paths)
 }
@@ -51,6 +52,32 @@ fn metrics_keep_a_bounded_number_of_kill_series() {
         "leak_oom_kill_victim_timestamp_seconds{cgroup=\"/third\",container=\"\",main_process=\"true\",namespace=\"\",oom_cgroup=\"/third\",pod=\"\",process=\"leak\"}"
     ));
     assert!(text.contains("leak_oom_kill_working_set_bytes{cgroup=\"/third\""));
+}
+
+#[test]
+fn an_exiting_victim_is_not_a_kill() {
+    let metrics = Metrics::new("test").expect("metrics");
+    let mut paths = CgroupPaths::new(None);
+    let levels = [level(31, "app", 10, 10, 0), level(1, "", 50, UNLIMITED, 0)];
+    let mut marked = build_kill(&levels, &mut paths);
+    marked.killed = Some(false);
+    metrics.record_kill(&marked);
+    let text = metrics.render().expect("render");
+    assert!(!text.contains("leak_oom_kills_total{"), "{text}");
+    assert!(!text.contains("leak_oom_kill_usage_bytes{"), "{text}");
+    assert!(
+        text.contains(
+            "leak_oom_victims_exiting_total{cgroup=\"/app\",container=\"\",namespace=\"\",\
+             oom_cgroup=\"/app\",pod=\"\"} 1"
+        ),
+        "{text}"
+    );
+    metrics.record_kill(&build_kill(&levels, &mut paths));
+    let text = metrics.render().expect("render");
+    assert!(
+        text.contains("leak_oom_kills_total{cause=\"anon\",cgroup=\"/app\""),
+        "{text}"
+    );
 }
 
 #[test]

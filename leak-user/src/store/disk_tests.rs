@@ -34,6 +34,7 @@ fn kill(seq: u64, unix_s: u64) -> Kill {
         attach_mode: "tp_btf",
         seq,
         freshness: Default::default(),
+        kill_witness: true,
         same_oom_cgroup_id: None,
         cgroup_v2: Some(true),
     };

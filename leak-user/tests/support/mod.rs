@@ -241,9 +241,43 @@ pub fn oom_hook(mode: &str) -> &'static str {
     }
 }
 
+/// The kill witness each mode hooks: what tells a kill from a victim marked while exiting.
+pub fn kill_witness(mode: &str) -> &'static str {
+    match mode {
+        "fentry" | "kprobe" => "__oom_kill_process",
+        _ => "signal_generate",
+    }
+}
+
+/// The kernel's count of OOM kills in `cgroup`: `oom_kill` of `memory.events` on v2 (with its
+/// descendants'), of `memory.oom_control` on v1 (its own tasks').
+pub fn kernel_oom_kills(cgroup: &Cgroup) -> u64 {
+    let file = match cgroup.hierarchy.version {
+        leak_user::enrich::cgroupfs::Version::V2 => "memory.events",
+        leak_user::enrich::cgroupfs::Version::V1 => "memory.oom_control",
+    };
+    let text = std::fs::read_to_string(cgroup.path().join(file))
+        .unwrap_or_else(|err| panic!("read {file} of {}: {err}", cgroup.relative));
+    text.lines()
+        .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `oom_kill` in {file}:\n{text}"))
+}
+
+/// The sum of `leak_oom_kills_total` over the series of the victim cgroup `cgroup`.
+pub fn agent_oom_kills(metrics: &str, cgroup: &str) -> u64 {
+    let label = format!("cgroup=\"{cgroup}\"");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("leak_oom_kills_total{") && line.contains(&label))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .sum()
+}
+
 /// Checks that the agent attached the OOM hook in `requested` mode (for `auto`, the mode it
-/// reported on /healthz, `reported`): `leak_attach_info{hook,mode} 1`. With `charge` the
-/// charge path was forced to the same mode, and its hook must be attached in it too.
+/// reported on /healthz, `reported`): `leak_attach_info{hook,mode} 1`, and the mode's kill
+/// witness. With `charge` the charge path was forced to the same mode, and its hook must be
+/// attached in it too.
 pub fn check_attach_info(metrics: &str, requested: &str, reported: &str, charge: bool) {
     let mode = if requested == "auto" {
         reported
@@ -259,6 +293,15 @@ pub fn check_attach_info(metrics: &str, requested: &str, reported: &str, charge:
         sample(metrics, &series),
         Some(1.0),
         "missing `{series} 1` in\n{metrics}"
+    );
+    let witness = format!(
+        "leak_attach_info{{hook=\"{}\",mode=\"{mode}\"}}",
+        kill_witness(mode)
+    );
+    assert_eq!(
+        sample(metrics, &witness),
+        Some(1.0),
+        "the kill witness is not attached: missing `{witness} 1` in\n{metrics}"
     );
     if charge && requested != "auto" {
         let hooks: &[&str] = match mode {

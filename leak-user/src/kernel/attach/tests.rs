@@ -85,11 +85,11 @@ fn development_machine() -> FakeKernel {
 }
 
 const TASK: Wants = Wants {
-    victim_task: false,
+    bare_pid: false,
     dense_samples: false,
 };
 const PID_ONLY: Wants = Wants {
-    victim_task: true,
+    bare_pid: true,
     dense_samples: false,
 };
 
@@ -119,6 +119,7 @@ fn auto_lands_on_tp_btf_where_fentry_and_kprobes_are_refused() {
         walker.into_attachments(),
         [
             attachment(Hook::MarkVictim, AttachMode::TpBtf),
+            attachment(Hook::SignalGenerate, AttachMode::TpBtf),
             attachment(Hook::MmVmscanMemcgReclaimBegin, AttachMode::TpBtf),
         ]
     );
@@ -126,7 +127,11 @@ fn auto_lands_on_tp_btf_where_fentry_and_kprobes_are_refused() {
     assert!(kernel.ever_loaded.contains(&Program::OomKillProcessKprobe));
     assert_eq!(
         attached_programs(&kernel),
-        ["mark_victim_btf", "reclaim_begin_btf"]
+        [
+            "mark_victim_btf",
+            "reclaim_begin_btf",
+            "signal_generate_btf"
+        ]
     );
 }
 
@@ -236,6 +241,7 @@ fn a_half_attached_row_is_undone_before_the_next() {
         [
             attachment(Hook::OomKillProcess, AttachMode::Kprobe),
             attachment(Hook::MarkVictim, AttachMode::TpBtf),
+            attachment(Hook::OomKillVictim, AttachMode::Kprobe),
             attachment(Hook::OomReport, AttachMode::Kprobe),
             attachment(Hook::TryChargeMemcg, AttachMode::Kprobe),
             attachment(Hook::TryToFreeMemCgroupPages, AttachMode::Kprobe),
@@ -250,6 +256,7 @@ fn a_half_attached_row_is_undone_before_the_next() {
             "oom_kill_process_kprobe",
             "oom_kill_process_kretprobe",
             "oom_report_kprobe",
+            "oom_victim_kprobe",
             "over_high_kprobe",
             "over_high_kretprobe",
             "reclaim_kprobe",
@@ -276,6 +283,7 @@ fn the_victim_path_falls_back_to_the_classic_tracepoint() {
         [
             attachment(Hook::OomKillProcess, AttachMode::Fentry),
             attachment(Hook::MarkVictim, AttachMode::Tracepoint),
+            attachment(Hook::OomKillVictim, AttachMode::Fentry),
             attachment(Hook::OomReport, AttachMode::Fentry),
         ]
     );
@@ -302,7 +310,7 @@ fn without_any_victim_path_nothing_is_loaded() {
 }
 
 #[test]
-fn a_refused_victim_task_hook_leaves_the_mode_attached() {
+fn a_refused_kill_witness_leaves_the_mode_attached() {
     let mut kernel = FakeKernel {
         has: everything(),
         fail_attach: vec![Program::OomVictimFentry],
@@ -325,26 +333,33 @@ fn a_refused_victim_task_hook_leaves_the_mode_attached() {
 }
 
 #[test]
-fn tp_btf_hooks_signal_generate_where_mark_victim_passes_a_pid() {
-    let mut kernel = development_machine();
-    let mut walker = Walker::new(&mut kernel, PID_ONLY);
-    assert_eq!(
-        walker.attach(&OOM_HOOK_CHAIN, AttachMode::TpBtf).ok(),
-        Some(AttachMode::TpBtf)
-    );
-    assert_eq!(
-        walker.into_attachments(),
-        [
-            attachment(Hook::MarkVictim, AttachMode::TpBtf),
-            attachment(Hook::SignalGenerate, AttachMode::TpBtf),
-        ]
-    );
+fn every_mode_hooks_a_kill_witness_whatever_mark_victim_passes() {
+    for wants in [TASK, PID_ONLY] {
+        for (mode, witness) in [
+            (AttachMode::Fentry, Hook::OomKillVictim),
+            (AttachMode::Kprobe, Hook::OomKillVictim),
+            (AttachMode::TpBtf, Hook::SignalGenerate),
+            (AttachMode::Tracepoint, Hook::SignalGenerate),
+        ] {
+            let mut kernel = FakeKernel {
+                has: everything(),
+                ..FakeKernel::default()
+            };
+            let mut walker = Walker::new(&mut kernel, wants);
+            assert_eq!(walker.attach(&OOM_HOOK_CHAIN, mode).ok(), Some(mode));
+            let attachments = walker.into_attachments();
+            assert!(
+                attachments.contains(&attachment(witness, mode)),
+                "{mode}: {attachments:?}"
+            );
+        }
+    }
 }
 
 #[test]
 fn dense_samples_are_opt_in_optional_where_absent_and_required_once_tried() {
     let dense = Wants {
-        victim_task: false,
+        bare_pid: false,
         dense_samples: true,
     };
     let lruvec = (Need::BtfTracepoint, Hook::ModMemcgLruvecState);
@@ -439,6 +454,7 @@ fn a_kernel_without_the_report_hook_keeps_the_mode() {
         [
             attachment(Hook::OomKillProcess, AttachMode::Fentry),
             attachment(Hook::MarkVictim, AttachMode::TpBtf),
+            attachment(Hook::OomKillVictim, AttachMode::Fentry),
         ]
     );
     assert!(!kernel.ever_loaded.contains(&Program::OomReportFentry));

@@ -270,6 +270,12 @@ impl Resolver {
             oc_order: self.offset("oom_control", "order")?,
             mark_victim_has_task: u32::from(self.mark_victim_passes_task()?),
             tp_mark_victim_pid: Layout::ABSENT,
+            task_group_leader: self.offset("task_struct", "group_leader")?,
+            task_thread_node: self.offset("task_struct", "thread_node")?,
+            signal_thread_head: self.offset("signal_struct", "thread_head")?,
+            tp_signal_generate_sig: Layout::ABSENT,
+            tp_signal_generate_code: Layout::ABSENT,
+            tp_signal_generate_pid: Layout::ABSENT,
             ..Layout::default()
         };
         self.resolve_rss(&mut layout)?;
