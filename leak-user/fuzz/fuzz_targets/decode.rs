@@ -8,6 +8,7 @@ use leak_user::{
         cgroupfs::CgroupPaths,
         kill::{assemble, KillContext},
     },
+    model::kill::StatsFreshness,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -19,6 +20,12 @@ fuzz_target!(|data: &[u8]| {
                 realtime_offset_ns: 0,
                 attach_mode: "fuzz",
                 seq: 1,
+                freshness: StatsFreshness {
+                    report_hooked: true,
+                    live_counters: false,
+                    flush_interval_ms: Some(250),
+                },
+                kill_witness: true,
                 same_oom_cgroup_id: None,
                 cgroup_v2: Some(true),
             };
