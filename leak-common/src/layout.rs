@@ -211,13 +211,20 @@ pub struct Layout {
     /// Offset of `pid` in the classic `oom:mark_victim` trace record (from its `format` file).
     pub tp_mark_victim_pid: u32,
     pub _pad: u32,
+    /// `mem_cgroup.memsw`, the memory+swap `page_counter` of cgroup v1 (from 5.19 it shares a
+    /// union with v2's `swap`), or [`Layout::ABSENT`].
+    pub memcg_memsw: u32,
+    /// 1 when the kernel charges `memsw`: the memory controller is on cgroup v1 with swap
+    /// accounting (the `memory.memsw.*` files exist). Set by the loader, not from BTF.
+    pub memsw_accounted: u32,
 }
 
 impl Layout {
     pub const ABSENT: u32 = u32::MAX;
 }
 
-const _: () = assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1) * 4);
+const _: () =
+    assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1 + 2) * 4);
 
 #[cfg(feature = "user")]
 // SAFETY: `Layout` is `#[repr(C)]`, made only of `u32`s, with no padding and no invalid bit

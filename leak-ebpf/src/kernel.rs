@@ -57,6 +57,8 @@ pub(crate) static LAYOUT: Layout = Layout {
     mark_victim_has_task: 0,
     tp_mark_victim_pid: 0,
     _pad: 0,
+    memcg_memsw: 0,
+    memsw_accounted: 0,
 };
 
 /// Reads one layout value. Volatile, so the compiler cannot fold the zero initialiser.

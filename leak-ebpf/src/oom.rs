@@ -20,9 +20,10 @@ use aya_log_ebpf::debug;
 use leak_common::{
     event::{
         counter, flags, hook, MemcgSnapshot, OomContext, OomKillEvent, CGROUP_NAME_LEN,
-        MAX_CGROUP_DEPTH, TASK_COMM_LEN,
+        MAX_ANCESTOR_SEARCH, MAX_CGROUP_DEPTH, TASK_COMM_LEN,
     },
     layout::{memory_event, rss_scheme, stat, Layout, LRU_COUNT},
+    sample::CHARGE_SLACK_PAGES,
 };
 
 use crate::{
@@ -223,6 +224,8 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         task_memcg(current_task())
     };
 
+    // `oc->memcg` when `oom_kill_process` was hooked: the cgroup that hit its limit.
+    let mut oom_memcg = 0;
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
         event_flags |= flags::HAS_OOM_CONTROL;
@@ -233,6 +236,7 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         event.oc_order = context.order;
         if context.memcg != 0 {
             event.oc_memcg_cgroup_id = memcg_cgroup_id(context.memcg);
+            oom_memcg = context.memcg;
         }
     }
 
@@ -242,6 +246,9 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
     if layout!(failcnt_v1_only) == 1 {
         event_flags |= flags::FAILCNT_V1_ONLY;
     }
+    if memsw_charged() {
+        event_flags |= flags::MEMSW_VALID;
+    }
     event.stats_present = present_bits(&raw const crate::kernel::LAYOUT.stat_index);
     if layout!(memcg_memory_events) != Layout::ABSENT {
         event.events_present = present_bits(&raw const crate::kernel::LAYOUT.memory_event_index);
@@ -249,6 +256,7 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
 
     let mut memcg = chain_start;
     let mut depth = 0u32;
+    let mut oom_memcg_in_chain = false;
     let cgroups = event.cgroups.as_mut_ptr();
     for level in 0..MAX_CGROUP_DEPTH {
         if memcg == 0 {
@@ -261,10 +269,48 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
             count(counter::READ_ERRORS);
             break;
         }
+        oom_memcg_in_chain |= memcg == oom_memcg;
         depth += 1;
         memcg = parent_memcg(memcg);
     }
     event.depth = depth;
+
+    // Above the chain: `memcg` is the first ancestor it left out, when it stopped at its bound.
+    let above = match event_flags & flags::CHAIN_TRUNCATED {
+        0 => memcg,
+        _ => 0,
+    };
+    if event_flags & flags::CHAIN_TRUNCATED == 0 && memcg == 0 {
+        event_flags |= flags::REACHED_ROOT;
+    }
+    let (found, level) = if event_flags & flags::HAS_OOM_CONTROL != 0 {
+        match oom_memcg != 0 && !oom_memcg_in_chain {
+            true => (oom_memcg, levels_up_to(above, oom_memcg)),
+            false => (0, None),
+        }
+    } else if above != 0 {
+        match nearest_at_limit(above) {
+            Search::Found(found, steps) => (found, Some(steps)),
+            Search::NoneUpToRoot => {
+                event_flags |= flags::ANCESTORS_SEARCHED;
+                (0, None)
+            }
+            Search::Unfinished => (0, None),
+        }
+    } else {
+        (0, None)
+    };
+    if found != 0 {
+        if fill_memcg(&mut event.oom_memcg, found).is_ok() {
+            event_flags |= flags::OOM_MEMCG;
+        } else {
+            count(counter::READ_ERRORS);
+        }
+        if let Some(steps) = level {
+            event.oom_memcg_level = MAX_CGROUP_DEPTH as u32 + steps;
+            event_flags |= flags::OOM_MEMCG_LEVEL;
+        }
+    }
     event.flags = event_flags;
 }
 
@@ -307,6 +353,71 @@ fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
         event.rss_file_pages = file;
         event.rss_shmem_pages = shmem;
         *event_flags |= flags::RSS_VALID;
+    }
+}
+
+/// Whether the kernel charges the memory+swap counter (cgroup v1 with swap accounting).
+#[inline(always)]
+fn memsw_charged() -> bool {
+    layout!(memcg_memsw) != Layout::ABSENT && layout!(memsw_accounted) == 1
+}
+
+/// How many levels above `from` the memory cgroup `target` is, within [`MAX_ANCESTOR_SEARCH`].
+#[inline(always)]
+fn levels_up_to(from: u64, target: u64) -> Option<u32> {
+    let mut memcg = from;
+    for steps in 0..MAX_ANCESTOR_SEARCH as u32 {
+        if memcg == 0 {
+            return None;
+        }
+        if memcg == target {
+            return Some(steps);
+        }
+        memcg = parent_memcg(memcg);
+    }
+    None
+}
+
+enum Search {
+    /// The memcg and how many levels above the start it is.
+    Found(u64, u32),
+    NoneUpToRoot,
+    /// [`MAX_ANCESTOR_SEARCH`] levels searched without reaching the root.
+    Unfinished,
+}
+
+/// The nearest memory cgroup from `from` up whose usage, or memory+swap usage, is within one
+/// huge-page charge of its limit: without `oom_control`, the best guess at the one that hit it.
+#[inline(always)]
+fn nearest_at_limit(from: u64) -> Search {
+    let mut memcg = from;
+    for steps in 0..MAX_ANCESTOR_SEARCH as u32 {
+        if memcg == 0 {
+            return Search::NoneUpToRoot;
+        }
+        if at_limit(memcg, layout!(memcg_memory))
+            || memsw_charged() && at_limit(memcg, layout!(memcg_memsw))
+        {
+            return Search::Found(memcg, steps);
+        }
+        memcg = parent_memcg(memcg);
+    }
+    match memcg {
+        0 => Search::NoneUpToRoot,
+        _ => Search::Unfinished,
+    }
+}
+
+/// Whether the `page_counter` at `counter` in `memcg` is within one huge-page charge of its
+/// limit (a counter without a limit never is: its `max` is `PAGE_COUNTER_MAX`).
+#[inline(always)]
+fn at_limit(memcg: u64, counter: u32) -> bool {
+    match (
+        read::<u64>(memcg, counter + layout!(counter_usage)),
+        read::<u64>(memcg, counter + layout!(counter_max)),
+    ) {
+        (Ok(usage), Ok(max)) => usage.saturating_add(CHARGE_SLACK_PAGES) >= max,
+        _ => false,
     }
 }
 
@@ -367,6 +478,18 @@ fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
                 snapshot.events[event] =
                     read::<i64>(memcg, events + index * 8).map_or(0, |value| value.max(0) as u64);
             }
+        }
+    }
+
+    if memsw_charged() {
+        let memsw = layout!(memcg_memsw);
+        snapshot.memsw_usage_pages =
+            read::<u64>(memcg, memsw + layout!(counter_usage)).unwrap_or(0);
+        snapshot.memsw_limit_pages = read::<u64>(memcg, memsw + layout!(counter_max)).unwrap_or(0);
+        snapshot.memsw_watermark_pages =
+            read::<u64>(memcg, memsw + layout!(counter_watermark)).unwrap_or(0);
+        if failcnt != Layout::ABSENT {
+            snapshot.memsw_failcnt = read::<u64>(memcg, memsw + failcnt).unwrap_or(0);
         }
     }
 

@@ -83,6 +83,9 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         only_limited: options.only_limited,
         dense_samples: options.dense_samples,
         root_memory_stat: hierarchy.as_ref().map(|h| h.root.join("memory.stat")),
+        memsw_accounted: hierarchy
+            .as_ref()
+            .is_some_and(MemoryHierarchy::memsw_accounted),
     })?;
     let mode = probes.mode();
     info!("OOM hook attach mode: {mode}");
