@@ -5,6 +5,9 @@
 
 mod support;
 
+#[path = "oom_e2e/levels.rs"]
+mod levels;
+
 use std::time::{Duration, Instant};
 
 use leak_user::{
