@@ -250,7 +250,7 @@ fn cgroup_state(
         memsw_usage_bytes,
         memsw_limit_bytes: memsw.and_then(|m| m.limit_bytes),
         memsw_peak_bytes: memsw.map(|m| m.peak_bytes),
-        memsw_failcnt: memsw.and_then(|m| m.failcnt).filter(|_| shown.failcnt),
+        memsw_failcnt: memsw.and_then(|m| m.failcnt).filter(|_| shown.memsw_failcnt),
         limit_counter: None,
     }
 }
@@ -260,6 +260,9 @@ fn cgroup_state(
 struct Shown {
     failcnt: bool,
     events: bool,
+    /// From 6.15 the kernel counts `failcnt` only for the memory counter of v1 cgroups;
+    /// memory+swap (in a union with v2's `swap`) is never tracked and stays 0.
+    memsw_failcnt: bool,
 }
 
 /// Builds the served snapshot from a decoded record: everything the record itself says.
@@ -271,6 +274,7 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
         failcnt: !record.failcnt_v1_only || context.cgroup_v2 == Some(false),
         // v1 counts these events too but neither shows nor propagates them.
         events: context.cgroup_v2 != Some(false),
+        memsw_failcnt: !record.failcnt_v1_only,
     };
     let top = record.cgroups.len().checked_sub(1);
     let level_paths = level_paths(record, paths);

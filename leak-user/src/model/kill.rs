@@ -230,7 +230,8 @@ pub struct CgroupState {
     /// `memory.memsw.max_usage_in_bytes`.
     #[serde(default)]
     pub memsw_peak_bytes: Option<u64>,
-    /// `memory.memsw.failcnt`.
+    /// `memory.memsw.failcnt`; `None` from 6.15 on, where the kernel no longer counts it
+    /// (it tracks `failcnt` for the memory counter only, so the file stays 0).
     #[serde(default)]
     pub memsw_failcnt: Option<u64>,
     /// On the level that hit its limit: which of its counters was at its limit, memory+swap

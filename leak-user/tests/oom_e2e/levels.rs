@@ -187,13 +187,21 @@ fn check_memsw(outcome: &Outcome, cgroup: &Cgroup) {
         report.memsw_limit_kb.map(|kb| kb * 1024)
     );
     assert_eq!(level.memsw_limit_bytes, Some(LIMIT));
-    let failcnt = level.memsw_failcnt.expect("memsw failcnt on v1");
     let printed = report.memsw_failcnt.expect("the report's memsw failcnt");
     let file = read_number(cgroup, "memory.memsw.failcnt");
-    assert!(
-        printed >= 1 && failcnt >= printed && failcnt <= file,
-        "memsw failcnt: report {printed}, agent {failcnt}, memory.memsw.failcnt {file}"
-    );
+    match level.memsw_failcnt {
+        Some(failcnt) => assert!(
+            printed >= 1 && failcnt >= printed && failcnt <= file,
+            "memsw failcnt: report {printed}, agent {failcnt}, memory.memsw.failcnt {file}"
+        ),
+        // 6.15+ tracks failcnt for the memory counter only: memsw's stays 0 however often
+        // its limit is hit, so it is not served.
+        None => assert_eq!(
+            (printed, file),
+            (0, 0),
+            "memsw failcnt not served although the kernel counts it"
+        ),
+    }
     let peak = level.memsw_peak_bytes.expect("memsw peak");
     let peak_file = read_number(cgroup, "memory.memsw.max_usage_in_bytes");
     assert!(
@@ -363,7 +371,7 @@ fn root_level_with(hierarchy: &MemoryHierarchy, attach: &str) {
     // snapshot's statistics are as of the last flush (the agent flushes every 250 ms); since
     // 6.4 v1's root file sums node-wide counters, which also hold the few pages no cgroup is
     // charged for (0.3 MiB measured).
-    let tolerance = (64 << 20) + expected / 50;
+    let tolerance = (48 << 20) + expected / 100;
     let served_before = children_charges(hierarchy);
     report_figure(
         &current_test(),
