@@ -250,7 +250,9 @@ fn cgroup_state(
         memsw_usage_bytes,
         memsw_limit_bytes: memsw.and_then(|m| m.limit_bytes),
         memsw_peak_bytes: memsw.map(|m| m.peak_bytes),
-        memsw_failcnt: memsw.and_then(|m| m.failcnt).filter(|_| shown.memsw_failcnt),
+        memsw_failcnt: memsw
+            .and_then(|m| m.failcnt)
+            .filter(|_| shown.memsw_failcnt),
         limit_counter: None,
     }
 }
