@@ -256,7 +256,6 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
 
     let mut memcg = chain_start;
     let mut depth = 0u32;
-    let mut oom_memcg_in_chain = false;
     let cgroups = event.cgroups.as_mut_ptr();
     for level in 0..MAX_CGROUP_DEPTH {
         if memcg == 0 {
@@ -269,7 +268,6 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
             count(counter::READ_ERRORS);
             break;
         }
-        oom_memcg_in_chain |= memcg == oom_memcg;
         depth += 1;
         memcg = parent_memcg(memcg);
     }
@@ -283,14 +281,20 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
     if event_flags & flags::CHAIN_TRUNCATED == 0 && memcg == 0 {
         event_flags |= flags::REACHED_ROOT;
     }
-    let (found, level) = if event_flags & flags::HAS_OOM_CONTROL != 0 {
-        match oom_memcg != 0 && !oom_memcg_in_chain {
-            true => (oom_memcg, levels_up_to(above, oom_memcg)),
-            false => (0, None),
+    // No flag is accumulated along the chain for this: a value that differs between paths at
+    // every level keeps the verifier from pruning them, and their number doubles per level.
+    let (found, level) = if event_flags & flags::HAS_OOM_CONTROL != 0 && oom_memcg != 0 {
+        match levels_up_to(chain_start, oom_memcg) {
+            Some(steps) if steps < depth => (0, None),
+            Some(steps) => (oom_memcg, Some(steps)),
+            // Not an ancestor within reach: still the cgroup that hit its limit.
+            None => (oom_memcg, None),
         }
+    } else if event_flags & flags::HAS_OOM_CONTROL != 0 {
+        (0, None)
     } else if above != 0 {
         match nearest_at_limit(above) {
-            Search::Found(found, steps) => (found, Some(steps)),
+            Search::Found(found, steps) => (found, Some(MAX_CGROUP_DEPTH as u32 + steps)),
             Search::NoneUpToRoot => {
                 event_flags |= flags::ANCESTORS_SEARCHED;
                 (0, None)
@@ -307,7 +311,7 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
             count(counter::READ_ERRORS);
         }
         if let Some(steps) = level {
-            event.oom_memcg_level = MAX_CGROUP_DEPTH as u32 + steps;
+            event.oom_memcg_level = steps;
             event_flags |= flags::OOM_MEMCG_LEVEL;
         }
     }
@@ -362,11 +366,12 @@ fn memsw_charged() -> bool {
     layout!(memcg_memsw) != Layout::ABSENT && layout!(memsw_accounted) == 1
 }
 
-/// How many levels above `from` the memory cgroup `target` is, within [`MAX_ANCESTOR_SEARCH`].
+/// How many levels above `from` the memory cgroup `target` is, within the chain and
+/// [`MAX_ANCESTOR_SEARCH`] above it.
 #[inline(always)]
 fn levels_up_to(from: u64, target: u64) -> Option<u32> {
     let mut memcg = from;
-    for steps in 0..MAX_ANCESTOR_SEARCH as u32 {
+    for steps in 0..(MAX_CGROUP_DEPTH + MAX_ANCESTOR_SEARCH) as u32 {
         if memcg == 0 {
             return None;
         }
