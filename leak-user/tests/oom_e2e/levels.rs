@@ -401,25 +401,31 @@ fn root_level_with(hierarchy: &MemoryHierarchy, attach: &str) {
         return;
     };
     let victim_anon = kill.cgroups[0].breakdown.anon_bytes.unwrap_or(0);
-    let expected = files + victim_anon;
-    // Between the snapshot and the read (a fraction of a second) other work on the machine
-    // allocates and frees (up to 27 MiB a second measured on the shared development host), and
-    // the snapshot's statistics are as of the last flush (the agent flushes every 250 ms);
-    // since 6.4 v1's root file sums node-wide counters, which also hold the few pages no
-    // cgroup is charged for (0.3 MiB measured).
-    let tolerance = (32 << 20) + expected / 100;
+    // The root's statistics at the kill hold the victim's anonymous memory, the files read
+    // after it do not: the snapshot lies between the two, give or take `churn`. Between: with
+    // rstat (5.13+) the victim's latest charges reach the root's figures only at a flush, and
+    // the kernel's report flushes the subtree of the cgroup that hit its limit (6.8+), not the
+    // root, so a leak of a gigabyte a second may be missing from the root level entirely.
+    // `churn`: between the snapshot and the read (a fraction of a second) other work on the
+    // machine allocates and frees (up to 27 MiB a second measured on the shared development
+    // host), and the other cgroups' figures are as of the last flush (the agent flushes every
+    // 250 ms); since 6.4 v1's root file sums node-wide counters, which also hold the few pages
+    // no cgroup is charged for (0.3 MiB measured).
+    let churn = (32 << 20) + files / 100;
+    let (low, high) = (files.saturating_sub(churn), files + victim_anon + churn);
     report_figure(
         &current_test(),
         &format!(
-            "{attach}: root usage {} from statistics; the files say {files} + victim anon \
-             {victim_anon}; children's charges (the page counter served before) {served_before}",
+            "{attach}: root usage {} from statistics; the files say {files} after the kill, \
+             victim anon {victim_anon}; children's charges (the page counter served before) \
+             {served_before}",
             root.usage_bytes
         ),
     );
     assert!(
-        root.usage_bytes.abs_diff(expected) <= tolerance,
-        "root usage {} vs {expected} from the root's files and the victim's freed anon \
-         (tolerance {tolerance})",
+        (low..=high).contains(&root.usage_bytes),
+        "root usage {} outside {low}..={high}: the root's files after the kill ({files}), plus \
+         the victim's anon ({victim_anon}), give or take {churn}",
         root.usage_bytes
     );
 }
