@@ -254,6 +254,11 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         event.events_present = present_bits(&raw const crate::kernel::LAYOUT.memory_event_index);
     }
 
+    // From here on the flags live in the event, not in a register: a register whose value
+    // differs between paths (a flag set on one, not on another) keeps the verifier from
+    // pruning them, and the walks below would be verified once per combination.
+    event.flags = event_flags;
+
     let mut memcg = chain_start;
     let mut depth = 0u32;
     let cgroups = event.cgroups.as_mut_ptr();
@@ -264,58 +269,60 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         // SAFETY: level < MAX_CGROUP_DEPTH, the array's length.
         let snapshot = unsafe { &mut *cgroups.add(level) };
         if fill_memcg(snapshot, memcg).is_err() {
-            event_flags |= flags::CHAIN_TRUNCATED;
+            event.flags |= flags::CHAIN_TRUNCATED;
             count(counter::READ_ERRORS);
+            // Not an ancestor above the chain: the search below must not start there.
+            memcg = u64::MAX;
             break;
         }
         depth += 1;
         memcg = parent_memcg(memcg);
     }
     event.depth = depth;
+    snapshot_oom_memcg(event, chain_start, memcg, oom_memcg);
+}
 
-    // Above the chain: `memcg` is the first ancestor it left out, when it stopped at its bound.
-    let above = match event_flags & flags::CHAIN_TRUNCATED {
-        0 => memcg,
-        _ => 0,
-    };
-    if event_flags & flags::CHAIN_TRUNCATED == 0 && memcg == 0 {
-        event_flags |= flags::REACHED_ROOT;
+/// Snapshots the cgroup that hit its limit into `event.oom_memcg` when the chain does not hold
+/// it: `oom_memcg` (`oc->memcg`, when `oom_kill_process` was hooked), else the nearest
+/// ancestor at its limit above the chain. `above` is the first ancestor the chain left out
+/// (0 past the root, `u64::MAX` when the chain broke off).
+#[inline(always)]
+fn snapshot_oom_memcg(event: &mut OomKillEvent, chain_start: u64, above: u64, oom_memcg: u64) {
+    if above == 0 {
+        event.flags |= flags::REACHED_ROOT;
     }
-    // No flag is accumulated along the chain for this: a value that differs between paths at
-    // every level keeps the verifier from pruning them, and their number doubles per level.
-    let (found, level) = if event_flags & flags::HAS_OOM_CONTROL != 0 && oom_memcg != 0 {
+    let (found, level) = if event.flags & flags::HAS_OOM_CONTROL != 0 {
+        if oom_memcg == 0 {
+            return;
+        }
         match levels_up_to(chain_start, oom_memcg) {
-            Some(steps) if steps < depth => (0, None),
+            Some(steps) if steps < event.depth => return,
             Some(steps) => (oom_memcg, Some(steps)),
             // Not an ancestor within reach: still the cgroup that hit its limit.
             None => (oom_memcg, None),
         }
-    } else if event_flags & flags::HAS_OOM_CONTROL != 0 {
-        (0, None)
-    } else if above != 0 {
+    } else {
+        if above == 0 || above == u64::MAX {
+            return;
+        }
         match nearest_at_limit(above) {
             Search::Found(found, steps) => (found, Some(MAX_CGROUP_DEPTH as u32 + steps)),
             Search::NoneUpToRoot => {
-                event_flags |= flags::ANCESTORS_SEARCHED;
-                (0, None)
+                event.flags |= flags::ANCESTORS_SEARCHED;
+                return;
             }
-            Search::Unfinished => (0, None),
+            Search::Unfinished => return,
         }
-    } else {
-        (0, None)
     };
-    if found != 0 {
-        if fill_memcg(&mut event.oom_memcg, found).is_ok() {
-            event_flags |= flags::OOM_MEMCG;
-        } else {
-            count(counter::READ_ERRORS);
-        }
-        if let Some(steps) = level {
-            event.oom_memcg_level = steps;
-            event_flags |= flags::OOM_MEMCG_LEVEL;
-        }
+    if fill_memcg(&mut event.oom_memcg, found).is_ok() {
+        event.flags |= flags::OOM_MEMCG;
+    } else {
+        count(counter::READ_ERRORS);
     }
-    event.flags = event_flags;
+    if let Some(steps) = level {
+        event.oom_memcg_level = steps;
+        event.flags |= flags::OOM_MEMCG_LEVEL;
+    }
 }
 
 #[inline(always)]
