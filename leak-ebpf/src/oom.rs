@@ -279,7 +279,11 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         memcg = parent_memcg(memcg);
     }
     event.depth = depth;
-    snapshot_oom_memcg(event, chain_start, memcg, oom_memcg);
+    // Handed over through the event, so that every path arrives at the walks with the same
+    // registers and the verifier checks them once, not once per way the chain ended.
+    event.oom_memcg.limit_pages = memcg;
+    event.oom_memcg.watermark_pages = oom_memcg;
+    snapshot_oom_memcg(event);
 }
 
 /// Snapshots the cgroup that hit its limit into `event.oom_memcg` when the chain does not hold
@@ -287,7 +291,16 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
 /// ancestor at its limit above the chain. `above` is the first ancestor the chain left out
 /// (0 past the root, `u64::MAX` when the chain broke off).
 #[inline(always)]
-fn snapshot_oom_memcg(event: &mut OomKillEvent, chain_start: u64, above: u64, oom_memcg: u64) {
+fn snapshot_oom_memcg(event: &mut OomKillEvent) {
+    // SAFETY: volatile only so that the compiler keeps the values in memory (see the caller).
+    let (above, oom_memcg) = unsafe {
+        (
+            core::ptr::read_volatile(&event.oom_memcg.limit_pages),
+            core::ptr::read_volatile(&event.oom_memcg.watermark_pages),
+        )
+    };
+    event.oom_memcg.limit_pages = 0;
+    event.oom_memcg.watermark_pages = 0;
     if above == 0 {
         event.flags |= flags::REACHED_ROOT;
     }
@@ -295,9 +308,11 @@ fn snapshot_oom_memcg(event: &mut OomKillEvent, chain_start: u64, above: u64, oo
         if oom_memcg == 0 {
             return;
         }
-        match levels_up_to(chain_start, oom_memcg) {
-            Some(steps) if steps < event.depth => return,
-            Some(steps) => (oom_memcg, Some(steps)),
+        if in_chain(event) {
+            return;
+        }
+        match levels_up_to(above, oom_memcg) {
+            Some(steps) => (oom_memcg, Some(MAX_CGROUP_DEPTH as u32 + steps)),
             // Not an ancestor within reach: still the cgroup that hit its limit.
             None => (oom_memcg, None),
         }
@@ -373,12 +388,26 @@ fn memsw_charged() -> bool {
     layout!(memcg_memsw) != Layout::ABSENT && layout!(memsw_accounted) == 1
 }
 
-/// How many levels above `from` the memory cgroup `target` is, within the chain and
-/// [`MAX_ANCESTOR_SEARCH`] above it.
+/// Whether `oc->memcg` is a level of the chain, by cgroup id.
+#[inline(always)]
+fn in_chain(event: &OomKillEvent) -> bool {
+    let id = event.oc_memcg_cgroup_id;
+    for level in 0..MAX_CGROUP_DEPTH {
+        if level as u32 >= event.depth {
+            return false;
+        }
+        if id != 0 && event.cgroups[level].cgroup_id == id {
+            return true;
+        }
+    }
+    false
+}
+
+/// How many levels above `from` the memory cgroup `target` is, within [`MAX_ANCESTOR_SEARCH`].
 #[inline(always)]
 fn levels_up_to(from: u64, target: u64) -> Option<u32> {
     let mut memcg = from;
-    for steps in 0..(MAX_CGROUP_DEPTH + MAX_ANCESTOR_SEARCH) as u32 {
+    for steps in 0..MAX_ANCESTOR_SEARCH as u32 {
         if memcg == 0 {
             return None;
         }
