@@ -4,6 +4,10 @@ use crate::layout::{memory_event, stat, LRU_COUNT};
 
 /// How many memory cgroups, from the victim's own up towards the root, a snapshot carries.
 pub const MAX_CGROUP_DEPTH: usize = 8;
+/// How many levels above the chain the kernel looks for the cgroup that hit its limit: 32
+/// levels in all, far deeper than real hierarchies nest (Kubernetes nests 4 or 5, systemd
+/// slices 3 or 4). Each level costs the verifier about 750 instructions per program.
+pub const MAX_ANCESTOR_SEARCH: usize = 24;
 /// Length of the kernfs leaf name kept per cgroup (longer names are truncated).
 pub const CGROUP_NAME_LEN: usize = 128;
 pub const TASK_COMM_LEN: usize = 16;
@@ -43,6 +47,19 @@ pub mod flags {
     /// and counts `oom_kill`; without this bit, where a witness is attached, the victim was
     /// marked without a kill because it was already exiting (`task_will_free_mem`).
     pub const KILLED: u32 = 1 << 8;
+    /// `oom_memcg` holds the cgroup that hit its limit, found above the `cgroups` chain: with
+    /// `oom_control`, its `memcg`; without, the nearest ancestor above the chain whose usage
+    /// (or memory+swap usage) is within one huge-page charge of its limit.
+    pub const OOM_MEMCG: u32 = 1 << 16;
+    /// `oom_memcg_level` is valid.
+    pub const OOM_MEMCG_LEVEL: u32 = 1 << 17;
+    /// The `memsw_*` figures of each cgroup are valid (cgroup v1 with swap accounting).
+    pub const MEMSW_VALID: u32 = 1 << 18;
+    /// The chain ended at the root memory cgroup.
+    pub const REACHED_ROOT: u32 = 1 << 19;
+    /// Without `oom_control`, the chain stopped at its depth bound and every ancestor above it,
+    /// up to the root, was searched for one at its limit (so none unreported is).
+    pub const ANCESTORS_SEARCHED: u32 = 1 << 20;
 }
 
 /// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the
@@ -66,10 +83,17 @@ pub struct MemcgSnapshot {
     pub events: [u64; memory_event::COUNT],
     /// Kernfs leaf name, NUL-terminated unless truncated.
     pub name: [u8; CGROUP_NAME_LEN],
+    /// The memory+swap `page_counter` (cgroup v1 with swap accounting); valid with
+    /// [`flags::MEMSW_VALID`].
+    pub memsw_usage_pages: u64,
+    pub memsw_limit_pages: u64,
+    pub memsw_watermark_pages: u64,
+    pub memsw_failcnt: u64,
 }
 
 const _: () = assert!(
-    size_of::<MemcgSnapshot>() == (10 + stat::COUNT + memory_event::COUNT) * 8 + CGROUP_NAME_LEN
+    size_of::<MemcgSnapshot>()
+        == (10 + stat::COUNT + memory_event::COUNT) * 8 + CGROUP_NAME_LEN + 4 * 8
 );
 
 /// `oom_control::constraint`, `enum oom_constraint`.
@@ -120,6 +144,13 @@ pub struct OomKillEvent {
     pub events_present: u32,
     /// Victim's memory cgroup first, then its ancestors.
     pub cgroups: [MemcgSnapshot; MAX_CGROUP_DEPTH],
+    /// How many levels above the victim's cgroup `oom_memcg` is (0 would be the victim's
+    /// own); valid with [`flags::OOM_MEMCG_LEVEL`].
+    pub oom_memcg_level: u32,
+    pub _pad_oom_memcg: u32,
+    /// The cgroup that hit its limit when it is above `cgroups`; valid with
+    /// [`flags::OOM_MEMCG`].
+    pub oom_memcg: MemcgSnapshot,
 }
 
 const _: () = assert!(
@@ -132,6 +163,8 @@ const _: () = assert!(
             + 8 * 3
             + 4 * 6
             + MAX_CGROUP_DEPTH * size_of::<MemcgSnapshot>()
+            + 4 * 2
+            + size_of::<MemcgSnapshot>()
 );
 
 /// What `oom_kill_process` entry records for the `oom:mark_victim` programs that follow it on

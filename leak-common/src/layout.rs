@@ -221,6 +221,12 @@ pub struct Layout {
     pub tp_signal_generate_sig: u32,
     pub tp_signal_generate_code: u32,
     pub tp_signal_generate_pid: u32,
+    /// `mem_cgroup.memsw`, the memory+swap `page_counter` of cgroup v1 (from 5.19 it shares a
+    /// union with v2's `swap`), or [`Layout::ABSENT`].
+    pub memcg_memsw: u32,
+    /// 1 when the kernel charges `memsw`: the memory controller is on cgroup v1 with swap
+    /// accounting (the `memory.memsw.*` files exist). Set by the loader, not from BTF.
+    pub memsw_accounted: u32,
 }
 
 impl Layout {
@@ -228,7 +234,7 @@ impl Layout {
 }
 
 const _: () =
-    assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1 + 6) * 4);
+    assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1 + 6 + 2) * 4);
 
 #[cfg(feature = "user")]
 // SAFETY: `Layout` is `#[repr(C)]`, made only of `u32`s, with no padding and no invalid bit

@@ -63,6 +63,8 @@ pub(crate) static LAYOUT: Layout = Layout {
     tp_signal_generate_sig: 0,
     tp_signal_generate_code: 0,
     tp_signal_generate_pid: 0,
+    memcg_memsw: 0,
+    memsw_accounted: 0,
 };
 
 /// Reads one layout value. Volatile, so the compiler cannot fold the zero initialiser.

@@ -22,9 +22,10 @@ use aya_log_ebpf::debug;
 use leak_common::{
     event::{
         counter, flags, hook, MemcgSnapshot, OomContext, OomKillEvent, CGROUP_NAME_LEN,
-        MAX_CGROUP_DEPTH, TASK_COMM_LEN,
+        MAX_ANCESTOR_SEARCH, MAX_CGROUP_DEPTH, TASK_COMM_LEN,
     },
     layout::{memory_event, rss_scheme, stat, Layout, LRU_COUNT},
+    sample::CHARGE_SLACK_PAGES,
 };
 
 use crate::{
@@ -348,6 +349,8 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         task_memcg(current_task())
     };
 
+    // `oc->memcg` when `oom_kill_process` was hooked: the cgroup that hit its limit.
+    let mut oom_memcg = 0;
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
         event_flags |= flags::HAS_OOM_CONTROL;
@@ -361,6 +364,7 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         }
         if context.memcg != 0 {
             event.oc_memcg_cgroup_id = memcg_cgroup_id(context.memcg);
+            oom_memcg = context.memcg;
         }
     }
 
@@ -370,10 +374,18 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
     if layout!(failcnt_v1_only) == 1 {
         event_flags |= flags::FAILCNT_V1_ONLY;
     }
+    if memsw_charged() {
+        event_flags |= flags::MEMSW_VALID;
+    }
     event.stats_present = present_bits(&raw const crate::kernel::LAYOUT.stat_index);
     if layout!(memcg_memory_events) != Layout::ABSENT {
         event.events_present = present_bits(&raw const crate::kernel::LAYOUT.memory_event_index);
     }
+
+    // From here on the flags live in the event, not in a register: a register whose value
+    // differs between paths (a flag set on one, not on another) keeps the verifier from
+    // pruning them, and the walks below would be verified once per combination.
+    event.flags = event_flags;
 
     let mut memcg = chain_start;
     let mut depth = 0u32;
@@ -385,15 +397,75 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         // SAFETY: level < MAX_CGROUP_DEPTH, the array's length.
         let snapshot = unsafe { &mut *cgroups.add(level) };
         if fill_memcg(snapshot, memcg).is_err() {
-            event_flags |= flags::CHAIN_TRUNCATED;
+            event.flags |= flags::CHAIN_TRUNCATED;
             count(counter::READ_ERRORS);
+            // Not an ancestor above the chain: the search below must not start there.
+            memcg = u64::MAX;
             break;
         }
         depth += 1;
         memcg = parent_memcg(memcg);
     }
     event.depth = depth;
-    event.flags = event_flags;
+    // Handed over through the event, so that every path arrives at the walks with the same
+    // registers and the verifier checks them once, not once per way the chain ended.
+    event.oom_memcg.limit_pages = memcg;
+    event.oom_memcg.watermark_pages = oom_memcg;
+    snapshot_oom_memcg(event);
+}
+
+/// Snapshots the cgroup that hit its limit into `event.oom_memcg` when the chain does not hold
+/// it: `oom_memcg` (`oc->memcg`, when `oom_kill_process` was hooked), else the nearest
+/// ancestor at its limit above the chain. `above` is the first ancestor the chain left out
+/// (0 past the root, `u64::MAX` when the chain broke off).
+#[inline(always)]
+fn snapshot_oom_memcg(event: &mut OomKillEvent) {
+    // SAFETY: volatile only so that the compiler keeps the values in memory (see the caller).
+    let (above, oom_memcg) = unsafe {
+        (
+            core::ptr::read_volatile(&event.oom_memcg.limit_pages),
+            core::ptr::read_volatile(&event.oom_memcg.watermark_pages),
+        )
+    };
+    event.oom_memcg.limit_pages = 0;
+    event.oom_memcg.watermark_pages = 0;
+    if above == 0 {
+        event.flags |= flags::REACHED_ROOT;
+    }
+    let (found, level) = if event.flags & flags::HAS_OOM_CONTROL != 0 {
+        if oom_memcg == 0 {
+            return;
+        }
+        if in_chain(event) {
+            return;
+        }
+        match levels_up_to(above, oom_memcg) {
+            Some(steps) => (oom_memcg, Some(MAX_CGROUP_DEPTH as u32 + steps)),
+            // Not an ancestor within reach: still the cgroup that hit its limit.
+            None => (oom_memcg, None),
+        }
+    } else {
+        if above == 0 || above == u64::MAX {
+            return;
+        }
+        match nearest_at_limit(above) {
+            Search::Found(found, steps) => (found, Some(MAX_CGROUP_DEPTH as u32 + steps)),
+            Search::NoneUpToRoot => {
+                event.flags |= flags::ANCESTORS_SEARCHED;
+                return;
+            }
+            Search::Unfinished => return,
+        }
+    };
+    if fill_memcg(&mut event.oom_memcg, found).is_ok() {
+        event.flags |= flags::OOM_MEMCG;
+    } else {
+        count(counter::READ_ERRORS);
+    }
+    if let Some(steps) = level {
+        event.oom_memcg_level = steps;
+        event.flags |= flags::OOM_MEMCG_LEVEL;
+    }
 }
 
 #[inline(always)]
@@ -441,6 +513,86 @@ fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
         event.rss_file_pages = file;
         event.rss_shmem_pages = shmem;
         *event_flags |= flags::RSS_VALID;
+    }
+}
+
+/// Whether the kernel charges the memory+swap counter (cgroup v1 with swap accounting).
+#[inline(always)]
+fn memsw_charged() -> bool {
+    layout!(memcg_memsw) != Layout::ABSENT && layout!(memsw_accounted) == 1
+}
+
+/// Whether `oc->memcg` is a level of the chain, by cgroup id.
+#[inline(always)]
+fn in_chain(event: &OomKillEvent) -> bool {
+    let id = event.oc_memcg_cgroup_id;
+    for level in 0..MAX_CGROUP_DEPTH {
+        if level as u32 >= event.depth {
+            return false;
+        }
+        if id != 0 && event.cgroups[level].cgroup_id == id {
+            return true;
+        }
+    }
+    false
+}
+
+/// How many levels above `from` the memory cgroup `target` is, within [`MAX_ANCESTOR_SEARCH`].
+#[inline(always)]
+fn levels_up_to(from: u64, target: u64) -> Option<u32> {
+    let mut memcg = from;
+    for steps in 0..MAX_ANCESTOR_SEARCH as u32 {
+        if memcg == 0 {
+            return None;
+        }
+        if memcg == target {
+            return Some(steps);
+        }
+        memcg = parent_memcg(memcg);
+    }
+    None
+}
+
+enum Search {
+    /// The memcg and how many levels above the start it is.
+    Found(u64, u32),
+    NoneUpToRoot,
+    /// [`MAX_ANCESTOR_SEARCH`] levels searched without reaching the root.
+    Unfinished,
+}
+
+/// The nearest memory cgroup from `from` up whose usage, or memory+swap usage, is within one
+/// huge-page charge of its limit: without `oom_control`, the best guess at the one that hit it.
+#[inline(always)]
+fn nearest_at_limit(from: u64) -> Search {
+    let mut memcg = from;
+    for steps in 0..MAX_ANCESTOR_SEARCH as u32 {
+        if memcg == 0 {
+            return Search::NoneUpToRoot;
+        }
+        if at_limit(memcg, layout!(memcg_memory))
+            || memsw_charged() && at_limit(memcg, layout!(memcg_memsw))
+        {
+            return Search::Found(memcg, steps);
+        }
+        memcg = parent_memcg(memcg);
+    }
+    match memcg {
+        0 => Search::NoneUpToRoot,
+        _ => Search::Unfinished,
+    }
+}
+
+/// Whether the `page_counter` at `counter` in `memcg` is within one huge-page charge of its
+/// limit (a counter without a limit never is: its `max` is `PAGE_COUNTER_MAX`).
+#[inline(always)]
+fn at_limit(memcg: u64, counter: u32) -> bool {
+    match (
+        read::<u64>(memcg, counter + layout!(counter_usage)),
+        read::<u64>(memcg, counter + layout!(counter_max)),
+    ) {
+        (Ok(usage), Ok(max)) => usage.saturating_add(CHARGE_SLACK_PAGES) >= max,
+        _ => false,
     }
 }
 
@@ -501,6 +653,18 @@ fn fill_memcg(snapshot: &mut MemcgSnapshot, memcg: u64) -> Result<(), i64> {
                 snapshot.events[event] =
                     read::<i64>(memcg, events + index * 8).map_or(0, |value| value.max(0) as u64);
             }
+        }
+    }
+
+    if memsw_charged() {
+        let memsw = layout!(memcg_memsw);
+        snapshot.memsw_usage_pages =
+            read::<u64>(memcg, memsw + layout!(counter_usage)).unwrap_or(0);
+        snapshot.memsw_limit_pages = read::<u64>(memcg, memsw + layout!(counter_max)).unwrap_or(0);
+        snapshot.memsw_watermark_pages =
+            read::<u64>(memcg, memsw + layout!(counter_watermark)).unwrap_or(0);
+        if failcnt != Layout::ABSENT {
+            snapshot.memsw_failcnt = read::<u64>(memcg, memsw + failcnt).unwrap_or(0);
         }
     }
 

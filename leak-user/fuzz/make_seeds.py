@@ -26,12 +26,14 @@ MAX_CGROUP_DEPTH = 8
 LRU_COUNT = 5
 STAT_COUNT = 12
 EVENT_COUNT = 4
-MEMCG_SNAPSHOT_SIZE = (10 + STAT_COUNT + EVENT_COUNT) * 8 + CGROUP_NAME_LEN
-OOM_KILL_EVENT_SIZE = 144 + MAX_CGROUP_DEPTH * MEMCG_SNAPSHOT_SIZE
+MEMCG_SNAPSHOT_SIZE = (10 + STAT_COUNT + EVENT_COUNT) * 8 + CGROUP_NAME_LEN + 4 * 8
+OOM_KILL_EVENT_SIZE = 144 + MAX_CGROUP_DEPTH * MEMCG_SNAPSHOT_SIZE + 8 + MEMCG_SNAPSHOT_SIZE
 CHARGE_SAMPLE_SIZE = 64
 
 HAS_OOM_CONTROL, VICTIM_TASK, RSS_VALID, OOM_SCORE_ADJ_VALID = 1, 2, 4, 8
 FAILCNT_VALID, CHAIN_TRUNCATED, NS_PID_VALID, FAILCNT_V1_ONLY = 16, 32, 64, 128
+OOM_MEMCG, OOM_MEMCG_LEVEL, MEMSW_VALID, REACHED_ROOT = 1 << 16, 1 << 17, 1 << 18, 1 << 19
+ANCESTORS_SEARCHED = 1 << 20
 CONSTRAINT_NONE, CONSTRAINT_MEMCG = 0, 3
 PAGES_64MIB = 16384
 UNLIMITED = (2**63 - 1) // 4096
@@ -39,14 +41,16 @@ UNLIMITED = (2**63 - 1) // 4096
 
 def memcg(cgroup_id, usage, limit, lru, name, failcnt=12):
     """MemcgSnapshot: ten u64, the breakdown (stat order, each in its kernel unit), the
-    memory events, then the kernfs name."""
+    memory events, the kernfs name, then the memory+swap counter (usage, limit, peak,
+    failcnt)."""
     anon, file = lru[0] + lru[1], lru[2] + lru[3]
     # anon, file, shmem, dirty, writeback (pages), slab x2 (bytes), stack (KiB), pagetables,
     # sock (pages), percpu (bytes), swap (pages)
     stats = [anon, file, 0, 3, 0, 81_920, 40_960, 64, 12, 0, 8_192, 0]
     events = [failcnt, 1, 1, 0]  # max, oom, oom_kill, oom_group_kill
     return struct.pack(
-        "<5Q5Q12Q4Q128s", cgroup_id, usage, limit, usage, failcnt, *lru, *stats, *events, name
+        "<5Q5Q12Q4Q128s4Q", cgroup_id, usage, limit, usage, failcnt, *lru, *stats, *events, name,
+        usage, limit, usage, failcnt,
     )
 
 
@@ -61,9 +65,16 @@ def oom_kill_event(
     depth=None,
     stats_present=(1 << STAT_COUNT) - 1,
     events_present=(1 << EVENT_COUNT) - 1,
+    above=None,
 ):
     snapshots = b"".join(memcg(*c) for c in chain)
     snapshots += bytes(MEMCG_SNAPSHOT_SIZE * (MAX_CGROUP_DEPTH - len(chain)))
+    # oom_memcg_level, padding, then oom_memcg: the cgroup that hit its limit above the chain.
+    if above is None:
+        snapshots += bytes(8 + MEMCG_SNAPSHOT_SIZE)
+    else:
+        level, snapshot = above
+        snapshots += struct.pack("<II", level, 0) + memcg(*snapshot)
     head = struct.pack(
         "<QIIII16siIQQQII16sQqQIIiIII",
         123_456_789_000,  # boot_ns
@@ -146,6 +157,17 @@ def decode_seeds():
             CONSTRAINT_NONE,
             0,
         ),
+        # v1 with a memory+swap limit: the cgroup that hit it is ten levels above the victim.
+        "limit-above-the-chain-memsw": oom_kill_event(
+            1,
+            all_flags | OOM_MEMCG | OOM_MEMCG_LEVEL | MEMSW_VALID,
+            126,
+            b"leak",
+            [leak] * MAX_CGROUP_DEPTH,
+            CONSTRAINT_MEMCG,
+            4100,
+            above=(10, pod),
+        ),
         "sample-charge": charge_sample(1, 16_000, 300),
         "sample-limit-hit": charge_sample(2, PAGES_64MIB, 2_000),
         "sample-charge-failed": charge_sample(3, PAGES_64MIB, 0),
@@ -211,7 +233,7 @@ NEEDED = {
     "cgroup_subsys_state": {"cgroup", "parent"},
     "cgroup": {"kn"},
     "kernfs_node": {"id", "name"},
-    "mem_cgroup": {"css", "memory", "vmstats"},
+    "mem_cgroup": {"css", "memory", "vmstats", "memsw"},
     "page_counter": {"usage", "max", "watermark", "failcnt"},
     "oom_control": {"memcg", "chosen", "chosen_points", "totalpages", "constraint", "gfp_mask", "order"},
     "mm_struct": {"rss_stat"},

@@ -5,6 +5,9 @@
 
 mod support;
 
+#[path = "oom_e2e/levels.rs"]
+mod levels;
+
 use std::time::{Duration, Instant};
 
 use leak_user::{
@@ -202,6 +205,16 @@ fn leak_until_killed(attach: &str, victim: &Cgroup, workload: &[&str]) -> Outcom
 /// Runs the agent, starts what `spawn` starts in `victim`, waits for the kernel to kill it, and
 /// gathers both sides.
 fn run_until_killed(attach: &str, victim: &Cgroup, spawn: impl FnOnce() -> Process) -> Outcome {
+    run_until_killed_then(attach, victim, spawn, |_| {})
+}
+
+/// [`run_until_killed`], running `after_kill` once the kill is served, while the agent runs.
+fn run_until_killed_then(
+    attach: &str,
+    victim: &Cgroup,
+    spawn: impl FnOnce() -> Process,
+    after_kill: impl FnOnce(&Kill),
+) -> Outcome {
     // The charge path in the same mode as the OOM hook, so every mode of both is exercised.
     let mut agent = Agent::start(&["--attach", attach, "--charge-attach", attach]);
     let mode = reported_mode(&agent, attach);
@@ -213,6 +226,7 @@ fn run_until_killed(attach: &str, victim: &Cgroup, spawn: impl FnOnce() -> Proce
     // By cgroup: what `spawn` started may be a relay outside a pid namespace.
     let kill = agent.wait_for_kill_in(&victim.relative);
     let pid = kill.victim_pid;
+    after_kill(&kill);
     let mut seen = Vec::new();
     let report = report_for(&mut kmsg, &mut seen, pid);
     // Per-cgroup counters are brought up to the kernel's once a second: wait (with a generous

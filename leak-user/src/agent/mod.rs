@@ -102,6 +102,9 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         dense_samples: options.dense_samples,
         bpf_stats: options.bpf_stats,
         root_memory_stat: hierarchy.as_ref().map(|h| h.root.join("memory.stat")),
+        memsw_accounted: hierarchy
+            .as_ref()
+            .is_some_and(MemoryHierarchy::memsw_accounted),
     })?;
     // Loading parsed the kernel's BTF (megabytes, twice) and the BPF object; hand the freed
     // heap back to the system rather than keep it resident for the agent's whole life.

@@ -38,6 +38,18 @@ pub struct MemcgRecord {
     pub breakdown: Breakdown,
     /// `memory_events[]`, `None` where the kernel has none.
     pub events: Option<MemoryEvents>,
+    /// The memory+swap counter (cgroup v1 with swap accounting), `None` where not charged.
+    pub memsw: Option<MemswRecord>,
+}
+
+/// cgroup v1's memory+swap `page_counter`, in bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemswRecord {
+    pub usage_bytes: u64,
+    /// `None` when memory+swap has no limit.
+    pub limit_bytes: Option<u64>,
+    pub peak_bytes: u64,
+    pub failcnt: Option<u64>,
 }
 
 /// The kernel's `oom_control`, captured on `oom_kill_process`.
@@ -82,12 +94,21 @@ pub struct KillRecord {
     /// The kill witness saw the OOM killer kill this victim (meaningful only where a witness
     /// is attached: otherwise always false).
     pub killed: bool,
+    /// The chain ends at the root memory cgroup.
+    pub root_reached: bool,
+    /// The cgroup that hit its limit, when the kernel found it above `cgroups`.
+    pub oom_memcg: Option<MemcgRecord>,
+    /// How many levels above the victim's cgroup `oom_memcg` is, where known.
+    pub oom_memcg_level: Option<u32>,
+    /// Without `oom_control`: the chain stopped at its depth bound and the kernel searched
+    /// every ancestor above it up to the root for one at its limit.
+    pub ancestors_searched: bool,
 }
 
 impl KillRecord {
     /// Whether `cgroups` end at the root of the hierarchy (so their names make whole paths).
     pub fn reached_root(&self) -> bool {
-        self.cgroups.len() < MAX_CGROUP_DEPTH && !self.chain_truncated
+        self.root_reached || self.cgroups.len() < MAX_CGROUP_DEPTH && !self.chain_truncated
     }
 }
 
@@ -173,6 +194,18 @@ fn memcg(
         unevictable_bytes: lru(LRU_UNEVICTABLE, "unevictable")?,
         breakdown: breakdown(snapshot, event.stats_present, page)?,
         events: memory_events(snapshot, event.events_present),
+        memsw: match event.flags & flags::MEMSW_VALID {
+            0 => None,
+            _ => Some(MemswRecord {
+                usage_bytes: bytes("memsw_usage", snapshot.memsw_usage_pages, page)?,
+                limit_bytes: match is_unlimited(snapshot.memsw_limit_pages, page) {
+                    true => None,
+                    false => Some(bytes("memsw_limit", snapshot.memsw_limit_pages, page)?),
+                },
+                peak_bytes: bytes("memsw_peak", snapshot.memsw_watermark_pages, page)?,
+                failcnt: failcnt_valid.then_some(snapshot.memsw_failcnt),
+            }),
+        },
     })
 }
 
@@ -229,6 +262,13 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
         failcnt_v1_only: has(flags::FAILCNT_V1_ONLY),
         stats_flushed: has(flags::HAS_OOM_CONTROL).then_some(has(flags::STATS_FLUSHED)),
         killed: has(flags::KILLED),
+        root_reached: has(flags::REACHED_ROOT),
+        oom_memcg: match has(flags::OOM_MEMCG) {
+            true => Some(memcg(&event.oom_memcg, &event, page_size)?),
+            false => None,
+        },
+        oom_memcg_level: has(flags::OOM_MEMCG_LEVEL).then_some(event.oom_memcg_level),
+        ancestors_searched: has(flags::ANCESTORS_SEARCHED),
     })
 }
 
@@ -280,6 +320,10 @@ pub(crate) mod fixtures {
             ],
             events: [3, 1, 1, 0],
             name: name(leaf),
+            memsw_usage_pages: usage,
+            memsw_limit_pages: UNLIMITED,
+            memsw_watermark_pages: usage,
+            memsw_failcnt: 0,
         }
     }
 
@@ -315,6 +359,9 @@ pub(crate) mod fixtures {
             stats_present: (1 << leak_common::layout::stat::COUNT) - 1,
             events_present: 0b0111,
             cgroups,
+            oom_memcg_level: 0,
+            _pad_oom_memcg: 0,
+            oom_memcg: level(0, "", 0, 0, 0),
         }
     }
 

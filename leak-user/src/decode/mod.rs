@@ -5,7 +5,7 @@
 pub mod event;
 pub mod sample;
 
-pub use event::{decode_kill, KillRecord, MemcgRecord, OomControlRecord};
+pub use event::{decode_kill, KillRecord, MemcgRecord, MemswRecord, OomControlRecord};
 pub use sample::{decode_sample, Sample};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -55,6 +55,12 @@ pub struct MemoryHierarchy {
 }
 
 impl MemoryHierarchy {
+    /// Whether the kernel charges cgroup v1's memory+swap counter: on v1 with swap accounting
+    /// (the kernel creates the `memory.memsw.*` files only then); never on v2.
+    pub fn memsw_accounted(&self) -> bool {
+        self.version == Version::V1 && self.root.join("memory.memsw.usage_in_bytes").exists()
+    }
+
     /// Finds the memory hierarchy from `/proc/self/mountinfo`.
     pub fn discover() -> Result<Self, CgroupError> {
         let path = Path::new("/proc/self/mountinfo");

@@ -384,3 +384,137 @@ fn stats_freshness_follows_the_report_the_mode_and_the_kernel() {
         );
     }
 }
+
+/// Eight levels of the chain (victim first), none at its limit; `above` levels above them.
+fn deep_event(above: Option<(u32, MemcgSnapshot)>) -> OomKillEvent {
+    let names = ["l7", "l6", "l5", "l4", "l3", "l2", "l1", "l0"];
+    let chain: Vec<MemcgSnapshot> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| level(100 + i as u64, name, 1000, UNLIMITED, 10))
+        .collect();
+    let mut ev = event(&chain);
+    if let Some((level, snapshot)) = above {
+        ev.flags |= flags::OOM_MEMCG | flags::OOM_MEMCG_LEVEL;
+        ev.oom_memcg_level = level;
+        ev.oom_memcg = snapshot;
+    }
+    ev
+}
+
+#[test]
+fn a_cgroup_above_the_chain_is_described_not_the_victims() {
+    // /top/a/l0/../l7: l0 is level 7, `a` level 8, `top` level 9 and at its limit.
+    let mut ev = deep_event(Some((9, level(50, "top", 1024, 1024, 100))));
+    ev.flags |= flags::HAS_OOM_CONTROL;
+    ev.oc_constraint = constraint::MEMCG;
+    ev.oc_memcg_cgroup_id = 50;
+    let mut paths = CgroupPaths::new(None);
+    paths.learn(107, "/top/a/l0");
+    let kill = build_kill(&ev, &context(), &mut paths);
+    assert_eq!(kill.cgroup, "/top/a/l0/l1/l2/l3/l4/l5/l6/l7");
+    assert_eq!(kill.oom_cgroup.as_deref(), Some("/top"));
+    assert_eq!(kill.oom_cgroup_id, Some(50));
+    assert_eq!(kill.oom_cgroup_level, Some(9));
+    assert_eq!(kill.constraint, Constraint::Memcg);
+    assert_eq!(
+        (kill.usage_bytes, kill.limit_bytes),
+        (1024 * PAGE, Some(1024 * PAGE))
+    );
+    assert_eq!(kill.working_set_bytes, (1024 - 100) * PAGE);
+    assert_eq!(kill.limit_counter, Some(LimitCounter::Memory));
+    assert!(kill.cgroups.iter().all(|c| !c.hit_limit));
+    let oom = kill.oom_level().expect("the cgroup above the chain");
+    assert!(oom.hit_limit && oom.level == Some(9));
+    assert!(!kill.oom_cgroup_search_incomplete);
+
+    // Inferred the same way by the kernel's walk above the chain.
+    ev.flags &= !flags::HAS_OOM_CONTROL;
+    let kill = build_kill(&ev, &context(), &mut paths);
+    assert_eq!(kill.oom_cgroup.as_deref(), Some("/top"));
+    assert_eq!(kill.attribution, Attribution::Inferred);
+    assert_eq!(kill.constraint, Constraint::Memcg);
+}
+
+#[test]
+fn an_unsearched_chain_says_so_instead_of_naming_a_cgroup() {
+    let mut ev = deep_event(None);
+    let kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    assert_eq!(kill.oom_cgroup, None);
+    assert!(kill.oom_cgroup_search_incomplete);
+    assert_eq!(kill.constraint, Constraint::Unknown);
+    assert!(kill.cgroups.iter().all(|c| !c.hit_limit));
+
+    ev.flags |= flags::ANCESTORS_SEARCHED;
+    let kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    assert!(
+        !kill.oom_cgroup_search_incomplete,
+        "every ancestor was read"
+    );
+    assert_eq!(kill.constraint, Constraint::None);
+}
+
+#[test]
+fn memory_plus_swap_at_its_limit_is_the_limit_hit() {
+    let mut victim = level(30, "memsw", 800, 1024, 10);
+    victim.memsw_usage_pages = 1024;
+    victim.memsw_limit_pages = 1024;
+    victim.memsw_failcnt = 5;
+    let mut ev = event(&[victim, level(1, "", 5000, UNLIMITED, 0)]);
+    ev.flags |= flags::MEMSW_VALID;
+    let v1 = KillContext {
+        cgroup_v2: Some(false),
+        ..context()
+    };
+    let kill = build_kill(&ev, &v1, &mut CgroupPaths::new(None));
+    assert_eq!(kill.oom_cgroup.as_deref(), Some("/memsw"), "{kill:#?}");
+    assert_eq!(kill.limit_counter, Some(LimitCounter::Memsw));
+    let level = &kill.cgroups[0];
+    assert_eq!(
+        (
+            level.memsw_usage_bytes,
+            level.memsw_limit_bytes,
+            level.memsw_failcnt
+        ),
+        (Some(1024 * PAGE), Some(1024 * PAGE), Some(5))
+    );
+    assert_eq!(
+        kill.cgroups[1].memsw_limit_bytes, None,
+        "no memory+swap limit"
+    );
+
+    // Equal limits and no swap: memory+swap is charged first, so it is the one that failed.
+    ev.cgroups[0].usage_pages = 1024;
+    let kill = build_kill(&ev, &v1, &mut CgroupPaths::new(None));
+    assert_eq!(kill.limit_counter, Some(LimitCounter::Memsw));
+    ev.cgroups[0].memsw_limit_pages = 4096;
+    let kill = build_kill(&ev, &v1, &mut CgroupPaths::new(None));
+    assert_eq!(kill.limit_counter, Some(LimitCounter::Memory));
+
+    ev.flags &= !flags::MEMSW_VALID;
+    let kill = build_kill(&ev, &v1, &mut CgroupPaths::new(None));
+    assert_eq!(
+        kill.cgroups[0].memsw_usage_bytes, None,
+        "not charged: not shown"
+    );
+}
+
+#[test]
+fn the_root_level_is_measured_by_its_statistics() {
+    let mut root = level(1, "", 5000, UNLIMITED, 1000);
+    // The root's page counter holds only its children's charges; its statistics hold all.
+    root.stats[leak_common::layout::stat::ANON] = 7000;
+    root.stats[leak_common::layout::stat::FILE] = 3000;
+    root.stats[leak_common::layout::stat::SWAP] = 50;
+    root.memsw_usage_pages = 5000;
+    let mut ev = event(&[level(30, "a", 100, 100, 0), root]);
+    ev.flags |= flags::REACHED_ROOT | flags::MEMSW_VALID;
+    let kill = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    let root = &kill.cgroups[1];
+    assert_eq!(root.usage_source, UsageSource::Statistics);
+    assert_eq!(root.usage_bytes, 10_000 * PAGE);
+    assert_eq!(root.working_set_bytes, 9_000 * PAGE);
+    assert_eq!(root.memsw_usage_bytes, Some(10_050 * PAGE));
+    assert_eq!(kill.cgroups[0].usage_source, UsageSource::PageCounter);
+    assert_eq!(kill.cgroups[0].usage_bytes, 100 * PAGE);
+}

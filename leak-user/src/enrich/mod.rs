@@ -136,7 +136,8 @@ impl Enricher {
         let described = kill.described_cgroup_id();
         let mut points = timelines.timeline(described, kill.boot_ns);
         if !points.is_empty() {
-            if let Some(level) = kill.cgroups.iter().find(|c| c.id == described) {
+            let mut levels = kill.cgroups.iter().chain(&kill.oom_cgroup_state);
+            if let Some(level) = levels.find(|c| c.id == described) {
                 points.push(level.kill_point(kill.boot_ns));
             }
         }

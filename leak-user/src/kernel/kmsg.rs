@@ -15,6 +15,10 @@ pub struct OomReport {
     pub usage_kb: Option<u64>,
     pub limit_kb: Option<u64>,
     pub failcnt: Option<u64>,
+    /// `memory+swap: usage NkB, limit NkB, failcnt N` (cgroup v1 with swap accounting).
+    pub memsw_usage_kb: Option<u64>,
+    pub memsw_limit_kb: Option<u64>,
+    pub memsw_failcnt: Option<u64>,
     /// The cgroup of the `Memory cgroup stats for PATH:` block.
     pub stats_cgroup: Option<String>,
     /// That block, in bytes (`anon`, `file`, `inactive_file`, ...).
@@ -29,6 +33,18 @@ pub struct OomReport {
     pub killed: Vec<u32>,
     /// `anon-rss` of each killed pid, in kB, as that line gives it.
     pub anon_rss_kb: HashMap<u32, u64>,
+}
+
+/// The three numbers of a `page_counter` line of the report: `NkB, limit NkB, failcnt N`.
+fn counter_line(rest: &str) -> Option<[u64; 3]> {
+    let numbers: Vec<u64> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match numbers[..] {
+        [usage, limit, failcnt, ..] => Some([usage, limit, failcnt]),
+        _ => None,
+    }
 }
 
 /// Splits the kernel log into OOM reports. A report starts at `invoked oom-killer` and
@@ -51,14 +67,17 @@ pub fn parse_reports<'a>(messages: impl IntoIterator<Item = &'a str>) -> Vec<Oom
             continue;
         };
         if let Some(rest) = message.strip_prefix("memory: usage ") {
-            let numbers: Vec<u64> = rest
-                .split(|c: char| !c.is_ascii_digit())
-                .filter_map(|n| n.parse().ok())
-                .collect();
-            if let [usage, limit, failcnt, ..] = numbers[..] {
+            if let Some([usage, limit, failcnt]) = counter_line(rest) {
                 report.usage_kb = Some(usage);
                 report.limit_kb = Some(limit);
                 report.failcnt = Some(failcnt);
+            }
+            in_stats = false;
+        } else if let Some(rest) = message.strip_prefix("memory+swap: usage ") {
+            if let Some([usage, limit, failcnt]) = counter_line(rest) {
+                report.memsw_usage_kb = Some(usage);
+                report.memsw_limit_kb = Some(limit);
+                report.memsw_failcnt = Some(failcnt);
             }
             in_stats = false;
         } else if let Some(rest) = message.strip_prefix("Memory cgroup stats for ") {
@@ -210,6 +229,14 @@ Memory cgroup out of memory: Killed process 4242 (leak) total-vm:80000kB, anon-r
         assert_eq!(reports.len(), 1);
         let report = &reports[0];
         assert_eq!(report.usage_kb, Some(65536));
+        assert_eq!(
+            (
+                report.memsw_usage_kb,
+                report.memsw_limit_kb,
+                report.memsw_failcnt
+            ),
+            (Some(65536), Some(9007199254740988), Some(0))
+        );
         assert_eq!(report.limit_kb, Some(65536));
         assert_eq!(report.failcnt, Some(92));
         assert_eq!(report.stats_cgroup.as_deref(), Some("/leak-e2e"));

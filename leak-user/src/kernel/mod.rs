@@ -138,6 +138,9 @@ pub struct LoadOptions {
     /// The root memory cgroup's `memory.stat`, against which the statistics indices resolved
     /// from BTF are cross-checked before anything is attached; `None` skips the check.
     pub root_memory_stat: Option<std::path::PathBuf>,
+    /// The kernel charges cgroup v1's memory+swap counter (v1 with swap accounting, where the
+    /// `memory.memsw.*` files exist): snapshots then carry it.
+    pub memsw_accounted: bool,
 }
 
 impl Probes {
@@ -174,6 +177,7 @@ impl Probes {
                 kernel_layout.tp_signal_generate_pid = pid;
             }
         }
+        kernel_layout.memsw_accounted = u32::from(options.memsw_accounted);
         info!("kernel layout resolved from {}", options.btf_path.display());
         debug!("{kernel_layout:?}");
 

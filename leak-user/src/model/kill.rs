@@ -28,7 +28,8 @@ pub enum Constraint {
     Cpuset,
     MemoryPolicy,
     Memcg,
-    /// A value this version of leak does not know (a newer kernel).
+    /// A value this version of leak does not know (a newer kernel), or, inferring, a cgroup
+    /// at its limit may exist above the levels the snapshot could search.
     Unknown,
 }
 
@@ -221,6 +222,56 @@ pub struct CgroupState {
     pub breakdown: Breakdown,
     /// This is the cgroup whose limit the kill was about.
     pub hit_limit: bool,
+    /// How many levels above the victim's cgroup this one is (0: the victim's own); `None`
+    /// for a cgroup above the chain whose distance the kernel did not establish.
+    #[serde(default)]
+    pub level: Option<u32>,
+    /// Where `usage_bytes` comes from: the cgroup's page counter, or, for the root, its
+    /// statistics (the root's page counter only sums its children's charges).
+    #[serde(default)]
+    pub usage_source: UsageSource,
+    /// cgroup v1's memory+swap counter (`memory.memsw.usage_in_bytes`); `None` where the kernel
+    /// does not charge it (cgroup v2, or v1 without swap accounting).
+    #[serde(default)]
+    pub memsw_usage_bytes: Option<u64>,
+    /// `memory.memsw.limit_in_bytes`; `None` without a limit or without memsw accounting.
+    #[serde(default)]
+    pub memsw_limit_bytes: Option<u64>,
+    /// `memory.memsw.max_usage_in_bytes`.
+    #[serde(default)]
+    pub memsw_peak_bytes: Option<u64>,
+    /// `memory.memsw.failcnt`; `None` from 6.15 on, where the kernel no longer counts it
+    /// (it tracks `failcnt` for the memory counter only, so the file stays 0).
+    #[serde(default)]
+    pub memsw_failcnt: Option<u64>,
+    /// On the level that hit its limit: which of its counters was at its limit, memory+swap
+    /// first as the kernel charges it; `None` elsewhere, or where neither was.
+    #[serde(default)]
+    pub limit_counter: Option<LimitCounter>,
+}
+
+/// Which `page_counter` of a cgroup was at its limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitCounter {
+    /// `memory` (`memory.limit_in_bytes` on v1, `memory.max` on v2).
+    Memory,
+    /// cgroup v1's memory+swap (`memory.memsw.limit_in_bytes`).
+    Memsw,
+}
+
+/// Where a level's `usage_bytes` comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The cgroup's `page_counter`, as `memory.current` (v2) and `memory.usage_in_bytes` (v1)
+    /// read it.
+    #[default]
+    PageCounter,
+    /// The root's hierarchical statistics, `anon + file` (`rss + cache` on v1, plus `swap` for
+    /// memory+swap): what v1's root `memory.usage_in_bytes` computed up to 6.3 and what it
+    /// approximates with node-wide counters since.
+    Statistics,
 }
 
 impl CgroupState {
@@ -357,6 +408,23 @@ pub struct Kill {
     /// agent's own flush; `None` when nothing bounds it.
     #[serde(default)]
     pub stats_max_age_ms: Option<u64>,
+    /// How many levels above the victim's cgroup `oom_cgroup` is (0: the victim's own).
+    #[serde(default)]
+    pub oom_cgroup_level: Option<u32>,
+    /// The cgroup that hit its limit when it is above the levels in `cgroups` (which stop at
+    /// eight); `hit_limit` is set on it.
+    #[serde(default)]
+    pub oom_cgroup_state: Option<CgroupState>,
+    /// Which counter of `oom_cgroup` was at its limit (`memsw` on cgroup v1 with a
+    /// memory+swap limit).
+    #[serde(default)]
+    pub limit_counter: Option<LimitCounter>,
+    /// No cgroup was found at its limit, but the search could not cover every ancestor (the
+    /// chain was cut short and, without `oom_control`, the ancestors above it were not all
+    /// read): `oom_cgroup: null` does not mean a global OOM here, and the figures describe
+    /// the victim's cgroup, which is not known to be the one that hit its limit.
+    #[serde(default)]
+    pub oom_cgroup_search_incomplete: bool,
 }
 
 /// What can be known about how fresh the memcg statistics of a kill are, for the running
@@ -393,8 +461,11 @@ impl Kill {
         self.oom_cgroup_id.unwrap_or(self.cgroup_id)
     }
 
-    /// The level of `cgroups` that hit its limit.
+    /// The cgroup that hit its limit: a level of `cgroups`, or the one above them.
     pub fn oom_level(&self) -> Option<&CgroupState> {
-        self.cgroups.iter().find(|c| c.hit_limit)
+        self.cgroups
+            .iter()
+            .find(|c| c.hit_limit)
+            .or(self.oom_cgroup_state.as_ref())
     }
 }

@@ -233,7 +233,8 @@ pub fn kill(kill: &Kill) -> String {
          <th>page cache MiB</th><th>inactive file MiB</th><th>unevictable MiB</th>\
          <th>hit its limit</th></tr></thead><tbody>",
     );
-    for level in &kill.cgroups {
+    // The cgroup that hit its limit above the eight levels, when it is, comes last.
+    for level in kill.cgroups.iter().chain(&kill.oom_cgroup_state) {
         let _ = write!(
             body,
             "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
@@ -259,7 +260,7 @@ pub fn kill(kill: &Kill) -> String {
         let _ = write!(body, "<th>{name}</th>");
     }
     body.push_str("</tr></thead><tbody>");
-    for level in &kill.cgroups {
+    for level in kill.cgroups.iter().chain(&kill.oom_cgroup_state) {
         let _ = write!(body, "<tr><td>{}</td>", escape(&level.path));
         for value in level.breakdown.items() {
             match value {

@@ -276,6 +276,7 @@ impl Resolver {
             tp_signal_generate_sig: Layout::ABSENT,
             tp_signal_generate_code: Layout::ABSENT,
             tp_signal_generate_pid: Layout::ABSENT,
+            memcg_memsw: self.memsw_member()?,
             ..Layout::default()
         };
         self.resolve_rss(&mut layout)?;
@@ -322,6 +323,21 @@ impl Resolver {
         if ty.kind != Kind::Struct || ty.name != "page_counter" {
             return Err(LayoutError::Unsupported(
                 "mem_cgroup.memory is not an embedded struct page_counter".into(),
+            ));
+        }
+        Ok(found.offset)
+    }
+
+    /// `mem_cgroup.memsw`, cgroup v1's memory+swap counter, where the kernel has it (in a union
+    /// with v2's `swap` since 5.19, so whether it is charged is for the loader to say).
+    fn memsw_member(&self) -> Result<u32, LayoutError> {
+        let Some(found) = self.member_in(self.struct_id("mem_cgroup")?, "memsw")? else {
+            return Ok(Layout::ABSENT);
+        };
+        let (_, ty) = self.btf.resolve(found.type_id)?;
+        if ty.kind != Kind::Struct || ty.name != "page_counter" {
+            return Err(LayoutError::Unsupported(
+                "mem_cgroup.memsw is not an embedded struct page_counter".into(),
             ));
         }
         Ok(found.offset)

@@ -97,6 +97,15 @@ fn check(release: &str, resolver: &Resolver) -> Layout {
         layout.stat_index
     );
     assert_ne!(layout.memcg_memory_events, Layout::ABSENT, "{release}");
+    // v1's memory+swap counter is in every kernel of the suite (sharing a union with v2's
+    // `swap` on newer ones); whether it is charged is the loader's to say, not BTF's.
+    assert_ne!(
+        layout.memcg_memsw,
+        Layout::ABSENT,
+        "{release}: mem_cgroup.memsw"
+    );
+    assert_ne!(layout.memcg_memsw, layout.memcg_memory, "{release}");
+    assert_eq!(layout.memsw_accounted, 0, "{release}");
     eprintln!("{release}: {layout:?}");
     layout
 }
