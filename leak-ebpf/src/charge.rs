@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use leak_common::{
     event::{counter, MAX_CGROUP_DEPTH},
-    layout::{LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE},
+    layout::{Layout, LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE},
     sample::{kind, CgroupCounters, ChargeConfig, ChargeSample, CHARGE_SLACK_PAGES},
 };
 
@@ -23,11 +23,15 @@ use crate::{
 
 /// A thread inside the charge function, from its entry to its return.
 ///
-/// Only reclaim inside a charge, and not inside the charge's own memory.high handler, is a
-/// limit hit: `try_to_free_mem_cgroup_pages` is also called by memory.high reclaim (on return
-/// to user mode, from a work item, and synchronously from the charge itself after a charge that
-/// went through), by writes to memory.high/memory.max, by memory.reclaim and by cgroup v1 limit
-/// changes and force_empty.
+/// Only reclaim inside a charge, for a cgroup whose usage plus the charge's pages reach its
+/// limit, is a limit hit: `try_to_free_mem_cgroup_pages` is also called by memory.high reclaim
+/// (on return to user mode, from a work item, and synchronously from the charge itself after a
+/// charge that went through, for a cgroup over `memory.high` but below `memory.max`), by writes
+/// to memory.high/memory.max, by memory.reclaim and by cgroup v1 limit changes and force_empty.
+///
+/// The memory.high handler itself is not hooked: it runs on every return to user mode with
+/// work pending, and patching a trampoline into that path hung 5.10 (a CPU spinning at the
+/// handler's patched entry while another waited on the text patching; seen under QEMU TCG).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ChargeState {
@@ -38,8 +42,7 @@ pub struct ChargeState {
     /// Charges in progress on this thread: one, or more when a charge nests (one made while
     /// reclaiming, or from an interrupt).
     depth: u32,
-    /// 1 while the thread runs the memory.high handler from inside the charge.
-    in_high: u32,
+    _pad: u32,
 }
 
 /// Deeper than this, the state is taken for one left behind by returns the kernel did not
@@ -88,25 +91,14 @@ pub fn try_charge_fexit(ctx: FExitContext) -> i32 {
     0
 }
 
+/// `try_to_free_mem_cgroup_pages(memcg, nr_pages, ...)`.
 #[fentry(function = "try_to_free_mem_cgroup_pages")]
 pub fn reclaim_fentry(ctx: FEntryContext) -> i32 {
-    if reclaiming_at_max() {
-        limit_hit(ctx.arg(0));
+    let memcg: u64 = ctx.arg(0);
+    let nr_pages: u64 = ctx.arg(1);
+    if reclaiming_at_max(memcg, nr_pages) {
+        limit_hit(memcg);
     }
-    0
-}
-
-/// The memory.high handler: `__mem_cgroup_handle_over_high` (newer kernels) or
-/// `mem_cgroup_handle_over_high`, chosen by userspace at load.
-#[fentry(function = "mem_cgroup_handle_over_high")]
-pub fn over_high_fentry(_ctx: FEntryContext) -> i32 {
-    set_in_high(1);
-    0
-}
-
-#[fexit(function = "mem_cgroup_handle_over_high")]
-pub fn over_high_fexit(_ctx: FExitContext) -> i32 {
-    set_in_high(0);
     0
 }
 
@@ -132,23 +124,11 @@ pub fn try_charge_kretprobe(ctx: RetProbeContext) -> u32 {
 
 #[kprobe]
 pub fn reclaim_kprobe(ctx: ProbeContext) -> u32 {
-    if let Some(memcg) = ctx.arg::<u64>(0) {
-        if reclaiming_at_max() {
+    if let (Some(memcg), Some(nr_pages)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
+        if reclaiming_at_max(memcg, nr_pages) {
             limit_hit(memcg);
         }
     }
-    0
-}
-
-#[kprobe]
-pub fn over_high_kprobe(_ctx: ProbeContext) -> u32 {
-    set_in_high(1);
-    0
-}
-
-#[kretprobe]
-pub fn over_high_kretprobe(_ctx: RetProbeContext) -> u32 {
-    set_in_high(0);
     0
 }
 
@@ -195,7 +175,7 @@ fn charge_entered(memcg: u64) {
         memcg,
         entered_ns: now,
         depth: 1,
-        in_high: 0,
+        _pad: 0,
     };
     let _ = CHARGING.insert(tid, state, 0);
 }
@@ -222,25 +202,29 @@ fn charge_returned() -> Option<u64> {
     Some(memcg)
 }
 
-/// Marks the running thread as inside (1) or out of (0) the memory.high handler, when it is
-/// inside a charge (elsewhere reclaim is never a limit hit anyway).
+/// Whether the reclaim the running thread is starting is the charge path's at the limit: it
+/// runs inside a charge, for a cgroup whose usage plus the pages it needs reach its limit
+/// (memory, or memory+swap where the kernel charges that), give or take a huge page of
+/// concurrent charges.
 #[inline(always)]
-fn set_in_high(value: u32) {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(state) = CHARGING.get_ptr_mut(tid) {
-        // SAFETY: the map's value for this thread; only this thread writes it.
-        unsafe { (*state).in_high = value };
-    }
-}
-
-/// Whether the reclaim the running thread is starting is the charge path's at the `max` limit:
-/// it runs inside a charge and not inside that charge's memory.high handler.
-#[inline(always)]
-fn reclaiming_at_max() -> bool {
+fn reclaiming_at_max(memcg: u64, nr_pages: u64) -> bool {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is plain data, copied out.
-    match unsafe { CHARGING.get(tid) } {
-        Some(state) => state.depth > 0 && state.in_high == 0,
+    let in_charge = match unsafe { CHARGING.get(tid) } {
+        Some(state) => state.depth > 0,
+        None => false,
+    };
+    if !in_charge {
+        return false;
+    }
+    let needed = nr_pages
+        .min(CHARGE_SLACK_PAGES)
+        .saturating_add(CHARGE_SLACK_PAGES);
+    if usage_pages(memcg).saturating_add(needed) >= limit_pages(memcg) {
+        return true;
+    }
+    match memsw_pages(memcg) {
+        Some((usage, limit)) => usage.saturating_add(needed) >= limit,
         None => false,
     }
 }
@@ -249,6 +233,19 @@ fn reclaiming_at_max() -> bool {
 fn now() -> u64 {
     // SAFETY: the helper has no preconditions.
     unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// Memory+swap usage and limit, where the kernel charges that counter (cgroup v1 with swap
+/// accounting).
+#[inline(always)]
+fn memsw_pages(memcg: u64) -> Option<(u64, u64)> {
+    let memsw = layout!(memcg_memsw);
+    if memsw == Layout::ABSENT || layout!(memsw_accounted) != 1 {
+        return None;
+    }
+    let usage = read::<u64>(memcg, memsw + layout!(counter_usage)).ok()?;
+    let limit = read::<u64>(memcg, memsw + layout!(counter_max)).ok()?;
+    Some((usage, limit))
 }
 
 #[inline(always)]

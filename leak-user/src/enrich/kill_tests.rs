@@ -196,7 +196,11 @@ fn named_from_procfs(tid: u32, status: &str) -> Kill {
 
 /// The same, from a fake procfs holding `/proc/<pid>/status` for each of `files`.
 fn named_from_fake_procfs(tid: u32, files: &[(u32, &str)]) -> Kill {
-    let root = std::env::temp_dir().join(format!("leak-procfs-{tid}-{}", std::process::id()));
+    // Unique per call: tests run in parallel, and several use the same tid.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let root =
+        std::env::temp_dir().join(format!("leak-procfs-{tid}-{}-{call}", std::process::id()));
     for (pid, status) in files {
         std::fs::create_dir_all(root.join(pid.to_string())).unwrap();
         std::fs::write(root.join(format!("{pid}/status")), status).unwrap();

@@ -61,17 +61,13 @@ pub enum Program {
     TryChargeKprobe,
     TryChargeKretprobe,
     ReclaimKprobe,
-    OverHighFentry,
-    OverHighFexit,
-    OverHighKprobe,
-    OverHighKretprobe,
     LruvecStateBtf,
     ReclaimBeginBtf,
     ReclaimBeginTracepoint,
 }
 
 impl Program {
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 21] = [
         Self::OomKillProcessFentry,
         Self::OomKillProcessFexit,
         Self::OomKillProcessKprobe,
@@ -90,10 +86,6 @@ impl Program {
         Self::TryChargeKprobe,
         Self::TryChargeKretprobe,
         Self::ReclaimKprobe,
-        Self::OverHighFentry,
-        Self::OverHighFexit,
-        Self::OverHighKprobe,
-        Self::OverHighKretprobe,
         Self::LruvecStateBtf,
         Self::ReclaimBeginBtf,
         Self::ReclaimBeginTracepoint,
@@ -119,10 +111,6 @@ impl Program {
             Self::TryChargeKprobe => "try_charge_kprobe",
             Self::TryChargeKretprobe => "try_charge_kretprobe",
             Self::ReclaimKprobe => "reclaim_kprobe",
-            Self::OverHighFentry => "over_high_fentry",
-            Self::OverHighFexit => "over_high_fexit",
-            Self::OverHighKprobe => "over_high_kprobe",
-            Self::OverHighKretprobe => "over_high_kretprobe",
             Self::LruvecStateBtf => "lruvec_state_btf",
             Self::ReclaimBeginBtf => "reclaim_begin_btf",
             Self::ReclaimBeginTracepoint => "reclaim_begin_tracepoint",
@@ -136,20 +124,14 @@ impl Program {
             | Self::OomVictimFentry
             | Self::OomReportFentry
             | Self::TryChargeFentry
-            | Self::ReclaimFentry
-            | Self::OverHighFentry => ProgramKind::FEntry,
-            Self::OomKillProcessFexit | Self::TryChargeFexit | Self::OverHighFexit => {
-                ProgramKind::FExit
-            }
+            | Self::ReclaimFentry => ProgramKind::FEntry,
+            Self::OomKillProcessFexit | Self::TryChargeFexit => ProgramKind::FExit,
             Self::OomKillProcessKprobe
             | Self::OomVictimKprobe
             | Self::OomReportKprobe
             | Self::TryChargeKprobe
-            | Self::ReclaimKprobe
-            | Self::OverHighKprobe => ProgramKind::KProbe,
-            Self::OomKillProcessKretprobe | Self::TryChargeKretprobe | Self::OverHighKretprobe => {
-                ProgramKind::KRetProbe
-            }
+            | Self::ReclaimKprobe => ProgramKind::KProbe,
+            Self::OomKillProcessKretprobe | Self::TryChargeKretprobe => ProgramKind::KRetProbe,
             Self::SignalGenerateBtf
             | Self::MarkVictimBtf
             | Self::LruvecStateBtf
@@ -251,11 +233,6 @@ pub enum Hook {
     TryCharge,
     /// `try_to_free_mem_cgroup_pages`: reclaim in a cgroup, at its limit or for other reasons.
     TryToFreeMemCgroupPages,
-    /// `__mem_cgroup_handle_over_high` (newer kernels, 6.18 here): memory.high reclaim, also run from inside a
-    /// charge, whose reclaim is no limit hit.
-    HandleOverHigh,
-    /// `mem_cgroup_handle_over_high`, its name on older kernels (5.10 to 6.x).
-    HandleOverHighBefore67,
     /// `vmscan:mm_vmscan_memcg_reclaim_begin`.
     MmVmscanMemcgReclaimBegin,
     /// `memcg:mod_memcg_lruvec_state` (6.13+).
@@ -273,8 +250,6 @@ impl Hook {
             Self::TryChargeMemcg => "try_charge_memcg",
             Self::TryCharge => "try_charge",
             Self::TryToFreeMemCgroupPages => "try_to_free_mem_cgroup_pages",
-            Self::HandleOverHigh => "__mem_cgroup_handle_over_high",
-            Self::HandleOverHighBefore67 => "mem_cgroup_handle_over_high",
             Self::MmVmscanMemcgReclaimBegin => "mm_vmscan_memcg_reclaim_begin",
             Self::ModMemcgLruvecState => "mod_memcg_lruvec_state",
         }
@@ -292,9 +267,7 @@ impl Hook {
             | Self::OomReport
             | Self::TryChargeMemcg
             | Self::TryCharge
-            | Self::TryToFreeMemCgroupPages
-            | Self::HandleOverHigh
-            | Self::HandleOverHighBefore67 => None,
+            | Self::TryToFreeMemCgroupPages => None,
         }
     }
 }
@@ -515,19 +488,9 @@ pub const CHARGE_PATH_CHAIN: Chain = Chain {
                     hook: H::TryToFreeMemCgroupPages,
                     programs: &[P::ReclaimFentry],
                 }]),
-                required(&[
-                    Probe {
-                        hook: H::HandleOverHigh,
-                        programs: &[P::OverHighFentry, P::OverHighFexit],
-                    },
-                    Probe {
-                        hook: H::HandleOverHighBefore67,
-                        programs: &[P::OverHighFentry, P::OverHighFexit],
-                    },
-                ]),
             ],
-            needs: "try_charge_memcg (5.15+) or try_charge, try_to_free_mem_cgroup_pages and \
-                    (__)mem_cgroup_handle_over_high in BTF; BPF trampolines allowed",
+            needs: "try_charge_memcg (5.15+) or try_charge, and try_to_free_mem_cgroup_pages \
+                    in BTF; BPF trampolines allowed",
         },
         Row {
             mode: AttachMode::Kprobe,
@@ -546,19 +509,9 @@ pub const CHARGE_PATH_CHAIN: Chain = Chain {
                     hook: H::TryToFreeMemCgroupPages,
                     programs: &[P::ReclaimKprobe],
                 }]),
-                required(&[
-                    Probe {
-                        hook: H::HandleOverHigh,
-                        programs: &[P::OverHighKprobe, P::OverHighKretprobe],
-                    },
-                    Probe {
-                        hook: H::HandleOverHighBefore67,
-                        programs: &[P::OverHighKprobe, P::OverHighKretprobe],
-                    },
-                ]),
             ],
-            needs: "CONFIG_KPROBES; try_charge_memcg or try_charge, try_to_free_mem_cgroup_pages \
-                    and (__)mem_cgroup_handle_over_high in /proc/kallsyms",
+            needs: "CONFIG_KPROBES; try_charge_memcg or try_charge, and \
+                    try_to_free_mem_cgroup_pages in /proc/kallsyms",
         },
         Row {
             mode: AttachMode::TpBtf,

@@ -70,7 +70,7 @@ fn everything() -> Vec<(Need, Hook)> {
         .flat_map(|row| row.steps)
         .flat_map(|step| step.choices)
         .map(|probe| (probe.need(), probe.hook))
-        .filter(|&(_, hook)| hook != Hook::TryCharge && hook != Hook::HandleOverHighBefore67)
+        .filter(|&(_, hook)| hook != Hook::TryCharge)
         .collect()
 }
 
@@ -189,7 +189,6 @@ fn auto_lands_on_fentry_with_the_victim_path_and_the_charge_path() {
             attachment(Hook::OomReport, AttachMode::Fentry),
             attachment(Hook::TryChargeMemcg, AttachMode::Fentry),
             attachment(Hook::TryToFreeMemCgroupPages, AttachMode::Fentry),
-            attachment(Hook::HandleOverHigh, AttachMode::Fentry),
         ]
     );
 }
@@ -197,9 +196,8 @@ fn auto_lands_on_fentry_with_the_victim_path_and_the_charge_path() {
 #[test]
 fn before_5_15_the_charge_path_hooks_try_charge() {
     let mut has = everything();
-    has.retain(|&(_, hook)| hook != Hook::TryChargeMemcg && hook != Hook::HandleOverHigh);
+    has.retain(|&(_, hook)| hook != Hook::TryChargeMemcg);
     has.push((Need::Kallsyms, Hook::TryCharge));
-    has.push((Need::Kallsyms, Hook::HandleOverHighBefore67));
     let mut kernel = FakeKernel {
         has,
         not_permitted: vec![ProgramKind::FEntry],
@@ -215,7 +213,6 @@ fn before_5_15_the_charge_path_hooks_try_charge() {
         [
             attachment(Hook::TryCharge, AttachMode::Kprobe),
             attachment(Hook::TryToFreeMemCgroupPages, AttachMode::Kprobe),
-            attachment(Hook::HandleOverHighBefore67, AttachMode::Kprobe),
         ]
     );
 }
@@ -245,7 +242,6 @@ fn a_half_attached_row_is_undone_before_the_next() {
             attachment(Hook::OomReport, AttachMode::Kprobe),
             attachment(Hook::TryChargeMemcg, AttachMode::Kprobe),
             attachment(Hook::TryToFreeMemCgroupPages, AttachMode::Kprobe),
-            attachment(Hook::HandleOverHigh, AttachMode::Kprobe),
         ]
     );
     assert!(kernel.ever_loaded.contains(&Program::TryChargeFexit));
@@ -257,8 +253,6 @@ fn a_half_attached_row_is_undone_before_the_next() {
             "oom_kill_process_kretprobe",
             "oom_report_kprobe",
             "oom_victim_kprobe",
-            "over_high_kprobe",
-            "over_high_kretprobe",
             "reclaim_kprobe",
             "try_charge_kprobe",
             "try_charge_kretprobe",
