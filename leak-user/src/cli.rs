@@ -133,7 +133,9 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 1000)]
     pub max_kills: usize,
     /// Size of the kernel's event ring buffer (a power of two, multiple of the page size).
-    #[arg(long, default_value = "256KiB", value_parser = parse_ring_size)]
+    /// The default holds about 290 kills (each snapshot is about 3.5 KiB), so a storm of
+    /// concurrent kills on a busy node is not lost while the agent waits for a CPU.
+    #[arg(long, default_value = "1MiB", value_parser = parse_ring_size)]
     pub ring_buffer: u32,
     /// Kernel BTF to resolve struct layouts from.
     #[arg(long, default_value = VMLINUX_BTF)]

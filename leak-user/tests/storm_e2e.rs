@@ -101,17 +101,28 @@ fn a_thousand_kills_across_five_hundred_cgroups() {
         std::thread::sleep(Duration::from_millis(200));
         seen = agent_kills_by_cgroup(&agent);
     }
+    let kills = agent.kills();
     for (child, before) in children.iter().zip(&before) {
         let kernel = kernel_oom_kills(child) - before;
         assert_eq!(kernel, 2, "{}: the kernel counted {kernel}", child.relative);
+        let reported: Vec<String> = kills
+            .iter()
+            .filter(|k| k.cgroup == child.relative)
+            .map(|k| {
+                format!(
+                    "pid {} killed {:?} via {}",
+                    k.victim_pid, k.killed, k.attach_mode
+                )
+            })
+            .collect();
         assert_eq!(
             seen.get(&child.relative).copied().unwrap_or(0),
             kernel,
-            "{}: the agent's count against the kernel's",
-            child.relative
+            "{}: the agent's count against the kernel's; /kills has {reported:?}; lost {:?}",
+            child.relative,
+            sample(&agent.page("/metrics"), "leak_events_lost_total")
         );
     }
-    let kills = agent.kills();
     assert_eq!(kills.len() as u64, expected, "/kills");
     let mut pids: Vec<u32> = kills.iter().map(|k| k.victim_pid).collect();
     pids.sort_unstable();
