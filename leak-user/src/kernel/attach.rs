@@ -492,6 +492,9 @@ impl Kernel for Loader<'_> {
             return Err(Refusal::MissingProgram { program });
         };
         let btf = self.btf;
+        // Loading is where the kernel verifies the program: on a slow machine (an emulated
+        // one, an old kernel) the time it takes is what to look at first.
+        let started = std::time::Instant::now();
         let result = match program.kind() {
             ProgramKind::FEntry => <&mut FEntry>::try_from(object).and_then(|entry| {
                 entry.load(hook.name(), btf)?;
@@ -525,6 +528,10 @@ impl Kernel for Loader<'_> {
                 })
             }
         };
+        debug!(
+            "{program} on {hook}: loaded and attached in {} ms",
+            started.elapsed().as_millis()
+        );
         result.map_err(|source| Refusal::from_program_error(program, hook, source))
     }
 
