@@ -944,20 +944,6 @@ fn kernel_memory_with(hierarchy: &MemoryHierarchy, attach: &str) {
     );
 }
 
-/// The kernel's own count of OOM kills in `cgroup`: `oom_kill` of `memory.events` on v2, of
-/// `memory.oom_control` on v1.
-fn kernel_oom_kills(cgroup: &Cgroup) -> u64 {
-    let file = match cgroup.hierarchy.version {
-        Version::V2 => "memory.events",
-        Version::V1 => "memory.oom_control",
-    };
-    let text = std::fs::read_to_string(cgroup.path().join(file))
-        .unwrap_or_else(|err| panic!("read {file} of {}: {err}", cgroup.relative));
-    text.lines()
-        .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no oom_kill in {file}:\n{text}"))
-}
-
 /// Whether this kernel keeps live memcg counters with nothing to flush (5.10 to 5.12).
 fn live_stat_counters() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -6,26 +6,10 @@ mod support;
 
 use std::{collections::HashMap, process::Command, time::Duration};
 
-use leak_user::{
-    enrich::cgroupfs::{MemoryHierarchy, Version},
-    experiment::harness::report_figure,
-};
+use leak_user::{enrich::cgroupfs::MemoryHierarchy, experiment::harness::report_figure};
 use support::*;
 
 const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
-
-/// The kernel's count of OOM kills in `cgroup`.
-fn kernel_oom_kills(cgroup: &Cgroup) -> u64 {
-    let file = match cgroup.hierarchy.version {
-        Version::V2 => "memory.events",
-        Version::V1 => "memory.oom_control",
-    };
-    let text = std::fs::read_to_string(cgroup.path().join(file))
-        .unwrap_or_else(|err| panic!("read {file} of {}: {err}", cgroup.relative));
-    text.lines()
-        .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no oom_kill in {file}:\n{text}"))
-}
 
 /// `count` cgroups of 8 MiB under one parent (removed with it).
 fn cgroups(hierarchy: &MemoryHierarchy, name: &str, count: usize) -> (Cgroup, Vec<Cgroup>) {
