@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use leak_common::{
-    event::{counter, root_stats, OomContext},
+    event::{counter, root_stats, OomContext, OomKillEvent},
     sample::CgroupCounters,
 };
 
@@ -14,6 +14,12 @@ use crate::charge::ChargeState;
 /// OOM victims, one `OomKillEvent` each. Userspace may resize it before load.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Where a victim's report is assembled, one per CPU, before it is copied into [`EVENTS`]: the
+/// functions that fill it are verified apart from the programs that call them, and may only
+/// take and return scalars.
+#[map]
+pub static SNAPSHOT: PerCpuArray<OomKillEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// The `oom_control` of a running `oom_kill_process`, keyed by the thread running it, for the
 /// `mark_victim` programs that fire inside it.

@@ -33,7 +33,7 @@ use crate::{
         layout, memcg_cgroup_id, memcg_state, parent_memcg, read, read_into, read_str_into,
         state_item, task_memcg,
     },
-    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED, SIGKILLED_PID},
+    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED, SIGKILLED_PID, SNAPSHOT},
 };
 
 #[fentry(function = "oom_kill_process")]
@@ -243,18 +243,33 @@ fn find_victim_task(pid: u32) -> u64 {
     0
 }
 
-/// How many threads of a process [`thread_with_pid`] looks at. The thread the OOM killer marks
-/// is the first in `for_each_thread` order that still has an mm: the leader, or one of the
+/// How many threads of a process [`leak_thread_with_pid`] looks at. The thread the OOM killer
+/// marks is the first in `for_each_thread` order that still has an mm: the leader, or one of the
 /// first few threads after it (exited threads leave the list).
 const THREADS_WALKED: u32 = 32;
 
-/// `task` if its pid is `pid`, else the thread of its process with that pid, walking
-/// `task->signal->thread_head` (bounded); 0 when there is none.
 #[inline(always)]
 fn thread_with_pid(task: u64, pid: u32) -> u64 {
     if task == 0 {
         return 0;
     }
+    leak_thread_with_pid(task, pid as u64)
+}
+
+// The global functions below (`#[no_mangle] extern "C"`, BTF linkage global) are verified
+// once each, on their own, with any value for their arguments, rather than once per call and
+// per path leading to the call as the verifier treats inlined code and static functions. A
+// victim report inlined whole was too much for the verifiers of 5.10 (minutes under emulation)
+// and 6.1 (past its million instructions) on the classic tracepoint, where three thread walks
+// precede the snapshot. Their arguments and results are scalars (what the 5.10 verifier allows
+// a global function); what they fill is the per-CPU [`SNAPSHOT`].
+
+/// `task` if its pid is `pid`, else the thread of its process with that pid, walking
+/// `task->signal->thread_head` (bounded); 0 when there is none.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn leak_thread_with_pid(task: u64, pid: u64) -> u64 {
+    let pid = pid as u32;
     if read::<u32>(task, layout!(task_pid)) == Ok(pid) {
         return task;
     }
@@ -262,19 +277,36 @@ fn thread_with_pid(task: u64, pid: u32) -> u64 {
         return 0;
     };
     let head = signal + layout!(signal_thread_head) as u64;
-    let thread_node = layout!(task_thread_node) as u64;
     let mut node = read::<u64>(head, 0).unwrap_or(head);
     for _ in 0..THREADS_WALKED {
-        if node == head || node < thread_node {
+        if node == head || node == 0 {
             return 0;
         }
-        let thread = node - thread_node;
-        if read::<u32>(thread, layout!(task_pid)) == Ok(pid) {
-            return thread;
+        let next = leak_thread_step(node, pid as u64);
+        if next == THREAD_FOUND {
+            return node - layout!(task_thread_node) as u64;
         }
-        node = read::<u64>(node, 0).unwrap_or(head);
+        node = next;
     }
     0
+}
+
+/// [`leak_thread_step`]'s answer when the thread is the one looked for (never a kernel address).
+const THREAD_FOUND: u64 = 1;
+
+/// One step of [`leak_thread_with_pid`]'s walk: [`THREAD_FOUND`] when the thread whose
+/// `thread_node` is at `node` has pid `pid`, else the next node (0 when it cannot be read).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn leak_thread_step(node: u64, pid: u64) -> u64 {
+    let thread_node = layout!(task_thread_node) as u64;
+    if node < thread_node {
+        return 0;
+    }
+    if read::<u32>(node - thread_node, layout!(task_pid)) == Ok(pid as u32) {
+        return THREAD_FOUND;
+    }
+    read::<u64>(node, 0).unwrap_or(0)
 }
 
 /// Whether this thread just killed the victim, by whichever kill witness is attached (only
@@ -304,28 +336,69 @@ fn witnessed_kill(victim: u64, victim_pid: u32) -> bool {
     killed
 }
 
+/// The snapshot being assembled on this CPU. Victims are marked under the kernel's `oom_lock`
+/// (every caller of `out_of_memory` holds it), so one report at a time uses it.
+#[inline(always)]
+fn snapshot() -> Option<&'static mut OomKillEvent> {
+    // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot; only the
+    // report in progress (serialised by `oom_lock`) uses it.
+    SNAPSHOT.get_ptr_mut(0).map(|event| unsafe { &mut *event })
+}
+
+/// Assembles the victim's report in [`SNAPSHOT`] and copies it into [`EVENTS`].
 fn report_victim(hook: u32, victim: u64, victim_pid: u32) {
     let killed = witnessed_kill(victim, victim_pid);
-    let Some(mut entry) = EVENTS.reserve::<OomKillEvent>(0) else {
+    let mut memcg = leak_fill_header(
+        hook as u64,
+        untyped(victim),
+        victim_pid as u64,
+        killed as u64,
+    );
+    if memcg == SNAPSHOT_UNAVAILABLE {
+        count(counter::LOST_EVENTS);
+        return;
+    }
+    for level in 0..MAX_CGROUP_DEPTH as u64 {
+        if memcg == 0 || memcg == CHAIN_BROKEN {
+            break;
+        }
+        memcg = fill_level(level, memcg);
+    }
+    leak_snapshot_oom_memcg(memcg);
+    let Some(event) = snapshot() else {
         count(counter::LOST_EVENTS);
         return;
     };
-    let event: *mut OomKillEvent = entry.as_mut_ptr();
-    // SAFETY: `event` points at a ring buffer reservation of exactly one OomKillEvent, which we
-    // own until submit; every field is written before submit (zeroing first, so nothing of the
-    // kernel's previous ring contents leaks to userspace).
-    unsafe {
-        core::ptr::write_bytes(event, 0, 1);
-        fill_event(&mut *event, hook, victim, victim_pid);
-        if killed {
-            (*event).flags |= flags::KILLED;
-        }
+    if EVENTS.output::<OomKillEvent>(&*event, 0).is_err() {
+        count(counter::LOST_EVENTS);
     }
-    entry.submit(0);
 }
 
+/// `value` as a plain number: a pointer the verifier knows the type of (a BTF tracepoint's or
+/// fentry's argument) cannot be handed to a global function, which takes scalars only.
 #[inline(always)]
-fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32) {
+fn untyped(value: u64) -> u64 {
+    read::<u64>(&raw const value as u64, 0).unwrap_or(0)
+}
+
+/// [`leak_fill_header`]'s answer when there is no snapshot to fill.
+const SNAPSHOT_UNAVAILABLE: u64 = u64::MAX - 1;
+/// [`fill_level`]'s answer when a pointer of the chain could not be read.
+const CHAIN_BROKEN: u64 = u64::MAX;
+
+/// Clears the snapshot and fills everything but the cgroups: the victim, the task that ran
+/// out of memory, the `oom_control`. Returns the memory cgroup the chain starts at (0 when
+/// none), or [`SNAPSHOT_UNAVAILABLE`].
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn leak_fill_header(hook: u64, victim: u64, victim_pid: u64, killed: u64) -> u64 {
+    let (hook, victim_pid) = (hook as u32, victim_pid as u32);
+    let Some(event) = snapshot() else {
+        return SNAPSHOT_UNAVAILABLE;
+    };
+    // SAFETY: `event` is one whole OomKillEvent of the map's value; zeroed first so that
+    // nothing of a previous report stays behind.
+    unsafe { core::ptr::write_bytes(event as *mut OomKillEvent, 0, 1) };
     // SAFETY: the helper has no preconditions.
     event.boot_ns = unsafe { bpf_ktime_get_boot_ns() };
     event.hook = hook;
@@ -339,6 +412,9 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
     }
 
     let mut event_flags = 0;
+    if killed != 0 {
+        event_flags |= flags::KILLED;
+    }
     let chain_start = if victim != 0 {
         event_flags |= flags::VICTIM_TASK;
         fill_victim(event, victim, &mut event_flags);
@@ -349,8 +425,6 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         task_memcg(current_task())
     };
 
-    // `oc->memcg` when `oom_kill_process` was hooked: the cgroup that hit its limit.
-    let mut oom_memcg = 0;
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
         event_flags |= flags::HAS_OOM_CONTROL;
@@ -364,7 +438,6 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
         }
         if context.memcg != 0 {
             event.oc_memcg_cgroup_id = memcg_cgroup_id(context.memcg);
-            oom_memcg = context.memcg;
         }
     }
 
@@ -381,63 +454,74 @@ fn fill_event(event: &mut OomKillEvent, hook: u32, victim: u64, victim_pid: u32)
     if layout!(memcg_memory_events) != Layout::ABSENT {
         event.events_present = present_bits(&raw const crate::kernel::LAYOUT.memory_event_index);
     }
-
-    // From here on the flags live in the event, not in a register: a register whose value
-    // differs between paths (a flag set on one, not on another) keeps the verifier from
-    // pruning them, and the walks below would be verified once per combination.
     event.flags = event_flags;
-
-    let mut memcg = chain_start;
-    let mut depth = 0u32;
-    let cgroups = event.cgroups.as_mut_ptr();
-    for level in 0..MAX_CGROUP_DEPTH {
-        if memcg == 0 {
-            break;
-        }
-        // SAFETY: level < MAX_CGROUP_DEPTH, the array's length.
-        let snapshot = unsafe { &mut *cgroups.add(level) };
-        if fill_memcg(snapshot, memcg).is_err() {
-            event.flags |= flags::CHAIN_TRUNCATED;
-            count(counter::READ_ERRORS);
-            // Not an ancestor above the chain: the search below must not start there.
-            memcg = u64::MAX;
-            break;
-        }
-        depth += 1;
-        memcg = parent_memcg(memcg);
-    }
-    event.depth = depth;
-    // Handed over through the event, so that every path arrives at the walks with the same
-    // registers and the verifier checks them once, not once per way the chain ended.
-    event.oom_memcg.limit_pages = memcg;
-    event.oom_memcg.watermark_pages = oom_memcg;
-    snapshot_oom_memcg(event);
+    chain_start
 }
 
-/// Snapshots the cgroup that hit its limit into `event.oom_memcg` when the chain does not hold
-/// it: `oom_memcg` (`oc->memcg`, when `oom_kill_process` was hooked), else the nearest
-/// ancestor at its limit above the chain. `above` is the first ancestor the chain left out
-/// (0 past the root, `u64::MAX` when the chain broke off).
+/// Snapshots `memcg` as level `level` of the chain (the victim's cgroup is level 0). Returns
+/// its parent (0 above the root), or [`CHAIN_BROKEN`] when it could not be read.
 #[inline(always)]
-fn snapshot_oom_memcg(event: &mut OomKillEvent) {
-    // SAFETY: volatile only so that the compiler keeps the values in memory (see the caller).
-    let (above, oom_memcg) = unsafe {
-        (
-            core::ptr::read_volatile(&event.oom_memcg.limit_pages),
-            core::ptr::read_volatile(&event.oom_memcg.watermark_pages),
-        )
+fn fill_level(level: u64, memcg: u64) -> u64 {
+    if leak_fill_memcg(level, memcg) != 0 {
+        return CHAIN_BROKEN;
+    }
+    if let Some(event) = snapshot() {
+        event.depth = level as u32 + 1;
+    }
+    parent_memcg(memcg)
+}
+
+/// Where [`leak_fill_memcg`] puts the cgroup that hit its limit (`oom_memcg`); smaller slots
+/// are the levels of the chain.
+const OOM_MEMCG_SLOT: u64 = MAX_CGROUP_DEPTH as u64;
+
+/// Snapshots `memcg` into `slot` of the snapshot: a level of the chain, or
+/// [`OOM_MEMCG_SLOT`]. Returns 0, or 1 when it could not be read (counted, and flagged where it
+/// cuts the chain short).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn leak_fill_memcg(slot: u64, memcg: u64) -> u64 {
+    let Some(event) = snapshot() else {
+        return 1;
     };
-    event.oom_memcg.limit_pages = 0;
-    event.oom_memcg.watermark_pages = 0;
+    let target = if slot == OOM_MEMCG_SLOT {
+        &mut event.oom_memcg
+    } else if let Some(level) = event.cgroups.get_mut(slot as usize) {
+        level
+    } else {
+        return 1;
+    };
+    if fill_memcg(target, memcg).is_ok() {
+        return 0;
+    }
+    count(counter::READ_ERRORS);
+    if slot != OOM_MEMCG_SLOT {
+        event.flags |= flags::CHAIN_TRUNCATED;
+    }
+    1
+}
+
+/// Snapshots the cgroup that hit its limit into `oom_memcg` when the chain does not hold it:
+/// `oc->memcg` (when `oom_kill_process` was hooked), else the nearest ancestor at its limit
+/// above the chain. `above` is the first ancestor the chain left out (0 past the root,
+/// [`CHAIN_BROKEN`] when the chain broke off).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn leak_snapshot_oom_memcg(above: u64) -> u32 {
+    let Some(event) = snapshot() else {
+        return 0;
+    };
     if above == 0 {
         event.flags |= flags::REACHED_ROOT;
     }
     let (found, level) = if event.flags & flags::HAS_OOM_CONTROL != 0 {
-        if oom_memcg == 0 {
-            return;
-        }
-        if in_chain(event) {
-            return;
+        // SAFETY: the value is plain data, copied out before the map can change.
+        let oom_memcg = match unsafe { OOM_CONTEXT.get(current_tid()) } {
+            Some(context) => context.memcg,
+            None => 0,
+        };
+        if oom_memcg == 0 || in_chain(event) {
+            return 0;
         }
         match levels_up_to(above, oom_memcg) {
             Some(steps) => (oom_memcg, Some(MAX_CGROUP_DEPTH as u32 + steps)),
@@ -445,27 +529,26 @@ fn snapshot_oom_memcg(event: &mut OomKillEvent) {
             None => (oom_memcg, None),
         }
     } else {
-        if above == 0 || above == u64::MAX {
-            return;
+        if above == 0 || above == CHAIN_BROKEN {
+            return 0;
         }
         match nearest_at_limit(above) {
             Search::Found(found, steps) => (found, Some(MAX_CGROUP_DEPTH as u32 + steps)),
             Search::NoneUpToRoot => {
                 event.flags |= flags::ANCESTORS_SEARCHED;
-                return;
+                return 0;
             }
-            Search::Unfinished => return,
+            Search::Unfinished => return 0,
         }
     };
-    if fill_memcg(&mut event.oom_memcg, found).is_ok() {
+    if leak_fill_memcg(OOM_MEMCG_SLOT, found) == 0 {
         event.flags |= flags::OOM_MEMCG;
-    } else {
-        count(counter::READ_ERRORS);
     }
     if let Some(steps) = level {
         event.oom_memcg_level = steps;
         event.flags |= flags::OOM_MEMCG_LEVEL;
     }
+    1
 }
 
 #[inline(always)]
@@ -548,7 +631,7 @@ fn levels_up_to(from: u64, target: u64) -> Option<u32> {
         if memcg == target {
             return Some(steps);
         }
-        memcg = parent_memcg(memcg);
+        memcg = leak_parent_memcg(memcg);
     }
     None
 }
@@ -570,17 +653,41 @@ fn nearest_at_limit(from: u64) -> Search {
         if memcg == 0 {
             return Search::NoneUpToRoot;
         }
-        if at_limit(memcg, layout!(memcg_memory))
-            || memsw_charged() && at_limit(memcg, layout!(memcg_memsw))
-        {
+        let next = leak_search_step(memcg);
+        if next == AT_LIMIT {
             return Search::Found(memcg, steps);
         }
-        memcg = parent_memcg(memcg);
+        memcg = next;
     }
     match memcg {
         0 => Search::NoneUpToRoot,
         _ => Search::Unfinished,
     }
+}
+
+/// The parent of a memory cgroup (0 for the root, or when it cannot be read). A function of
+/// its own so that each step of a walk up costs the verifier one call, not every path
+/// through the reads.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn leak_parent_memcg(memcg: u64) -> u64 {
+    parent_memcg(memcg)
+}
+
+/// [`leak_search_step`]'s answer for a cgroup at its limit (never a kernel address).
+const AT_LIMIT: u64 = 1;
+
+/// One step of [`nearest_at_limit`]: [`AT_LIMIT`] when `memcg` is within one huge-page charge
+/// of its memory (or memory+swap) limit, else its parent (0 above the root).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn leak_search_step(memcg: u64) -> u64 {
+    if at_limit(memcg, layout!(memcg_memory))
+        || memsw_charged() && at_limit(memcg, layout!(memcg_memsw))
+    {
+        return AT_LIMIT;
+    }
+    parent_memcg(memcg)
 }
 
 /// Whether the `page_counter` at `counter` in `memcg` is within one huge-page charge of its

@@ -242,6 +242,7 @@ fn run_until_killed_then(
         std::thread::sleep(Duration::from_millis(200));
     };
     check_attach_info(&metrics, attach, &mode, true);
+    check_verifier_work(&metrics);
     let exit = agent.stop();
     assert!(
         exit.success(),
@@ -946,12 +947,7 @@ fn kernel_memory_with(hierarchy: &MemoryHierarchy, attach: &str) {
 
 /// Whether this kernel keeps live memcg counters with nothing to flush (5.10 to 5.12).
 fn live_stat_counters() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    version < (5, 13)
+    kernel_version() < (5, 13)
 }
 
 /// Kills in a burst, more than the kernel's report allows (10 per 5 s): every kill is still
@@ -1200,14 +1196,15 @@ fn high_is_not_a_limit_hit_with(hierarchy: &MemoryHierarchy, attach: &str) {
     let mut agent = Agent::start(&["--attach", attach, "--charge-attach", attach]);
     let mode = reported_mode(&agent, attach);
 
-    // 48 MiB through the page cache of a cgroup whose memory.high is 8 MiB and memory.max 64
+    // 24 MiB through the page cache of a cgroup whose memory.high is 8 MiB and memory.max 64
     // MiB, in 4 MiB writes: each write charges 1024 pages in one system call, so memory.high
-    // is reclaimed from inside the charge as well as on the way back to user mode.
+    // is reclaimed from inside the charge as well as on the way back to user mode (and the
+    // writer is throttled for being over it: the less over, the sooner done).
     let file = disk_file(&format!("leak-e2e-high-{attach}"));
     let mut dd = std::process::Command::new("dd");
     dd.arg("if=/dev/zero")
         .arg(format!("of={}", file.0.display()))
-        .args(["bs=4M", "count=12"]);
+        .args(["bs=4M", "count=6"]);
     let mut writer = spawn_command_in(&cgroup, dd);
     let status = writer
         .wait_timeout(Duration::from_secs(120))

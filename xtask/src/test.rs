@@ -49,8 +49,13 @@ impl Stages {
         say(format!("stage: {name}"));
         let start = Instant::now();
         let result = stage();
-        self.0
-            .push((name.to_owned(), start.elapsed(), result.is_ok()));
+        let elapsed = start.elapsed();
+        say(format!(
+            "stage {name}: {} in {:.1} s",
+            if result.is_ok() { "ok" } else { "FAILED" },
+            elapsed.as_secs_f64()
+        ));
+        self.0.push((name.to_owned(), elapsed, result.is_ok()));
         result
     }
 
@@ -341,7 +346,7 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut Totals) -> Re
         let settings = vm::Settings {
             k8s: true,
             bench: false,
-            modes: vm::ALL_MODES.into(),
+            modes: vm::SUITE_MODES.into(),
             expect_auto: "fentry".into(),
             timeout: Duration::from_secs(1500),
             filter: options.filter.clone(),

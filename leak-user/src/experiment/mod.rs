@@ -6,4 +6,5 @@ pub mod bench;
 pub mod demo;
 pub mod figure;
 pub mod harness;
+pub mod tracer;
 pub mod workload;

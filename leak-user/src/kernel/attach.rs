@@ -528,8 +528,17 @@ impl Kernel for Loader<'_> {
                 })
             }
         };
+        let verified = self
+            .ebpf
+            .program(program.name())
+            .and_then(|loaded| loaded.info().ok())
+            .and_then(|info| info.verified_instruction_count())
+            .map_or_else(
+                || "the kernel does not say how many instructions it verified".to_owned(),
+                |count| format!("{count} instructions verified"),
+            );
         debug!(
-            "{program} on {hook}: loaded and attached in {} ms",
+            "{program} on {hook}: loaded and attached in {} ms ({verified})",
             started.elapsed().as_millis()
         );
         result.map_err(|source| Refusal::from_program_error(program, hook, source))

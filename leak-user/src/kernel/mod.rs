@@ -348,7 +348,8 @@ impl Probes {
     }
 
     /// Runs and total run time of each loaded program, as the kernel counts them (zero unless
-    /// statistics are enabled: `--bpf-stats` or the `kernel.bpf_stats_enabled` sysctl).
+    /// statistics are enabled: `--bpf-stats` or the `kernel.bpf_stats_enabled` sysctl), and
+    /// the verifier's work to load it.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         Program::ALL
             .iter()
@@ -358,6 +359,7 @@ impl Probes {
                     program: program.name(),
                     run_count: info.run_count(),
                     run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    verified_instructions: info.verified_instruction_count(),
                 })
             })
             .collect()
@@ -385,6 +387,8 @@ pub struct ProgramStats {
     pub program: &'static str,
     pub run_count: u64,
     pub run_time_ns: u64,
+    /// How many instructions the verifier processed to load it (kernels 5.16+ tell).
+    pub verified_instructions: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

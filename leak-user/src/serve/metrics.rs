@@ -55,6 +55,7 @@ pub struct Metrics {
     store_up: prometheus::IntGauge,
     store_write_failures: IntCounter,
     program_run_seconds: prometheus::CounterVec,
+    program_verified: IntGaugeVec,
     /// Kill series by (gauge labels), each with the counter label sets seen with it, least
     /// recently killed first.
     kill_series: std::sync::Mutex<std::collections::VecDeque<KillSeries>>,
@@ -262,6 +263,15 @@ impl Metrics {
             &["program"],
         )?;
         registry.register(Box::new(program_run_seconds.clone()))?;
+        let program_verified = IntGaugeVec::new(
+            Opts::new(
+                "bpf_program_verified_instructions",
+                "Instructions the kernel's verifier processed to load each of leak's BPF \
+                 programs (its limit is 1,000,000; kernels 5.16+ report it)",
+            ),
+            &["program"],
+        )?;
+        registry.register(Box::new(program_verified.clone()))?;
         let samples = IntCounterVec::new(
             Opts::new(
                 "charge_samples_total",
@@ -339,6 +349,7 @@ impl Metrics {
             charge_state_dropped,
             program_runs,
             program_run_seconds,
+            program_verified,
             store_up,
             store_write_failures,
             kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
@@ -522,6 +533,11 @@ impl Metrics {
             let runs = self.program_runs.with_label_values(&[stat.program]);
             if stat.run_count > runs.get() {
                 runs.inc_by(stat.run_count - runs.get());
+            }
+            if let Some(verified) = stat.verified_instructions {
+                self.program_verified
+                    .with_label_values(&[stat.program])
+                    .set(i64::from(verified));
             }
             let seconds = self.program_run_seconds.with_label_values(&[stat.program]);
             let total = stat.run_time_ns as f64 / 1e9;
