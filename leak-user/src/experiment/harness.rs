@@ -505,9 +505,17 @@ impl Tracer {
             true => &[],
             false => &["--state-dir", ""],
         };
+        // Nothing pinned unless the caller names a pin directory: runs must not share probes.
+        // The directory named here does not exist, so there is nothing to take over either.
+        let unpinned = format!("/sys/fs/bpf/leak-unpinned-{}", std::process::id());
+        let pins: Vec<&str> = match args.contains(&"--pin-dir") {
+            true => Vec::new(),
+            false => vec!["--no-pin", "--pin-dir", &unpinned],
+        };
         let mut child = Command::new(exe)
             .args(["trace", "--listen", "127.0.0.1:0"])
             .args(store)
+            .args(&pins)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -617,6 +625,19 @@ impl Tracer {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// SIGKILL, as a crash or an OOM kill of the agent would end it: nothing is cleaned up.
+    pub fn kill(&mut self) -> Result<ExitStatus, LabError> {
+        let mut process = self
+            .process
+            .take()
+            .ok_or_else(|| LabError::Run("the tracer was already stopped".into()))?;
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(process.pid() as i32, libc::SIGKILL) };
+        process
+            .wait_timeout(Duration::from_secs(20))?
+            .ok_or_else(|| LabError::Run("the tracer survived SIGKILL".into()))
     }
 
     /// SIGTERM, and the exit status.

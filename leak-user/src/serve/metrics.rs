@@ -54,6 +54,8 @@ pub struct Metrics {
     program_runs: IntCounterVec,
     store_up: prometheus::IntGauge,
     store_write_failures: IntCounter,
+    probes_pinned: prometheus::IntGauge,
+    unobserved: IntCounterVec,
     program_run_seconds: prometheus::CounterVec,
     /// Kill series by (gauge labels), each with the counter label sets seen with it, least
     /// recently killed first.
@@ -244,6 +246,23 @@ impl Metrics {
             "Kills the store on disk could not take (full, read-only or failing disk, or too \
              many writes waiting); each was still served from memory",
         )?;
+        let probes_pinned = prometheus::IntGauge::new(
+            "probes_pinned",
+            "1 while the kill path's probes are pinned under --pin-dir (they keep recording \
+             kills while no agent runs, for the next agent), 0 when they end with the agent \
+             (--no-pin, or pinning is not possible here: the log says why)",
+        )?;
+        registry.register(Box::new(probes_pinned.clone()))?;
+        let unobserved = IntCounterVec::new(
+            Opts::new(
+                "oom_kills_unobserved_total",
+                "OOM kills the kernel counted (oom_kill of memory.events.local on v2, of \
+                 memory.oom_control on v1) while no agent watched: between the last view the \
+                 agent kept in its store and the next start, less the kills it stored",
+            ),
+            &["cgroup"],
+        )?;
+        registry.register(Box::new(unobserved.clone()))?;
         let program_runs = IntCounterVec::new(
             Opts::new(
                 "bpf_program_runs_total",
@@ -341,6 +360,8 @@ impl Metrics {
             program_run_seconds,
             store_up,
             store_write_failures,
+            probes_pinned,
+            unobserved,
             kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
             max_kill_series: MAX_KILL_SERIES,
             samples,
@@ -509,6 +530,15 @@ impl Metrics {
 
     pub fn set_store_up(&self, up: bool) {
         self.store_up.set(i64::from(up));
+    }
+
+    pub fn set_probes_pinned(&self, pinned: bool) {
+        self.probes_pinned.set(i64::from(pinned));
+    }
+
+    /// Counts kills the kernel made in `cgroup` while no agent watched.
+    pub fn count_unobserved(&self, cgroup: &str, kills: u64) {
+        self.unobserved.with_label_values(&[cgroup]).inc_by(kills);
     }
 
     pub fn count_store_write_failure(&self) {
