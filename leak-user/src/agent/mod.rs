@@ -174,6 +174,8 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         default_limit: options.max_kills,
     });
 
+    // Before the address is announced: whoever read it may stop the agent at once.
+    let stopped = shutdown_signal();
     let (listener, local) =
         http::bind(options.listen)
             .await
@@ -204,7 +206,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         stop_rx.clone(),
     ));
     tokio::spawn(async move {
-        shutdown_signal().await;
+        stopped.await;
         let _ = stop_tx.send(true);
     });
 
@@ -232,17 +234,22 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
 /// The memory hierarchy's root and cgroup version, when one is mounted.
 type Hierarchy = Option<(PathBuf, Version)>;
 
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now (a signal from then on stops the agent
+/// cleanly, however soon it comes); the future ends at the first.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => info!("SIGINT received"),
-        _ = terminate.recv() => info!("SIGTERM received"),
+    );
+    async move {
+        let (Ok(mut interrupt), Ok(mut terminate)) = handlers else {
+            error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT received"),
+            _ = terminate.recv() => info!("SIGTERM received"),
+        }
     }
 }

@@ -366,6 +366,7 @@ pub(crate) mod fixtures {
             oom_memcg_level: 0,
             _pad_oom_memcg: 0,
             oom_memcg: level(0, "", 0, 0, 0),
+            victim_start_ns: 77,
         }
     }
 
