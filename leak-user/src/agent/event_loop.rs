@@ -61,7 +61,6 @@ pub(super) struct Persistence<'a> {
 }
 
 /// What the loop keeps between records.
-
 struct State<'a> {
     shared: &'a Shared,
     writer: Option<&'a Writer>,

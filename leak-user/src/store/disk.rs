@@ -381,7 +381,7 @@ impl KillStore {
 }
 
 fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(&format!(
+    conn.execute_batch(
         "BEGIN;
          CREATE TABLE IF NOT EXISTS kills (
              seq        INTEGER PRIMARY KEY,
@@ -400,8 +400,8 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE INDEX IF NOT EXISTS kills_by_pod ON kills (namespace, pod, container);
          CREATE INDEX IF NOT EXISTS kills_by_cgroup ON kills (cgroup);
          PRAGMA user_version = 1;
-         COMMIT;"
-    ))
+         COMMIT;",
+    )
 }
 
 /// Version 2: the task key of a kill (its start time beside the thread) and the kernel's kill
