@@ -195,7 +195,10 @@ fn kills_while_the_agent_is_down_are_reported_once_after_restart() {
     // One kill seen by the first agent.
     kill_each(&children[..1]);
     first.wait_for_kill_in(&children[0].relative);
-    first.0.kill().unwrap_or_else(|err| panic!("{err}"));
+    first
+        .0
+        .end(libc::SIGKILL)
+        .unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(
         pins.generations().len(),
         1,
@@ -257,7 +260,10 @@ fn an_agent_killed_in_a_storm_and_restarted_reports_every_kill_once() {
     while first.kills().len() < 40 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    first.0.kill().unwrap_or_else(|err| panic!("{err}"));
+    first
+        .0
+        .end(libc::SIGKILL)
+        .unwrap_or_else(|err| panic!("{err}"));
     std::thread::sleep(Duration::from_secs(1));
     let second = pinned_agent(&pins, &state, &ring);
     let children = storm.join().expect("the storm");
@@ -379,7 +385,10 @@ fn kills_while_an_unpinned_agent_is_down_are_counted_unobserved() {
     kill_each(&children[..1]);
     first.wait_for_kill_in(&children[0].relative);
     std::thread::sleep(Duration::from_secs(3));
-    first.0.kill().unwrap_or_else(|err| panic!("{err}"));
+    first
+        .0
+        .end(libc::SIGKILL)
+        .unwrap_or_else(|err| panic!("{err}"));
     let before: Vec<u64> = children.iter().map(kernel_oom_kills).collect();
     kill_each(&children);
     kill_each(&children[..1]);
@@ -428,7 +437,10 @@ fn a_restart_with_pinned_state_leaves_one_set_of_links() {
     let pins = PinDir::new("replace");
     let state = TempDir::new("leak-e2e-pin-replace").unwrap_or_else(|err| panic!("{err}"));
     let mut first = pinned_agent(&pins, &state, &[]);
-    first.0.kill().unwrap_or_else(|err| panic!("{err}"));
+    first
+        .0
+        .end(libc::SIGKILL)
+        .unwrap_or_else(|err| panic!("{err}"));
     let old = pins.generations();
     assert_eq!(old.len(), 1);
     let (old_maps, old_links) = generation_links(&old[0]);
