@@ -152,6 +152,9 @@ pub struct OomKillEvent {
     /// The cgroup that hit its limit when it is above `cgroups`; valid with
     /// [`flags::OOM_MEMCG`].
     pub oom_memcg: MemcgSnapshot,
+    /// The victim task's `start_time` (0 when its task was not read): with the tid, the key of
+    /// the kill, which the kernel reports once per task, whichever agent's programs saw it.
+    pub victim_start_ns: u64,
 }
 
 const _: () = assert!(
@@ -166,6 +169,7 @@ const _: () = assert!(
             + MAX_CGROUP_DEPTH * size_of::<MemcgSnapshot>()
             + 4 * 2
             + size_of::<MemcgSnapshot>()
+            + 8
 );
 
 /// What `oom_kill_process` entry records for the `oom:mark_victim` programs that follow it on

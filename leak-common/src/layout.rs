@@ -227,6 +227,9 @@ pub struct Layout {
     /// 1 when the kernel charges `memsw`: the memory controller is on cgroup v1 with swap
     /// accounting (the `memory.memsw.*` files exist). Set by the loader, not from BTF.
     pub memsw_accounted: u32,
+    /// `task_struct.start_time` (ns of the monotonic clock at fork): with the tid, the key of a
+    /// victim task, marked once in its life, that deduplicates kills across agents.
+    pub task_start_time: u32,
 }
 
 impl Layout {
@@ -234,7 +237,7 @@ impl Layout {
 }
 
 const _: () =
-    assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1 + 6 + 2) * 4);
+    assert!(size_of::<Layout>() == (50 + stat::COUNT + 1 + memory_event::COUNT + 1 + 6 + 3) * 4);
 
 #[cfg(feature = "user")]
 // SAFETY: `Layout` is `#[repr(C)]`, made only of `u32`s, with no padding and no invalid bit

@@ -65,6 +65,7 @@ pub(crate) static LAYOUT: Layout = Layout {
     tp_signal_generate_pid: 0,
     memcg_memsw: 0,
     memsw_accounted: 0,
+    task_start_time: 0,
 };
 
 /// Reads one layout value. Volatile, so the compiler cannot fold the zero initialiser.

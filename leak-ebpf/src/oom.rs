@@ -555,6 +555,7 @@ pub extern "C" fn leak_snapshot_oom_memcg(above: u64) -> u32 {
 fn fill_victim(event: &mut OomKillEvent, task: u64, event_flags: &mut u32) {
     event.victim_pid = read::<u32>(task, layout!(task_pid)).unwrap_or(event.victim_pid);
     event.victim_tgid = read::<u32>(task, layout!(task_tgid)).unwrap_or(0);
+    event.victim_start_ns = read::<u64>(task, layout!(task_start_time)).unwrap_or(0);
     let comm = task + layout!(task_comm) as u64;
     // SAFETY: `victim_comm` is TASK_COMM_LEN writable bytes, borrowed mutably for the call.
     let _ = unsafe { read_into(event.victim_comm.as_mut_ptr(), TASK_COMM_LEN as u32, comm) };

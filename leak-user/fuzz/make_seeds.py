@@ -27,7 +27,7 @@ LRU_COUNT = 5
 STAT_COUNT = 12
 EVENT_COUNT = 4
 MEMCG_SNAPSHOT_SIZE = (10 + STAT_COUNT + EVENT_COUNT) * 8 + CGROUP_NAME_LEN + 4 * 8
-OOM_KILL_EVENT_SIZE = 144 + MAX_CGROUP_DEPTH * MEMCG_SNAPSHOT_SIZE + 8 + MEMCG_SNAPSHOT_SIZE
+OOM_KILL_EVENT_SIZE = 144 + MAX_CGROUP_DEPTH * MEMCG_SNAPSHOT_SIZE + 8 + MEMCG_SNAPSHOT_SIZE + 8
 CHARGE_SAMPLE_SIZE = 64
 
 HAS_OOM_CONTROL, VICTIM_TASK, RSS_VALID, OOM_SCORE_ADJ_VALID = 1, 2, 4, 8
@@ -101,7 +101,9 @@ def oom_kill_event(
         stats_present,
         events_present,
     )
-    record = head + snapshots
+    # victim_start_ns: the victim task's start time (0 when the task was not read)
+    start = 987_654_321 if flags & VICTIM_TASK else 0
+    record = head + snapshots + struct.pack("<Q", start)
     assert len(record) == OOM_KILL_EVENT_SIZE, len(record)
     return record
 

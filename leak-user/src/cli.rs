@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{kernel::layout::VMLINUX_BTF, kernel::AttachMode};
+use crate::{
+    kernel::layout::VMLINUX_BTF,
+    kernel::{pin::DEFAULT_PIN_DIR, AttachMode},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,6 +50,16 @@ pub enum Command {
     /// Read a password on stdin and print its bcrypt hash, for `basic_auth_users` of the web
     /// configuration file (as `htpasswd -nB` would).
     HashPassword(HashPasswordArgs),
+    /// Remove every probe and ring buffer agents pinned (detaching them); what they recorded
+    /// and no agent drained is lost.
+    Unpin(UnpinArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UnpinArgs {
+    /// Where the agents pinned their probes.
+    #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LEAK_PIN_DIR")]
+    pub pin_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +205,14 @@ pub struct TraceArgs {
     /// At most this many cgroups are watched (the least recently active are dropped).
     #[arg(long, default_value_t = 500)]
     pub max_watched_cgroups: usize,
+    /// Where the probes and their ring buffers are pinned (bpffs), so that they keep recording
+    /// kills while no agent runs and the next agent drains them.
+    #[arg(long, default_value = DEFAULT_PIN_DIR, env = "LEAK_PIN_DIR")]
+    pub pin_dir: PathBuf,
+    /// Pin nothing: every probe is detached when the agent exits (what earlier agents pinned
+    /// under --pin-dir is still drained and detached).
+    #[arg(long, env = "LEAK_NO_PIN")]
+    pub no_pin: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -373,6 +394,14 @@ mod tests {
         assert!(Cli::try_parse_from(["leak", "--no-such-flag"]).is_err());
         assert_eq!(args.state_dir, PathBuf::from("/var/lib/leak"));
         assert_eq!(args.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(args.pin_dir, PathBuf::from("/sys/fs/bpf/leak"));
+        assert!(!args.no_pin);
+        let cli =
+            Cli::try_parse_from(["leak", "unpin", "--pin-dir", "/sys/fs/bpf/x"]).expect("parses");
+        let Command::Unpin(args) = cli.into_command() else {
+            panic!("not unpin");
+        };
+        assert_eq!(args.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
     }
 
     #[test]

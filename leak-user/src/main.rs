@@ -12,6 +12,7 @@ use leak_user::{
         demo::{self, DemoOptions},
         workload::{self, WorkloadOptions},
     },
+    kernel::PinOptions,
 };
 
 #[tokio::main]
@@ -39,6 +40,10 @@ async fn main() -> anyhow::Result<()> {
                 max_age: args.retention,
             },
             max_watched_cgroups: args.max_watched_cgroups,
+            pin: PinOptions {
+                dir: args.pin_dir,
+                pin: !args.no_pin,
+            },
         })
         .await
         .context("leak trace")?,
@@ -66,6 +71,18 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("leak bench")?
                 .context("leak bench")?;
+        }
+        Command::Unpin(args) => {
+            let removed = leak_user::kernel::pin::unpin_all(&args.pin_dir)
+                .with_context(|| format!("leak unpin {}", args.pin_dir.display()))?;
+            match removed.is_empty() {
+                true => println!("nothing pinned under {}", args.pin_dir.display()),
+                false => {
+                    for path in &removed {
+                        println!("removed {}", path.display());
+                    }
+                }
+            }
         }
         Command::HashPassword(args) => {
             let mut password = String::new();

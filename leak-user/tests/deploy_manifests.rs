@@ -41,11 +41,13 @@ struct HostPath {
     required: bool,
     /// The agent writes it (mounted read-write); everything else is mounted read-only.
     writable: bool,
+    /// The mount's `mountPropagation`, where it needs one.
+    propagation: Option<&'static str>,
 }
 
 /// Every host path the agent reads (or writes). `/proc` is the host's through `hostPID`
-/// (enrich/procfs.rs reads victims' entries), not a mount; nothing is pinned under /sys/fs/bpf,
-/// and the kernel's log (/dev/kmsg) is read by the tests only.
+/// (enrich/procfs.rs reads victims' entries), not a mount; the kernel's log (/dev/kmsg) is read
+/// by the tests only.
 const HOST_PATHS: &[HostPath] = &[
     HostPath {
         host: "/var/lib/leak",
@@ -53,6 +55,17 @@ const HOST_PATHS: &[HostPath] = &[
         under_rootfs: false,
         required: true,
         writable: true,
+        propagation: None,
+    },
+    HostPath {
+        host: "/sys/fs/bpf",
+        read_by: "kernel/pin.rs (the pinned probes and ring buffers, at --pin-dir)",
+        under_rootfs: false,
+        required: true,
+        writable: true,
+        // A bpffs the agent mounts where the host has none must be the host's, or the pins
+        // end with the pod.
+        propagation: Some("Bidirectional"),
     },
     HostPath {
         host: "/sys/kernel/btf",
@@ -60,6 +73,7 @@ const HOST_PATHS: &[HostPath] = &[
         under_rootfs: false,
         required: true,
         writable: false,
+        propagation: None,
     },
     HostPath {
         host: "/sys/fs/cgroup",
@@ -67,6 +81,7 @@ const HOST_PATHS: &[HostPath] = &[
         under_rootfs: false,
         required: true,
         writable: false,
+        propagation: None,
     },
     HostPath {
         host: "/sys/kernel/tracing",
@@ -74,6 +89,7 @@ const HOST_PATHS: &[HostPath] = &[
         under_rootfs: false,
         required: true,
         writable: false,
+        propagation: None,
     },
     HostPath {
         host: "/sys/kernel/debug",
@@ -81,6 +97,7 @@ const HOST_PATHS: &[HostPath] = &[
         under_rootfs: false,
         required: false,
         writable: false,
+        propagation: None,
     },
     HostPath {
         host: "/var/log/pods",
@@ -88,6 +105,7 @@ const HOST_PATHS: &[HostPath] = &[
         under_rootfs: true,
         required: true,
         writable: false,
+        propagation: None,
     },
     HostPath {
         host: "/var/log/containers",
@@ -95,6 +113,7 @@ const HOST_PATHS: &[HostPath] = &[
         under_rootfs: true,
         required: true,
         writable: false,
+        propagation: None,
     },
 ];
 
@@ -195,8 +214,24 @@ fn daemonset_has_privileges_mounts_probes_and_resources() {
                 "read-only"
             }
         );
-        if known.writable {
-            assert_eq!(trace.state_dir, PathBuf::from(host), "--state-dir");
+        assert_eq!(
+            mount["mountPropagation"].as_str(),
+            known.propagation,
+            "{host}: mountPropagation"
+        );
+        match host {
+            "/sys/fs/bpf" => {
+                assert!(!trace.no_pin, "the DaemonSet pins its probes");
+                assert!(
+                    trace.pin_dir.starts_with(host),
+                    "--pin-dir {} is outside the host's bpffs",
+                    trace.pin_dir.display()
+                );
+            }
+            _ if known.writable => {
+                assert_eq!(trace.state_dir, PathBuf::from(host), "--state-dir")
+            }
+            _ => {}
         }
         mounted.push(host);
     }

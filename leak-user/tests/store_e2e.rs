@@ -97,7 +97,7 @@ fn kills_outlive_the_agent() {
     };
     assert_eq!(sqlite("SELECT COUNT(*) FROM kills"), "Integer(2)");
     assert_eq!(sqlite("PRAGMA journal_mode"), "Text(\"wal\")");
-    assert_eq!(sqlite("PRAGMA user_version"), "Integer(1)");
+    assert_eq!(sqlite("PRAGMA user_version"), "Integer(2)");
 }
 
 /// A tmpfs of `size` mounted for the test (read-only with `ro`), unmounted on drop.

@@ -4,60 +4,10 @@
 
 mod support;
 
-use std::{collections::HashMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
-use leak_user::{enrich::cgroupfs::MemoryHierarchy, experiment::harness::report_figure};
+use leak_user::experiment::harness::report_figure;
 use support::*;
-
-const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
-
-/// `count` cgroups of 8 MiB under one parent (removed with it).
-fn cgroups(hierarchy: &MemoryHierarchy, name: &str, count: usize) -> (Cgroup, Vec<Cgroup>) {
-    let parent = Cgroup::create(hierarchy, name).unwrap_or_else(|err| panic!("{err}"));
-    let children = (0..count)
-        .map(|i| {
-            let child = parent
-                .child(&format!("c{i}"))
-                .unwrap_or_else(|err| panic!("{err}"));
-            child
-                .set_limit(8 << 20)
-                .unwrap_or_else(|err| panic!("{err}"));
-            child
-        })
-        .collect();
-    (parent, children)
-}
-
-/// One leaker in each of `cgroups` at once; waits until each is killed.
-fn kill_each(cgroups: &[Cgroup]) {
-    let mut leakers: Vec<Process> = cgroups.iter().map(|c| spawn_in(c, FAST_ANON)).collect();
-    for leaker in &mut leakers {
-        wait_for_oom_kill(leaker, Duration::from_secs(120));
-    }
-}
-
-/// The agent's `leak_oom_kills_total` summed by `cgroup` label.
-fn agent_kills_by_cgroup(agent: &Agent) -> HashMap<String, u64> {
-    let mut counts = HashMap::new();
-    for line in agent.page("/metrics").lines() {
-        let Some(labels) = line.strip_prefix("leak_oom_kills_total{") else {
-            continue;
-        };
-        let Some(cgroup) = labels
-            .split("cgroup=\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-        else {
-            continue;
-        };
-        let value: f64 = line
-            .rsplit_once(' ')
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0.0);
-        *counts.entry(cgroup.to_owned()).or_default() += value as u64;
-    }
-    counts
-}
 
 #[test]
 fn a_thousand_kills_across_five_hundred_cgroups() {
@@ -66,7 +16,7 @@ fn a_thousand_kills_across_five_hundred_cgroups() {
     };
     const CGROUPS: usize = 500;
     const WAVE: usize = 50;
-    let (_parent, children) = cgroups(&hierarchy, "leak-e2e-storm1000", CGROUPS);
+    let (_parent, children) = storm_cgroups(&hierarchy, "leak-e2e-storm1000", CGROUPS);
     let before: Vec<u64> = children.iter().map(kernel_oom_kills).collect();
     let mut agent = Agent::start(&["--max-kills", "2000"]);
     let started = std::time::Instant::now();
@@ -132,7 +82,7 @@ fn a_tiny_ring_buffer_loses_only_what_it_counts() {
         return;
     };
     const KILLS: usize = 12;
-    let (_parent, children) = cgroups(&hierarchy, "leak-e2e-tinyring", KILLS);
+    let (_parent, children) = storm_cgroups(&hierarchy, "leak-e2e-tinyring", KILLS);
     let before: Vec<u64> = children.iter().map(kernel_oom_kills).collect();
     // Two pages: room for two snapshots.
     let mut agent = Agent::start(&["--ring-buffer", "8KiB", "--charge-attach", "off"]);

@@ -14,13 +14,16 @@ use tokio::{
     sync::watch,
 };
 
-use super::{persist::Writer, Hierarchy, TraceError, TraceOptions};
+use super::{
+    persist::{Writer, Written},
+    Hierarchy, TraceError, TraceOptions,
+};
 use crate::{
     decode::{decode_kill, decode_sample},
-    enrich::{poll, Enricher},
+    enrich::{kernel_kills, poll, Enricher},
     kernel::Probes,
     model::{
-        kill::{Breakdown, Kill, StatsFreshness},
+        kill::{Breakdown, KernelKillCounts, Kill, StatsFreshness},
         kubernetes::CgroupLabels,
         timeline::{self, SampleKind},
     },
@@ -44,14 +47,20 @@ const LIVE_POINTS: usize = 200;
 /// A watched cgroup that has not been sampled for this long leaves the live series.
 const WATCH_IDLE_NS: u64 = 300_000_000_000;
 
-/// What the loop keeps between records.
 /// The store on disk, as the event loop uses it.
 pub(super) struct Persistence<'a> {
     pub writer: Option<&'a Writer>,
     /// The last sequence number the store holds; the next kill is numbered after it.
     pub first_seq: u64,
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    /// The kernel's kill counters read right after this agent's probes were attached: compared
+    /// with the view the store kept, once what was pending is drained, they count the kills no
+    /// agent saw.
+    pub kernel_kills: Option<KernelKillCounts>,
 }
 
+/// What the loop keeps between records.
 struct State<'a> {
     shared: &'a Shared,
     writer: Option<&'a Writer>,
@@ -64,6 +73,9 @@ struct State<'a> {
     counted: HashMap<u64, CgroupCounters>,
     /// What fills each limited cgroup, from the last poll of its memory.stat.
     breakdowns: HashMap<u64, Breakdown>,
+    boot_id: String,
+    /// The kernel's counters at start, until compared with the store's view.
+    kernel_kills_at_start: Option<KernelKillCounts>,
 }
 
 impl State<'_> {
@@ -92,7 +104,14 @@ impl State<'_> {
         let (pid, marked_ns) = (kill.victim_pid, kill.boot_ns);
         // Written before it is served (or once the write has had its bounded wait).
         if let Some(writer) = self.writer {
-            writer.write(&kill, &self.shared.metrics).await;
+            if writer.write(&kill, &self.shared.metrics).await == Written::Duplicate {
+                info!(
+                    "kill of pid {pid} (thread {}) is stored already (delivered again after a \
+                     restart, or seen by two agents' probes): not counted twice",
+                    kill.victim_tid
+                );
+                return;
+            }
         }
         self.shared.publish_kill(kill).await;
         let published_ns = sys::boot_ns();
@@ -150,11 +169,84 @@ impl State<'_> {
         Some(labels)
     }
 
+    /// Once, when the kills pending at start are stored: the kills the kernel counted that no
+    /// agent saw, from the kernel's counters against the view the store kept; then that view
+    /// is replaced with the counters at start.
+    async fn count_unobserved(&mut self) {
+        let (Some(now), Some(store)) =
+            (self.kernel_kills_at_start.take(), self.shared.store.clone())
+        else {
+            return;
+        };
+        let boot_id = self.boot_id.clone();
+        let counted = tokio::task::spawn_blocking(move || {
+            let mut store = store
+                .lock()
+                .map_err(|_| "kill store: poisoned lock".to_owned())?;
+            let unobserved = store
+                .unobserved(&boot_id, &now)
+                .map_err(|e| e.to_string())?;
+            store
+                .save_kernel_view(&boot_id, &now)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(unobserved)
+        })
+        .await;
+        match counted {
+            Ok(Ok(None)) => info!(
+                "the kernel's OOM kill counters are kept from now on, to count kills while no \
+                 agent watches"
+            ),
+            Ok(Ok(Some(unobserved))) => {
+                let total: u64 = unobserved.iter().map(|(_, kills)| kills).sum();
+                match total {
+                    0 => info!("no OOM kill went unobserved since the last agent"),
+                    _ => warn!(
+                        "{total} OOM kills happened while no agent watched (the kernel's \
+                         counters against the last agent's view): {}",
+                        unobserved
+                            .iter()
+                            .map(|(cgroup, kills)| format!("{cgroup} {kills}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
+                for (cgroup, kills) in unobserved {
+                    self.shared.metrics.agent.count_unobserved(&cgroup, kills);
+                }
+            }
+            Ok(Err(err)) => warn!("kills while no agent watched are not counted: {err}"),
+            Err(err) => warn!("kills while no agent watched are not counted: {err}"),
+        }
+    }
+
+    /// Keeps the kernel's kill counters, as of now, in the store.
+    async fn save_kernel_view(&self, hierarchy: &Hierarchy) {
+        let (Some((root, version)), Some(store)) = (hierarchy.clone(), self.shared.store.clone())
+        else {
+            return;
+        };
+        let boot_id = self.boot_id.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            let now = kernel_kills::read_all(&root, version, sys::boot_ns);
+            let mut store = store
+                .lock()
+                .map_err(|_| "kill store: poisoned lock".to_owned())?;
+            store
+                .save_kernel_view(&boot_id, &now)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        if let Ok(Err(err)) = saved {
+            debug!("the kernel's kill counters are not kept: {err}");
+        }
+    }
+
     /// Once a second: kernel counters, live gauges, expiry of idle cgroups.
     fn tick(&mut self, probes: &Probes) {
         let metrics = &self.shared.metrics;
         metrics.set_kernel_counters(&probes.kernel_counters());
-        metrics.set_program_stats(&probes.program_stats());
+        metrics.agent.set_program_stats(&probes.program_stats());
 
         for id in self.history.expire(sys::boot_ns(), WATCH_IDLE_NS) {
             if let Some(labels) = self.watched.remove(&id) {
@@ -212,6 +304,7 @@ pub(super) async fn run(
     persistence: Persistence<'_>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), TraceError> {
+    let retired = probes.take_retired();
     let mut ring = readable(probes.take_events()?)?;
     let mut samples = match probes.charge_mode() {
         Some(_) => Some(readable(probes.take_samples()?)?),
@@ -259,7 +352,32 @@ pub(super) async fn run(
         watched: HashMap::new(),
         counted: HashMap::new(),
         breakdowns: HashMap::new(),
+        boot_id: persistence.boot_id,
+        kernel_kills_at_start: persistence.kernel_kills,
     };
+    // What earlier agents' pinned probes recorded while no agent read: samples first (the
+    // timelines of those kills), then the kills, each once.
+    if let Some(mut retired) = retired {
+        let (mut samples_drained, mut kills_drained) = (0, 0);
+        for ring in &mut retired.samples {
+            while let Some(record) = ring.next() {
+                state.on_sample_record(&record);
+                samples_drained += 1;
+            }
+        }
+        for ring in &mut retired.events {
+            while let Some(record) = ring.next() {
+                let record = record.to_vec();
+                state.on_kill_record(&record).await;
+                kills_drained += 1;
+            }
+        }
+        info!(
+            "drained what the replaced probes recorded: {kills_drained} kill records, \
+             {samples_drained} charge samples"
+        );
+    }
+    let (mut unobserved_pending, mut ticks) = (true, 0u32);
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => {
@@ -297,7 +415,16 @@ pub(super) async fn run(
                     guard.clear_ready();
                 }
             }
-            _ = tick.tick() => state.tick(probes),
+            _ = tick.tick() => {
+                state.tick(probes);
+                // The first tick comes a second after the drain: what the kernel counted
+                // before the counters were read is stored by now.
+                ticks += 1;
+                if unobserved_pending && ticks >= 2 {
+                    unobserved_pending = false;
+                    state.count_unobserved().await;
+                }
+            }
             // Watched cgroups the charge path has not sampled lately, from the filesystem.
             _ = poll_tick.tick(), if hierarchy.is_some() => {
                 if let Some((root, version)) = hierarchy.clone() {
@@ -308,6 +435,9 @@ pub(super) async fn run(
                     .await
                     .unwrap_or_default();
                     state.on_poll(polled);
+                }
+                if !unobserved_pending {
+                    state.save_kernel_view(&hierarchy).await;
                 }
             }
             // The kernel batches memcg statistics and flushes them when read or when enough
@@ -322,6 +452,10 @@ pub(super) async fn run(
                 }
             }
         }
+    }
+    // Counted to here: the next agent counts from this view.
+    if !unobserved_pending {
+        state.save_kernel_view(&hierarchy).await;
     }
     Ok(())
 }

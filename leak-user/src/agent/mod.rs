@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::{
     enrich::cgroupfs::{MemoryHierarchy, Version},
-    kernel::{AttachMode, LoadOptions, ProbeError, Probes},
+    kernel::{AttachMode, LoadOptions, PinOptions, ProbeError, Probes},
     serve::{
         http::{self, Shared},
         metrics::{Metrics, MetricsError},
@@ -52,6 +52,8 @@ pub struct TraceOptions {
     /// Where kills are kept across restarts; `None`: in memory only.
     pub state_dir: Option<PathBuf>,
     pub retention: Retention,
+    /// Where probes are pinned, and whether this agent pins its own.
+    pub pin: PinOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         memsw_accounted: hierarchy
             .as_ref()
             .is_some_and(MemoryHierarchy::memsw_accounted),
+        pin: options.pin.clone(),
     })?;
     // Loading parsed the kernel's BTF (megabytes, twice) and the BPF object; hand the freed
     // heap back to the system rather than keep it resident for the agent's whole life.
@@ -120,8 +123,15 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         None => info!("charge path off: kills carry no timeline"),
     }
 
+    // Right after this agent's probes were attached: every kill the kernel counted before
+    // this is either in a ring buffer to drain (stored on the way) or was seen by no agent.
+    let kernel_kills = hierarchy.as_ref().map(|hierarchy| {
+        crate::enrich::kernel_kills::read_all(&hierarchy.root, hierarchy.version, sys::boot_ns)
+    });
+
     let metrics = Metrics::new(&sys::kernel_release())?;
     metrics.set_attachments(probes.attachments());
+    metrics.agent.set_probes_pinned(probes.pin_state().pinned());
     let store = match &options.state_dir {
         Some(dir) => persist::open(dir, options.retention).await,
         None => {
@@ -129,7 +139,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
             None
         }
     };
-    metrics.set_store_up(store.is_some());
+    metrics.agent.set_store_up(store.is_some());
     // The history on disk: the most recent kills are served (and numbered on) from it.
     let mut recent = RecentKills::new(options.max_kills);
     let mut first_seq = 0;
@@ -150,8 +160,9 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
             }
         }
     }
+    let boot_id = sys::boot_id();
     let writer = match &store {
-        Some(store) => Some(persist::Writer::start(store.clone(), sys::boot_id())?),
+        Some(store) => Some(persist::Writer::start(store.clone(), boot_id.clone())?),
         None => None,
     };
     let shared = Arc::new(Shared {
@@ -163,6 +174,8 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         default_limit: options.max_kills,
     });
 
+    // Before the address is announced: whoever read it may stop the agent at once.
+    let stopped = shutdown_signal();
     let (listener, local) =
         http::bind(options.listen)
             .await
@@ -193,7 +206,7 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         stop_rx.clone(),
     ));
     tokio::spawn(async move {
-        shutdown_signal().await;
+        stopped.await;
         let _ = stop_tx.send(true);
     });
 
@@ -205,6 +218,8 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
         event_loop::Persistence {
             writer: writer.as_ref(),
             first_seq,
+            boot_id,
+            kernel_kills,
         },
         stop_rx,
     )
@@ -219,17 +234,22 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
 /// The memory hierarchy's root and cgroup version, when one is mounted.
 type Hierarchy = Option<(PathBuf, Version)>;
 
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now (a signal from then on stops the agent
+/// cleanly, however soon it comes); the future ends at the first.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => info!("SIGINT received"),
-        _ = terminate.recv() => info!("SIGTERM received"),
+    );
+    async move {
+        let (Ok(mut interrupt), Ok(mut terminate)) = handlers else {
+            error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT received"),
+            _ = terminate.recv() => info!("SIGTERM received"),
+        }
     }
 }

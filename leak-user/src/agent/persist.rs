@@ -58,7 +58,18 @@ pub async fn open(dir: &Path, retention: Retention) -> Option<SharedStore> {
 
 struct Job {
     kill: Kill,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<bool, String>>,
+}
+
+/// What became of a kill sent to the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    Stored,
+    /// The store holds it already: delivered twice (replayed from a pinned ring buffer, or
+    /// reported by an earlier agent's probes and this one's while both were attached).
+    Duplicate,
+    /// Not known to be stored (failed, or still being written): served all the same.
+    Unknown,
 }
 
 /// The writer thread's end.
@@ -76,7 +87,7 @@ impl Writer {
                 for job in queue {
                     let result = match store.lock() {
                         Ok(mut store) => {
-                            let result = store.insert(&job.kill, &boot_id).map(|_| ());
+                            let result = store.insert(&job.kill, &boot_id);
                             written += 1;
                             if result.is_ok() && written.is_multiple_of(PRUNE_EVERY) {
                                 if let Err(err) = store.prune(crate::sys::unix_ns()) {
@@ -95,12 +106,13 @@ impl Writer {
 
     /// Writes `kill`, waiting at most [`WRITE_WAIT`]; a failure is logged and counted, and the
     /// kill is served all the same.
-    pub async fn write(&self, kill: &Kill, metrics: &Metrics) {
-        let (done, written) = oneshot::channel();
+    pub async fn write(&self, kill: &Kill, metrics: &Metrics) -> Written {
+        let (done, done_rx) = oneshot::channel();
         let job = Job {
             kill: kill.clone(),
             done,
         };
+        let mut written = Written::Unknown;
         let failure = match self.jobs.try_send(job) {
             Err(mpsc::TrySendError::Full(_)) => Some(format!(
                 "kill store: {QUEUE} writes waiting; kill #{} not stored",
@@ -109,8 +121,14 @@ impl Writer {
             Err(mpsc::TrySendError::Disconnected(_)) => {
                 Some("kill store: the writer thread is gone".to_owned())
             }
-            Ok(()) => match tokio::time::timeout(WRITE_WAIT, written).await {
-                Ok(Ok(Ok(()))) => None,
+            Ok(()) => match tokio::time::timeout(WRITE_WAIT, done_rx).await {
+                Ok(Ok(Ok(stored))) => {
+                    written = match stored {
+                        true => Written::Stored,
+                        false => Written::Duplicate,
+                    };
+                    None
+                }
                 Ok(Ok(Err(err))) => Some(err),
                 Ok(Err(_)) => Some("kill store: the writer thread is gone".to_owned()),
                 // Still being written: served now, stored when the disk lets it.
@@ -119,16 +137,17 @@ impl Writer {
                         "kill store: kill #{} is slow to write; served first",
                         kill.seq
                     );
-                    return;
+                    return Written::Unknown;
                 }
             },
         };
         match failure {
-            None => metrics.set_store_up(true),
+            None => metrics.agent.set_store_up(true),
             Some(err) => {
                 warn!("{err}");
-                metrics.count_store_write_failure();
+                metrics.agent.count_store_write_failure();
             }
         }
+        written
     }
 }

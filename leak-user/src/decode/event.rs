@@ -71,6 +71,9 @@ pub struct KillRecord {
     pub hook: VictimHook,
     /// The thread the kernel marked.
     pub victim_tid: u32,
+    /// Its `start_time` (the kernel marks a task once in its life, so tid and start time name
+    /// the kill); `None` where the task was not read.
+    pub victim_start_ns: Option<u64>,
     /// The victim's task was read in the kernel; otherwise `cgroups` are the triggering
     /// task's and the victim's other fields are unknown.
     pub victim_task_resolved: bool,
@@ -238,6 +241,7 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
         boot_ns: event.boot_ns,
         hook,
         victim_tid: event.victim_pid,
+        victim_start_ns: (resolved && event.victim_start_ns != 0).then_some(event.victim_start_ns),
         victim_task_resolved: resolved,
         victim_tgid: resolved.then_some(event.victim_tgid),
         victim_comm: resolved.then(|| c_string(&event.victim_comm)),
@@ -362,6 +366,7 @@ pub(crate) mod fixtures {
             oom_memcg_level: 0,
             _pad_oom_memcg: 0,
             oom_memcg: level(0, "", 0, 0, 0),
+            victim_start_ns: 77,
         }
     }
 

@@ -347,6 +347,7 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
             .filter(|&tgid| tgid != 0)
             .unwrap_or(record.victim_tid),
         victim_tid: record.victim_tid,
+        victim_start_ns: record.victim_start_ns,
         victim_tgid: record.victim_tgid,
         victim_comm: record.victim_comm.clone(),
         victim_oom_score_adj: record.victim_oom_score_adj,

@@ -4,6 +4,7 @@
 
 pub mod cgroupfs;
 pub mod dedup;
+pub mod kernel_kills;
 pub mod kill;
 pub mod kubernetes;
 pub mod poll;

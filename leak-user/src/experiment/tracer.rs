@@ -27,14 +27,17 @@ impl Tracer {
         args: &[&str],
         echo: &'static [&'static str],
     ) -> Result<Self, LabError> {
-        // In memory only unless the caller names a store: runs must not share history.
-        let store: &[&str] = match args.contains(&"--state-dir") {
-            true => &[],
-            false => &["--state-dir", ""],
-        };
+        // In memory only and nothing pinned unless the caller names a store or a pin directory
+        // (runs must not share history or probes; this pin directory does not exist).
+        let unpinned = format!("/sys/fs/bpf/leak-unpinned-{}", std::process::id());
+        let store = ["--state-dir", ""];
+        let store = &store[..if args.contains(&"--state-dir") { 0 } else { 2 }];
+        let pins = ["--no-pin", "--pin-dir", &unpinned];
+        let pins = &pins[..if args.contains(&"--pin-dir") { 0 } else { 3 }];
         let mut child = Command::new(exe)
             .args(["trace", "--listen", "127.0.0.1:0"])
             .args(store)
+            .args(pins)
             .args(args)
             .env("RUST_LOG", "info,leak_user::kernel::attach=debug") // load times
             .stdout(Stdio::null())
@@ -153,25 +156,23 @@ impl Tracer {
 
     /// SIGTERM, and the exit status.
     pub fn stop(&mut self) -> Result<ExitStatus, LabError> {
-        let mut process = self
-            .process
-            .take()
-            .ok_or_else(|| LabError::Run("the tracer was already stopped".into()))?;
+        self.end(libc::SIGTERM)
+    }
+
+    /// Sends `signal` (SIGKILL: as a crash would end it, nothing cleaned up); the exit status.
+    pub fn end(&mut self, signal: i32) -> Result<ExitStatus, LabError> {
+        let stopped = || LabError::Run("the tracer was already stopped".into());
+        let mut process = self.process.take().ok_or_else(stopped)?;
         // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(process.pid() as i32, libc::SIGTERM) };
-        process
-            .wait_timeout(Duration::from_secs(20))?
-            .ok_or_else(|| LabError::Run(format!("the tracer ignored SIGTERM:\n{}", self.log())))
+        unsafe { libc::kill(process.pid() as i32, signal) };
+        let ended = process.wait_timeout(Duration::from_secs(20))?;
+        ended.ok_or_else(|| LabError::Run(format!("signal {signal} ignored:\n{}", self.log())))
     }
 }
 
 impl Drop for Tracer {
     fn drop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            // SIGTERM detaches the probes cleanly; the process's own drop kills it otherwise.
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(process.pid() as i32, libc::SIGTERM) };
-            let _ = process.wait_timeout(Duration::from_secs(10));
-        }
+        // SIGTERM detaches the probes cleanly; the process's own drop kills it otherwise.
+        let _ = self.end(libc::SIGTERM);
     }
 }

@@ -5,8 +5,8 @@ use std::{error::Error as _, fmt, io, path::PathBuf};
 
 use aya::{
     programs::{
-        trace_point::TracePointError, BtfTracePoint, FEntry, FExit, KProbe, KProbeError,
-        ProgramError, TracePoint,
+        links::FdLink, trace_point::TracePointError, BtfTracePoint, FEntry, FExit, KProbe,
+        KProbeError, ProgramError, TracePoint,
     },
     sys::SyscallError,
     Btf, Ebpf,
@@ -16,6 +16,7 @@ use log::{debug, info, warn};
 use super::{
     host::Tracefs,
     layout::Resolver,
+    pin::HeldLink,
     table::{AttachMode, Chain, Hook, Need, Probe, Program, ProgramKind, Role, Row, Step},
 };
 use crate::sys::kallsyms_has;
@@ -445,6 +446,25 @@ pub struct Loader<'a> {
     pub mark_victim_pid_known: bool,
     /// Whether `signal:signal_generate`'s format gave the offsets of `sig`, `code` and `pid`.
     pub signal_generate_fields_known: bool,
+    /// The link of every attached program, held by the agent (so that it can pin them).
+    pub links: Vec<(Program, HeldLink)>,
+}
+
+/// A perf-event link (kprobe, classic tracepoint) as a BPF link where the kernel makes one
+/// (`BPF_LINK_TYPE_PERF_EVENT`, 5.15+: pinnable), else as the perf event aya holds.
+fn perf_link<L>(link: L, held: fn(L) -> HeldLink) -> Result<HeldLink, ProgramError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: fmt::Display,
+{
+    if !aya::features().bpf_perf_link() {
+        return Ok(held(link));
+    }
+    // aya made it with BPF_LINK_CREATE, so it is a BPF link; should it not be, the conversion
+    // has dropped (detached) it, and the attach fails.
+    FdLink::try_from(link)
+        .map(HeldLink::Fd)
+        .map_err(|err| ProgramError::IOError(io::Error::other(err.to_string())))
 }
 
 impl Loader<'_> {
@@ -498,21 +518,26 @@ impl Kernel for Loader<'_> {
         let result = match program.kind() {
             ProgramKind::FEntry => <&mut FEntry>::try_from(object).and_then(|entry| {
                 entry.load(hook.name(), btf)?;
-                entry.attach().map(drop)
+                let id = entry.attach()?;
+                Ok(HeldLink::Fd(entry.take_link(id)?.into()))
             }),
             ProgramKind::FExit => <&mut FExit>::try_from(object).and_then(|exit| {
                 exit.load(hook.name(), btf)?;
-                exit.attach().map(drop)
+                let id = exit.attach()?;
+                Ok(HeldLink::Fd(exit.take_link(id)?.into()))
             }),
             ProgramKind::KProbe | ProgramKind::KRetProbe => <&mut KProbe>::try_from(object)
                 .and_then(|probe| {
                     probe.load()?;
-                    probe.attach(hook.name(), 0).map(drop)
+                    let id = probe.attach(hook.name(), 0)?;
+                    let link = probe.take_link(id)?;
+                    perf_link(link, HeldLink::KProbe)
                 }),
             ProgramKind::BtfTracePoint => {
                 <&mut BtfTracePoint>::try_from(object).and_then(|tracepoint| {
                     tracepoint.load(hook.name(), btf)?;
-                    tracepoint.attach().map(drop)
+                    let id = tracepoint.attach()?;
+                    Ok(HeldLink::Fd(tracepoint.take_link(id)?.into()))
                 })
             }
             ProgramKind::TracePoint => {
@@ -524,7 +549,9 @@ impl Kernel for Loader<'_> {
                 };
                 <&mut TracePoint>::try_from(object).and_then(|tracepoint| {
                     tracepoint.load()?;
-                    tracepoint.attach(category, hook.name()).map(drop)
+                    let id = tracepoint.attach(category, hook.name())?;
+                    let link = tracepoint.take_link(id)?;
+                    perf_link(link, HeldLink::TracePoint)
                 })
             }
         };
@@ -537,6 +564,7 @@ impl Kernel for Loader<'_> {
                 || "the kernel does not say how many instructions it verified".to_owned(),
                 |count| format!("{count} instructions verified"),
             );
+        let result = result.map(|link| self.links.push((program, link)));
         debug!(
             "{program} on {hook}: loaded and attached in {} ms ({verified})",
             started.elapsed().as_millis()
@@ -546,6 +574,8 @@ impl Kernel for Loader<'_> {
 
     fn unload(&mut self, program: Program) {
         use aya::programs::Program as Loaded;
+        // Dropping the agent's link detaches the program.
+        self.links.retain(|(linked, _)| *linked != program);
         let result = match self.ebpf.program_mut(program.name()) {
             Some(Loaded::FEntry(entry)) => entry.unload(),
             Some(Loaded::FExit(exit)) => exit.unload(),

@@ -11,7 +11,10 @@ pub mod crosscheck;
 pub mod host;
 pub mod kmsg;
 pub mod layout;
+pub mod pin;
 pub mod table;
+
+use std::path::PathBuf;
 
 use aya::{
     maps::{HashMap as AyaHashMap, MapData, MapError, PerCpuArray, RingBuf},
@@ -86,6 +89,11 @@ pub enum ProbeError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     CrossCheck(#[from] CrossCheckError),
+    #[error(
+        "{0}; the probes an earlier agent pinned (if any) stay attached and recording; \
+         run with --no-pin to trace without pinning"
+    )]
+    Pin(pin::GenerationError),
 }
 
 impl From<EbpfError> for ProbeError {
@@ -112,10 +120,46 @@ pub struct Probes {
     attachments: Vec<Attachment>,
     /// The kernel keeps live memcg counters, with nothing to flush (5.10 to 5.12).
     live_stat_counters: bool,
-    counters: PerCpuArray<MapData, u64>,
     /// Held while the kernel counts program run times (BPF_ENABLE_STATS); closing it stops that.
     _stats: Option<std::os::fd::OwnedFd>,
     cgroup_counters: AyaHashMap<MapData, u64, CgroupCounters>,
+    /// The link of every attached program (pinned ones stay attached after the agent exits).
+    links: Vec<(Program, pin::HeldLink)>,
+    pin_state: PinState,
+    /// The ring buffers of the generations this agent replaced, to drain once.
+    retired: Option<pin::Retired>,
+    /// What the replaced generations' programs counted (lost events while no agent read).
+    carried: KernelCounters,
+}
+
+/// Whether the probes outlive the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinState {
+    /// Pinned under this generation directory (`charge_unpinnable`: charge-path programs this
+    /// kernel cannot pin, detached when the agent exits).
+    Pinned {
+        generation: PathBuf,
+        charge_unpinnable: Vec<&'static str>,
+    },
+    /// `--no-pin`: every probe is detached when the agent exits.
+    Off,
+    /// Pinning was asked for and is not possible; the reason.
+    Unavailable(String),
+}
+
+impl PinState {
+    pub fn pinned(&self) -> bool {
+        matches!(self, Self::Pinned { .. })
+    }
+}
+
+/// Where probes are pinned, and whether this agent pins its own.
+#[derive(Clone, Debug)]
+pub struct PinOptions {
+    pub dir: PathBuf,
+    /// `false` with `--no-pin`: what earlier agents pinned under `dir` is still taken over
+    /// (drained and detached), nothing new is pinned.
+    pub pin: bool,
 }
 
 /// Options for [`Probes::load`].
@@ -125,7 +169,7 @@ pub struct LoadOptions {
     /// How to attach the charge path; `None` leaves it off.
     pub charge_attach: Option<AttachMode>,
     pub ring_buffer_bytes: u32,
-    pub btf_path: std::path::PathBuf,
+    pub btf_path: PathBuf,
     /// At most one charge sample per cgroup and kind per this many nanoseconds.
     pub sample_interval_ns: u64,
     /// Sample only cgroups with a memory limit.
@@ -137,10 +181,11 @@ pub struct LoadOptions {
     pub bpf_stats: bool,
     /// The root memory cgroup's `memory.stat`, against which the statistics indices resolved
     /// from BTF are cross-checked before anything is attached; `None` skips the check.
-    pub root_memory_stat: Option<std::path::PathBuf>,
+    pub root_memory_stat: Option<PathBuf>,
     /// The kernel charges cgroup v1's memory+swap counter (v1 with swap accounting, where the
     /// `memory.memsw.*` files exist): snapshots then carry it.
     pub memsw_accounted: bool,
+    pub pin: PinOptions,
 }
 
 impl Probes {
@@ -193,8 +238,10 @@ impl Probes {
             .map_max_entries(EVENTS, options.ring_buffer_bytes)
             .map_max_entries(SAMPLES, options.ring_buffer_bytes)
             .load(EBPF_OBJECT)?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?)
-            .map_err(|source| map_error(COUNTERS, source))?;
+        // Read through the object each time rather than taken: pinned with the probes.
+        let _: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(ebpf.map(COUNTERS).ok_or(ProbeError::MissingMap(COUNTERS))?)
+                .map_err(|source| map_error(COUNTERS, source))?;
         let cgroup_counters = AyaHashMap::try_from(take_map(&mut ebpf, CGROUP_COUNTERS)?)
             .map_err(|source| map_error(CGROUP_COUNTERS, source))?;
 
@@ -210,6 +257,10 @@ impl Probes {
             }
         }
 
+        // What earlier agents pinned stays attached (and recording) until this agent's own
+        // programs are attached: then it is detached, and its ring buffers drained.
+        let (previous, mut pin_state) = open_pinned(&options.pin);
+
         let btf = Btf::parse_file(&options.btf_path, aya::Endianness::default())?;
         let mut loader = Loader {
             ebpf: &mut ebpf,
@@ -218,6 +269,7 @@ impl Probes {
             tracefs: tracefs.as_ref(),
             mark_victim_pid_known: kernel_layout.tp_mark_victim_pid != Layout::ABSENT,
             signal_generate_fields_known: kernel_layout.tp_signal_generate_pid != Layout::ABSENT,
+            links: Vec::new(),
         };
         let mut walker = Walker::new(
             &mut loader,
@@ -240,6 +292,61 @@ impl Probes {
             },
         };
         let attachments = walker.into_attachments();
+        let mut links = std::mem::take(&mut loader.links);
+        if pin_state.is_none() {
+            let (held, pinned) = pin::pin_generation(&options.pin.dir, &ebpf, links);
+            links = held;
+            pin_state = Some(match pinned {
+                Ok(pin::Pinned::All(generation)) => PinState::Pinned {
+                    generation,
+                    charge_unpinnable: Vec::new(),
+                },
+                Ok(pin::Pinned::KillPath(generation, charge_unpinnable)) => {
+                    warn!(
+                        "pinning: the charge path's {} cannot be pinned on this kernel (a \
+                         perf event without BPF_LINK_TYPE_PERF_EVENT, 5.15+): kills while no \
+                         agent runs have no timeline",
+                        charge_unpinnable.join(", ")
+                    );
+                    PinState::Pinned {
+                        generation,
+                        charge_unpinnable,
+                    }
+                }
+                Ok(pin::Pinned::Nothing(programs)) => {
+                    let reason = format!(
+                        "{} cannot be pinned on this kernel (a perf event without \
+                         BPF_LINK_TYPE_PERF_EVENT, 5.15+; the {mode} mode's probes end with \
+                         the agent): kills while no agent runs are counted from the kernel's \
+                         oom_kill counters in leak_oom_kills_unobserved_total",
+                        programs.join(", ")
+                    );
+                    warn!("pinning: {reason}");
+                    PinState::Unavailable(reason)
+                }
+                Err(err @ pin::GenerationError::Maps(_)) => {
+                    warn!("pinning: {err}; the probes end with the agent");
+                    PinState::Unavailable(err.to_string())
+                }
+                Err(err @ pin::GenerationError::Link(_)) => return Err(ProbeError::Pin(err)),
+            });
+        }
+        let pin_state = pin_state.unwrap_or(PinState::Off);
+        if let PinState::Pinned { generation, .. } = &pin_state {
+            info!(
+                "probes pinned under {}: they keep recording kills while no agent runs",
+                generation.display()
+            );
+        }
+        // Only now, with this agent's probes attached, do the earlier ones go.
+        let retired = previous.map(pin::Previous::retire);
+        let carried = retired
+            .as_ref()
+            .map_or_else(KernelCounters::default, |retired| KernelCounters {
+                lost_events: retired.lost_events,
+                lost_samples: retired.lost_samples,
+                ..KernelCounters::default()
+            });
         let stats = match options.bpf_stats {
             false => None,
             true => match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
@@ -262,10 +369,24 @@ impl Probes {
             charge_mode,
             attachments,
             live_stat_counters: kernel_layout.stats_scheme == stats_scheme::INLINE_ARRAY,
-            counters,
             _stats: stats,
             cgroup_counters,
+            links,
+            pin_state,
+            retired,
+            carried,
         })
+    }
+
+    /// Whether the probes outlive the agent.
+    pub fn pin_state(&self) -> &PinState {
+        &self.pin_state
+    }
+
+    /// The ring buffers of the generations this agent replaced (drain them once, first), and
+    /// whether those generations recorded kills while no agent ran.
+    pub fn take_retired(&mut self) -> Option<pin::Retired> {
+        self.retired.take()
     }
 
     /// The OOM hook's mode in use (never `auto`).
@@ -333,16 +454,21 @@ impl Probes {
 
     /// The kernel-side counters, summed over CPUs.
     pub fn kernel_counters(&self) -> KernelCounters {
-        let sum = |index: u32| {
-            self.counters
-                .get(&index, 0)
+        let counters = self
+            .ebpf
+            .map(COUNTERS)
+            .and_then(|map| PerCpuArray::<&MapData, u64>::try_from(map).ok());
+        let sum = |index: u32| -> u64 {
+            counters
+                .as_ref()
+                .and_then(|counters| counters.get(&index, 0).ok())
                 .map(|values| values.iter().copied().sum())
                 .unwrap_or(0)
         };
         KernelCounters {
-            lost_events: sum(counter::LOST_EVENTS),
+            lost_events: self.carried.lost_events + sum(counter::LOST_EVENTS),
             read_errors: sum(counter::READ_ERRORS),
-            lost_samples: sum(counter::LOST_SAMPLES),
+            lost_samples: self.carried.lost_samples + sum(counter::LOST_SAMPLES),
             charge_state_dropped: sum(counter::CHARGE_STATE_DROPPED),
         }
     }
@@ -365,12 +491,56 @@ impl Probes {
             .collect()
     }
 
-    /// Detaches every program and unloads them (also done on drop; this logs it).
+    /// Detaches every program that is not pinned and unloads them (also done on drop; this
+    /// logs it). Pinned probes stay attached for the next agent.
     pub fn detach(self) {
         let count = self.ebpf.programs().count();
-        drop(self);
-        info!("detached and unloaded {count} BPF programs");
+        let pinned = self
+            .links
+            .iter()
+            .filter(|(_, link)| link.pinnable())
+            .count();
+        match &self.pin_state {
+            PinState::Pinned { generation, .. } => {
+                let generation = generation.clone();
+                drop(self);
+                info!(
+                    "{pinned} probes stay attached, pinned under {} (the next agent drains \
+                     and replaces them; `leak unpin` removes them); the other {} programs \
+                     detached",
+                    generation.display(),
+                    count.saturating_sub(pinned)
+                );
+            }
+            _ => {
+                drop(self);
+                info!("detached and unloaded {count} BPF programs");
+            }
+        }
     }
+}
+
+/// Opens what earlier agents pinned under the pin directory, and checks that this agent can
+/// pin there. The state is `None` when this agent is to pin its own probes.
+fn open_pinned(options: &PinOptions) -> (Option<pin::Previous>, Option<PinState>) {
+    let mut state = None;
+    if options.pin {
+        if let Err(err) = pin::prepare_dir(&options.dir) {
+            warn!("pinning off: {err}");
+            state = Some(PinState::Unavailable(err.to_string()));
+        }
+    } else {
+        state = Some(PinState::Off);
+    }
+    let previous = match pin::Previous::open(&options.dir) {
+        Ok(previous) if previous.is_empty() => None,
+        Ok(previous) => Some(previous),
+        Err(err) => {
+            warn!("what earlier agents pinned is left alone: {err}");
+            None
+        }
+    };
+    (previous, state)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, ProbeError> {

@@ -339,6 +339,11 @@ pub struct Kill {
     pub victim_pid: u32,
     /// The thread the kernel marked (differs from `victim_pid` when a group kill marks threads).
     pub victim_tid: u32,
+    /// The marked task's `start_time` (kernel monotonic ns at its fork): with `victim_tid` it
+    /// names the kill across agents (the kernel marks a task once); `None` where the task was
+    /// not read in the kernel.
+    #[serde(default)]
+    pub victim_start_ns: Option<u64>,
     pub victim_tgid: Option<u32>,
     pub victim_comm: Option<String>,
     pub victim_oom_score_adj: Option<i32>,
@@ -469,3 +474,14 @@ impl Kill {
             .or(self.oom_cgroup_state.as_ref())
     }
 }
+
+/// One memory cgroup's `oom_kill` counter as the kernel keeps it, and when it was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelKillCount {
+    pub oom_kill: u64,
+    /// `CLOCK_BOOTTIME` ns just before the counter was read: a kill marked after it is not in it.
+    pub read_boot_ns: u64,
+}
+
+/// Every memory cgroup's counter, by path as `/kills` names cgroups.
+pub type KernelKillCounts = std::collections::HashMap<String, KernelKillCount>;

@@ -7,8 +7,9 @@ use prometheus::{
 
 use leak_common::layout::stat;
 
+pub use super::agent_metrics::AgentMetrics;
 use crate::{
-    kernel::{Attachment, KernelCounters, ProgramStats},
+    kernel::{Attachment, KernelCounters},
     model::{
         kill::{Breakdown, Kill},
         kubernetes::CgroupLabels,
@@ -51,11 +52,8 @@ pub struct Metrics {
     last_kill: Gauge,
     lost_samples: IntCounter,
     charge_state_dropped: IntCounter,
-    program_runs: IntCounterVec,
-    store_up: prometheus::IntGauge,
-    store_write_failures: IntCounter,
-    program_run_seconds: prometheus::CounterVec,
-    program_verified: IntGaugeVec,
+    /// The agent's own state: its store, its pins, its programs.
+    pub agent: AgentMetrics,
     /// Kill series by (gauge labels), each with the counter label sets seen with it, least
     /// recently killed first.
     kill_series: std::sync::Mutex<std::collections::VecDeque<KillSeries>>,
@@ -234,44 +232,7 @@ impl Metrics {
              bounded map) or threw away (left behind by unreported returns); each may miss a \
              limit hit or a charge failure",
         )?;
-        let store_up = prometheus::IntGauge::new(
-            "store_up",
-            "1 while kills are written to the store on disk (--state-dir), 0 when it could not \
-             be opened or its last write failed (kills are then kept in memory only)",
-        )?;
-        registry.register(Box::new(store_up.clone()))?;
-        let store_write_failures = counter(
-            "store_write_failures_total",
-            "Kills the store on disk could not take (full, read-only or failing disk, or too \
-             many writes waiting); each was still served from memory",
-        )?;
-        let program_runs = IntCounterVec::new(
-            Opts::new(
-                "bpf_program_runs_total",
-                "Runs of each of leak's BPF programs, as the kernel counts them (only while \
-                 statistics are on: --bpf-stats or kernel.bpf_stats_enabled)",
-            ),
-            &["program"],
-        )?;
-        registry.register(Box::new(program_runs.clone()))?;
-        let program_run_seconds = prometheus::CounterVec::new(
-            Opts::new(
-                "bpf_program_run_seconds_total",
-                "Time spent in each of leak's BPF programs, as the kernel counts it (only while \
-                 statistics are on)",
-            ),
-            &["program"],
-        )?;
-        registry.register(Box::new(program_run_seconds.clone()))?;
-        let program_verified = IntGaugeVec::new(
-            Opts::new(
-                "bpf_program_verified_instructions",
-                "Instructions the kernel's verifier processed to load each of leak's BPF \
-                 programs (its limit is 1,000,000; kernels 5.16+ report it)",
-            ),
-            &["program"],
-        )?;
-        registry.register(Box::new(program_verified.clone()))?;
+        let agent = AgentMetrics::register(&registry)?;
         let samples = IntCounterVec::new(
             Opts::new(
                 "charge_samples_total",
@@ -347,11 +308,7 @@ impl Metrics {
             last_kill,
             lost_samples,
             charge_state_dropped,
-            program_runs,
-            program_run_seconds,
-            program_verified,
-            store_up,
-            store_write_failures,
+            agent,
             kill_series: std::sync::Mutex::new(std::collections::VecDeque::new()),
             max_kill_series: MAX_KILL_SERIES,
             samples,
@@ -516,35 +473,6 @@ impl Metrics {
         catch_up(&self.read_errors, counters.read_errors);
         catch_up(&self.lost_samples, counters.lost_samples);
         catch_up(&self.charge_state_dropped, counters.charge_state_dropped);
-    }
-
-    pub fn set_store_up(&self, up: bool) {
-        self.store_up.set(i64::from(up));
-    }
-
-    pub fn count_store_write_failure(&self) {
-        self.store_write_failures.inc();
-        self.store_up.set(0);
-    }
-
-    /// Catches the per-program counters up with the kernel's totals.
-    pub fn set_program_stats(&self, stats: &[ProgramStats]) {
-        for stat in stats {
-            let runs = self.program_runs.with_label_values(&[stat.program]);
-            if stat.run_count > runs.get() {
-                runs.inc_by(stat.run_count - runs.get());
-            }
-            if let Some(verified) = stat.verified_instructions {
-                self.program_verified
-                    .with_label_values(&[stat.program])
-                    .set(i64::from(verified));
-            }
-            let seconds = self.program_run_seconds.with_label_values(&[stat.program]);
-            let total = stat.run_time_ns as f64 / 1e9;
-            if total > seconds.get() {
-                seconds.inc_by(total - seconds.get());
-            }
-        }
     }
 
     pub fn count_sample(&self, kind: SampleKind) {

@@ -2,8 +2,12 @@
 //! (`kills.db` under `--state-dir`) in WAL mode, with a schema version (`PRAGMA user_version`)
 //! and retention by count and age. One row per kill: the columns `/kills` filters on, and the
 //! whole snapshot as JSON. A kill is keyed by the boot it happened in, its kernel timestamp and
-//! the marked thread, so the same kill delivered twice (a restart replaying what a pinned ring
-//! buffer kept) is stored once.
+//! the marked thread, so the same record delivered twice (a restart replaying what a pinned ring
+//! buffer kept) is stored once; and by the boot, the marked thread and that task's start time,
+//! so the same kill reported by two sets of programs (an old agent's pinned probes and a new
+//! agent's, both attached while one replaces the other) is stored once too. The kernel's own
+//! kill counters as the agent last saw them are kept beside the kills, to count the kills that
+//! happened while no agent watched.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,10 +17,10 @@ use std::{
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::filter::KillFilter;
-use crate::model::kill::Kill;
+use crate::model::kill::{KernelKillCounts, Kill};
 
 /// The schema this agent writes; a database with a newer one is refused, not rewritten.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The database's file name under the state directory.
 pub const FILE_NAME: &str = "kills.db";
@@ -105,7 +109,11 @@ impl KillStore {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(sqlite)?;
         match version {
-            0 => create_schema(&conn).map_err(sqlite)?,
+            0 => {
+                create_schema(&conn).map_err(sqlite)?;
+                migrate_to_2(&conn).map_err(sqlite)?;
+            }
+            1 => migrate_to_2(&conn).map_err(sqlite)?,
             SCHEMA_VERSION => {}
             found => return Err(StoreError::Newer { path, found }),
         }
@@ -136,7 +144,8 @@ impl KillStore {
         Ok(seq.map_or(0, |seq| seq.max(0) as u64))
     }
 
-    /// Stores `kill` (of the boot `boot_id`); `false` when it was stored already.
+    /// Stores `kill` (of the boot `boot_id`); `false` when it was stored already (the same
+    /// record, or the same task's kill from another set of programs).
     pub fn insert(&mut self, kill: &Kill, boot_id: &str) -> Result<bool, StoreError> {
         let json = serde_json::to_string(kill)?;
         let unix_ns = i64::try_from(kill.timestamp_unix_ns).unwrap_or(i64::MAX);
@@ -144,7 +153,8 @@ impl KillStore {
             .conn
             .execute(
                 "INSERT OR IGNORE INTO kills (seq, unix_ns, boot_id, boot_ns, victim_tid, cgroup, \
-                 namespace, pod, container, kill) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 namespace, pod, container, kill, victim_start_ns) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     i64::try_from(kill.seq).unwrap_or(i64::MAX),
                     unix_ns,
@@ -156,6 +166,8 @@ impl KillStore {
                     kill.names.pod,
                     kill.names.container,
                     json,
+                    kill.victim_start_ns
+                        .map_or(0, |start| i64::try_from(start).unwrap_or(i64::MAX)),
                 ],
             )
             .map_err(|err| self.sqlite(err))?;
@@ -239,8 +251,137 @@ impl KillStore {
     }
 }
 
+impl KillStore {
+    /// Kills the kernel counted that the agent did not see, per cgroup path: for each cgroup
+    /// of `now`, its counter minus the one last saved ([`Self::save_kernel_view`]) minus the
+    /// kills stored for it between the two readings. `None` when no view was ever saved (so
+    /// nothing to compare with); a view of another boot counts from zero.
+    pub fn unobserved(
+        &self,
+        boot_id: &str,
+        now: &KernelKillCounts,
+    ) -> Result<Option<Vec<(String, u64)>>, StoreError> {
+        let sqlite = |err| self.sqlite(err);
+        let mut statement = self
+            .conn
+            .prepare("SELECT boot_id, cgroup, oom_kill, read_boot_ns FROM kernel_oom_kills")
+            .map_err(sqlite)?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(sqlite)?;
+        let mut view = std::collections::HashMap::new();
+        let (mut seen_any, mut same_boot, mut taken_ns) = (false, false, 0u64);
+        for row in rows {
+            let (boot, cgroup, count, read_ns) = row.map_err(sqlite)?;
+            seen_any = true;
+            if boot != boot_id {
+                continue;
+            }
+            same_boot = true;
+            let (count, read_ns) = (count.max(0) as u64, read_ns.max(0) as u64);
+            match cgroup.is_empty() {
+                // The marker row: when the view was taken.
+                true => taken_ns = read_ns,
+                false => {
+                    view.insert(cgroup, (count, read_ns));
+                }
+            }
+        }
+        if !seen_any {
+            return Ok(None);
+        }
+        let mut counted = self
+            .conn
+            .prepare(
+                "SELECT COUNT(*) FROM kills WHERE boot_id = ?1 AND cgroup = ?2 \
+                 AND boot_ns > ?3 AND boot_ns <= ?4 \
+                 AND COALESCE(json_extract(kill, '$.killed'), 1) != 0",
+            )
+            .map_err(sqlite)?;
+        let mut unobserved = Vec::new();
+        for (cgroup, count) in now {
+            // A cgroup the view does not hold was made after it was taken (or in another boot).
+            let (before, since_ns) = match same_boot {
+                true => view.get(cgroup).copied().unwrap_or((0, taken_ns)),
+                false => (0, 0),
+            };
+            let observed: i64 = counted
+                .query_row(
+                    params![
+                        boot_id,
+                        cgroup,
+                        i64::try_from(since_ns).unwrap_or(i64::MAX),
+                        i64::try_from(count.read_boot_ns).unwrap_or(i64::MAX)
+                    ],
+                    |row| row.get(0),
+                )
+                .map_err(sqlite)?;
+            // A counter below the view's: the cgroup was removed and made again since.
+            let before = if count.oom_kill >= before { before } else { 0 };
+            let missed = count
+                .oom_kill
+                .saturating_sub(before)
+                .saturating_sub(observed.max(0) as u64);
+            if missed > 0 {
+                unobserved.push((cgroup.clone(), missed));
+            }
+        }
+        unobserved.sort();
+        Ok(Some(unobserved))
+    }
+
+    /// Replaces the kept view of the kernel's counters with `now`, read in the boot `boot_id`.
+    pub fn save_kernel_view(
+        &mut self,
+        boot_id: &str,
+        now: &KernelKillCounts,
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let taken_ns = now.values().map(|c| c.read_boot_ns).min().unwrap_or(0);
+        let transaction = self
+            .conn
+            .transaction()
+            .map_err(|source| StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
+        let result = (|| {
+            transaction.execute("DELETE FROM kernel_oom_kills", [])?;
+            let mut insert = transaction.prepare(
+                "INSERT INTO kernel_oom_kills (boot_id, cgroup, oom_kill, read_boot_ns) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            // The marker row, so that an empty view is told from none.
+            insert.execute(params![
+                boot_id,
+                "",
+                0,
+                i64::try_from(taken_ns).unwrap_or(i64::MAX)
+            ])?;
+            for (cgroup, count) in now {
+                insert.execute(params![
+                    boot_id,
+                    cgroup,
+                    i64::try_from(count.oom_kill).unwrap_or(i64::MAX),
+                    i64::try_from(count.read_boot_ns).unwrap_or(i64::MAX)
+                ])?;
+            }
+            drop(insert);
+            transaction.commit()
+        })();
+        result.map_err(|source| StoreError::Sqlite { path, source })
+    }
+}
+
 fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(&format!(
+    conn.execute_batch(
         "BEGIN;
          CREATE TABLE IF NOT EXISTS kills (
              seq        INTEGER PRIMARY KEY,
@@ -258,9 +399,28 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE INDEX IF NOT EXISTS kills_by_time ON kills (unix_ns);
          CREATE INDEX IF NOT EXISTS kills_by_pod ON kills (namespace, pod, container);
          CREATE INDEX IF NOT EXISTS kills_by_cgroup ON kills (cgroup);
-         PRAGMA user_version = {SCHEMA_VERSION};
-         COMMIT;"
-    ))
+         PRAGMA user_version = 1;
+         COMMIT;",
+    )
+}
+
+/// Version 2: the task key of a kill (its start time beside the thread) and the kernel's kill
+/// counters as last seen.
+fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "BEGIN;
+         ALTER TABLE kills ADD COLUMN victim_start_ns INTEGER NOT NULL DEFAULT 0;
+         CREATE UNIQUE INDEX IF NOT EXISTS kills_by_task
+             ON kills (boot_id, victim_tid, victim_start_ns) WHERE victim_start_ns != 0;
+         CREATE TABLE IF NOT EXISTS kernel_oom_kills (
+             boot_id      TEXT NOT NULL,
+             cgroup       TEXT NOT NULL PRIMARY KEY,
+             oom_kill     INTEGER NOT NULL,
+             read_boot_ns INTEGER NOT NULL
+         );
+         PRAGMA user_version = 2;
+         COMMIT;",
+    )
 }
 
 #[cfg(test)]

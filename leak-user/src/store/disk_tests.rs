@@ -40,6 +40,7 @@ fn kill(seq: u64, unix_s: u64) -> Kill {
     };
     let mut kill = assemble(&record(&event), &context, &mut CgroupPaths::new(None));
     kill.boot_ns = seq;
+    kill.victim_start_ns = Some(1_000 + seq);
     kill.timestamp_unix_ns = u128::from(unix_s) * 1_000_000_000;
     kill.names.namespace = "default".into();
     kill.names.pod = format!("p{}", seq % 2);
@@ -190,5 +191,34 @@ fn a_corrupt_or_newer_store_is_refused_and_left_alone() {
     }
     let err = KillStore::open(&dir, RETENTION).err().expect("refused");
     assert!(matches!(err, StoreError::Newer { found, .. } if found == SCHEMA_VERSION + 1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_same_task_from_two_sets_of_programs_is_stored_once() {
+    let dir = dir("task-key");
+    let mut store = KillStore::open(
+        &dir,
+        Retention {
+            max_kills: 100,
+            max_age: Duration::from_secs(86_400),
+        },
+    )
+    .expect("open");
+    let first = kill(1, 1000);
+    // The same mark reported by another agent's programs: its own timestamp and number.
+    let mut again = first.clone();
+    again.seq = 2;
+    again.boot_ns += 5_000;
+    assert!(store.insert(&first, "boot-a").expect("insert"));
+    assert!(
+        !store.insert(&again, "boot-a").expect("insert"),
+        "stored twice"
+    );
+    // Another boot, or a task never read in the kernel, is another kill.
+    assert!(store.insert(&again, "boot-b").expect("insert"));
+    let mut unread = kill(3, 1000);
+    unread.victim_start_ns = None;
+    assert!(store.insert(&unread, "boot-a").expect("insert"));
     let _ = std::fs::remove_dir_all(&dir);
 }

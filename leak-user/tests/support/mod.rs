@@ -381,3 +381,58 @@ pub fn promtool_check(metrics: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A fast anonymous leak: killed within a second in an 8 MiB cgroup.
+pub const FAST_ANON: &[&str] = &["--interval", "1ms", "--chunk", "1MiB", "--listen", "off"];
+
+/// `count` cgroups of 8 MiB under one parent (removed with it).
+pub fn storm_cgroups(
+    hierarchy: &MemoryHierarchy,
+    name: &str,
+    count: usize,
+) -> (Cgroup, Vec<Cgroup>) {
+    let parent = Cgroup::create(hierarchy, name).unwrap_or_else(|err| panic!("{err}"));
+    let children = (0..count)
+        .map(|i| {
+            let child = parent
+                .child(&format!("c{i}"))
+                .unwrap_or_else(|err| panic!("{err}"));
+            child
+                .set_limit(8 << 20)
+                .unwrap_or_else(|err| panic!("{err}"));
+            child
+        })
+        .collect();
+    (parent, children)
+}
+
+/// One leaker in each of `cgroups` at once; waits until each is killed.
+pub fn kill_each(cgroups: &[Cgroup]) {
+    let mut leakers: Vec<Process> = cgroups.iter().map(|c| spawn_in(c, FAST_ANON)).collect();
+    for leaker in &mut leakers {
+        wait_for_oom_kill(leaker, Duration::from_secs(120));
+    }
+}
+
+/// The agent's `leak_oom_kills_total` summed by `cgroup` label.
+pub fn agent_kills_by_cgroup(agent: &Agent) -> std::collections::HashMap<String, u64> {
+    let mut counts = std::collections::HashMap::new();
+    for line in agent.page("/metrics").lines() {
+        let Some(labels) = line.strip_prefix("leak_oom_kills_total{") else {
+            continue;
+        };
+        let Some(cgroup) = labels
+            .split("cgroup=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let value: f64 = line
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0);
+        *counts.entry(cgroup.to_owned()).or_default() += value as u64;
+    }
+    counts
+}

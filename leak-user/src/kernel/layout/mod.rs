@@ -277,6 +277,7 @@ impl Resolver {
             tp_signal_generate_code: Layout::ABSENT,
             tp_signal_generate_pid: Layout::ABSENT,
             memcg_memsw: self.memsw_member()?,
+            task_start_time: self.offset("task_struct", "start_time")?,
             ..Layout::default()
         };
         self.resolve_rss(&mut layout)?;
