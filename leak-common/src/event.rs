@@ -61,6 +61,11 @@ pub mod flags {
     /// Without `oom_control`, the chain stopped at its depth bound and every ancestor above it,
     /// up to the root, was searched for one at its limit (so none unreported is).
     pub const ANCESTORS_SEARCHED: u32 = 1 << 20;
+    /// This OOM began before every program of the reporting set was attached (userspace sets
+    /// `ARMED` once they all are): its kill witness or report hook may have missed it, so
+    /// [`KILLED`] and [`STATS_FLUSHED`] say nothing. Seen when an agent (or a replacement of
+    /// pinned probes) attaches in the middle of an OOM.
+    pub const UNARMED: u32 = 1 << 21;
 }
 
 /// One memory cgroup at the moment of the kill. Pages, not bytes: userspace multiplies by the
@@ -190,9 +195,12 @@ pub struct OomContext {
     /// 1 once the kernel's report of this OOM printed the memory cgroup's statistics
     /// (`mem_cgroup_print_oom_meminfo`, which flushes them first).
     pub reported: u32,
+    /// `ARMED` when this OOM began: every program of the set was attached.
+    pub armed: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<OomContext>() == 56);
+const _: () = assert!(size_of::<OomContext>() == 64);
 
 /// Index of each counter in the `COUNTERS` per-CPU array.
 pub mod counter {

@@ -21,6 +21,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static SNAPSHOT: PerCpuArray<OomKillEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// 1 once userspace attached every program of this set: an OOM that began earlier may have been
+/// missed by the kill witness or the report hook (`flags::UNARMED`).
+#[map]
+pub static ARMED: Array<u32> = Array::with_max_entries(1, 0);
+
 /// The `oom_control` of a running `oom_kill_process`, keyed by the thread running it, for the
 /// `mark_victim` programs that fire inside it.
 #[map]

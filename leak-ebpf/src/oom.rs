@@ -33,7 +33,7 @@ use crate::{
         layout, memcg_cgroup_id, memcg_state, parent_memcg, read, read_into, read_str_into,
         state_item, task_memcg,
     },
-    maps::{count, EVENTS, OOM_CONTEXT, SIGKILLED, SIGKILLED_PID, SNAPSHOT},
+    maps::{count, ARMED, EVENTS, OOM_CONTEXT, SIGKILLED, SIGKILLED_PID, SNAPSHOT},
 };
 
 #[fentry(function = "oom_kill_process")]
@@ -185,10 +185,18 @@ fn remember_oom_control(oc: u64) {
         gfp_mask: read::<u32>(oc, layout!(oc_gfp_mask)).unwrap_or(0),
         order: read::<i32>(oc, layout!(oc_order)).unwrap_or(0),
         reported: 0,
+        armed: armed(),
+        _pad: 0,
     };
     if OOM_CONTEXT.insert(current_tid(), context, 0).is_err() {
         count(counter::READ_ERRORS);
     }
+}
+
+/// Whether every program of this set is attached (`ARMED`).
+#[inline(always)]
+fn armed() -> u32 {
+    ARMED.get(0).copied().unwrap_or(0)
 }
 
 fn remember_killing(task: u64) {
@@ -425,8 +433,12 @@ pub extern "C" fn leak_fill_header(hook: u64, victim: u64, victim_pid: u64, kill
         task_memcg(current_task())
     };
 
+    // Whether the witness and the report hook were attached when this OOM began: when its
+    // `oom_control` was recorded, else (no `oom_kill_process` hook) now.
+    let mut was_armed = armed();
     // SAFETY: the value is plain data, copied out before the map can change.
     if let Some(context) = unsafe { OOM_CONTEXT.get(current_tid()) } {
+        was_armed = context.armed;
         event_flags |= flags::HAS_OOM_CONTROL;
         event.oc_totalpages = context.totalpages;
         event.oc_chosen_points = context.chosen_points;
@@ -441,6 +453,9 @@ pub extern "C" fn leak_fill_header(hook: u64, victim: u64, victim_pid: u64, kill
         }
     }
 
+    if was_armed == 0 {
+        event_flags |= flags::UNARMED;
+    }
     if layout!(counter_failcnt) != Layout::ABSENT {
         event_flags |= flags::FAILCNT_VALID;
     }

@@ -54,6 +54,7 @@ pub fn run(options: Options) -> Result<()> {
         let settings = vm::Settings {
             k8s: false,
             bench: true,
+            restart_on: Vec::new(),
             modes: String::new(),
             expect_auto: "fentry".into(),
             timeout: Duration::from_secs(2400),

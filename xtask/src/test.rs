@@ -25,6 +25,8 @@ const BTF_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1", "6.12"];
 /// archive carries (trixie-backports or sid; 7.3 on 2026-11-30): 6.15+ keeps `failcnt` for v1
 /// only, so limit hits come from `memory.events`, and new kernels reach CI as they appear.
 const VM_KERNELS: &[&str] = &["5.10.0-30", "5.10", "6.1", "6.12", kernels::NEWEST];
+/// The VM kernel that also runs the restart and storm tests.
+const RESTART_KERNEL: &str = "6.12";
 
 /// The file the tests append one line to for every skip: `<test>\t<kind>\t<reason>`, where
 /// `<test>` is libtest's name of the test (its thread's name) and `<kind>` is `legitimate` or
@@ -346,6 +348,8 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut Totals) -> Re
         let settings = vm::Settings {
             k8s: true,
             bench: false,
+            // The restart and storm tests in a VM too, with fentry (auto there).
+            restart_on: vec![RESTART_KERNEL.to_owned()],
             modes: vm::SUITE_MODES.into(),
             expect_auto: "fentry".into(),
             timeout: Duration::from_secs(1500),

@@ -51,6 +51,9 @@ pub struct Options {
     /// Skip the Kubernetes-layout tests.
     #[arg(long)]
     no_k8s: bool,
+    /// Also run the restart and storm tests (pinned probes, 1,000-kill storms), in mode auto.
+    #[arg(long)]
+    restart: bool,
     /// Only run tests whose name contains one of these (each given to every test binary).
     #[arg(last = true)]
     filter: Vec<String>,
@@ -61,6 +64,8 @@ pub struct Settings {
     pub k8s: bool,
     /// Also run `leak bench` and report its JSON.
     pub bench: bool,
+    /// The kernels (series, as given) that also run the restart and storm tests, in mode auto.
+    pub restart_on: Vec<String>,
     pub modes: String,
     pub expect_auto: String,
     pub timeout: Duration,
@@ -81,6 +86,10 @@ pub fn run(options: Options) -> Result<()> {
     let settings = Settings {
         k8s: !options.no_k8s,
         bench: false,
+        restart_on: match options.restart {
+            true => options.kernels.clone(),
+            false => Vec::new(),
+        },
         modes: options.modes,
         expect_auto: options.expect_auto,
         timeout: Duration::from_secs(options.timeout),
@@ -128,7 +137,8 @@ pub fn run_kernels(series: &[String], settings: &Settings) -> Result<Vec<Outcome
     for series in series {
         let kernel = kernels::fetch(series)?;
         let started = Instant::now();
-        let result = boot(&kernel, &binaries, settings);
+        let restart = settings.restart_on.contains(series);
+        let result = boot(&kernel, &binaries, settings, restart);
         say(format!(
             "{}: {:.1} s in the VM",
             kernel.release,
@@ -158,7 +168,7 @@ struct Binaries {
 const PROMETHEUS_TOOLS: &[&str] = &["prometheus", "promtool"];
 
 /// The end-to-end test targets the VMs run.
-const TEST_TARGETS: &[&str] = &["oom_e2e", "k8s_e2e"];
+const TEST_TARGETS: &[&str] = &["oom_e2e", "k8s_e2e", "pin_e2e", "storm_e2e"];
 
 /// The agent and the end-to-end test binary, release builds.
 fn build_binaries() -> Result<Binaries> {
@@ -373,6 +383,10 @@ filters=$all_filters
 if [ "$(arg k8s)" = 1 ]; then
   run_tests k8s_e2e k8s CI=true LEAK_BIN=/bin/leak
 fi
+if [ "$(arg restart)" = 1 ]; then
+  run_tests pin_e2e restart CI=true LEAK_BIN=/bin/leak
+  run_tests storm_e2e storm CI=true LEAK_BIN=/bin/leak
+fi
 if [ "$(arg bench)" = 1 ]; then
   /bin/leak bench --rounds 3 --duration 1s --kills 20 --file-dir /disk --json /tmp/bench.json
   if [ $? -eq 0 ]; then
@@ -453,7 +467,12 @@ fn which(command: &str) -> Result<PathBuf> {
 
 /// Boots one kernel, streams its console with the kernel's name as prefix, and collects one
 /// result per attach mode.
-fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec<Outcome>> {
+fn boot(
+    kernel: &Kernel,
+    binaries: &Binaries,
+    settings: &Settings,
+    restart: bool,
+) -> Result<Vec<Outcome>> {
     let work = bootstrap::cache_dir().join("vm").join(&kernel.release);
     fs::create_dir_all(&work)?;
     let initrd = work.join("initramfs.cpio");
@@ -467,11 +486,12 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
     // replays the whole kernel log, so the hung CPUs' stacks (below loglevel 4) reach the console.
     let mut append = format!(
         "console=ttyS0 panic=-1 oops=panic softlockup_panic=1 panic_print=0x20 loglevel=4 \
-         leak.modes={} leak.expect_auto={} leak.k8s={} leak.bench={}",
+         leak.modes={} leak.expect_auto={} leak.k8s={} leak.bench={} leak.restart={}",
         settings.modes,
         settings.expect_auto,
         u8::from(settings.k8s),
-        u8::from(settings.bench)
+        u8::from(settings.bench),
+        u8::from(restart)
     );
     if let Some(filter) = kernel_filter(&settings.filter)? {
         append.push_str(&format!(" leak.filter={filter}"));
@@ -581,8 +601,9 @@ fn boot(kernel: &Kernel, binaries: &Binaries, settings: &Settings) -> Result<Vec
             bench: None,
         });
     }
-    let expected =
-        settings.modes.split(',').filter(|m| !m.is_empty()).count() + usize::from(settings.k8s);
+    let expected = settings.modes.split(',').filter(|m| !m.is_empty()).count()
+        + usize::from(settings.k8s)
+        + 2 * usize::from(restart);
     let reported = outcomes.iter().filter(|o| o.mode != "vm").count();
     if reported < expected && done {
         outcomes.push(Outcome {

@@ -97,6 +97,11 @@ pub struct KillRecord {
     /// The kill witness saw the OOM killer kill this victim (meaningful only where a witness
     /// is attached: otherwise always false).
     pub killed: bool,
+    /// Every program of the reporting set was attached when this OOM began, so [`killed`]
+    /// (and `stats_flushed`) can be trusted (false when the agent attached in its middle).
+    ///
+    /// [`killed`]: KillRecord::killed
+    pub armed: bool,
     /// The chain ends at the root memory cgroup.
     pub root_reached: bool,
     /// The cgroup that hit its limit, when the kernel found it above `cgroups`.
@@ -264,8 +269,10 @@ pub fn decode_kill(record: &[u8], page_size: u64) -> Result<KillRecord, DecodeEr
         cgroups,
         chain_truncated: has(flags::CHAIN_TRUNCATED),
         failcnt_v1_only: has(flags::FAILCNT_V1_ONLY),
-        stats_flushed: has(flags::HAS_OOM_CONTROL).then_some(has(flags::STATS_FLUSHED)),
+        stats_flushed: (has(flags::HAS_OOM_CONTROL) && !has(flags::UNARMED))
+            .then_some(has(flags::STATS_FLUSHED)),
         killed: has(flags::KILLED),
+        armed: !has(flags::UNARMED),
         root_reached: has(flags::REACHED_ROOT),
         oom_memcg: match has(flags::OOM_MEMCG) {
             true => Some(memcg(&event.oom_memcg, &event, page_size)?),

@@ -326,7 +326,8 @@ pub fn assemble(record: &KillRecord, context: &KillContext<'_>, paths: &mut Cgro
     let unix_ns = i128::from(record.boot_ns) + context.realtime_offset_ns;
     let unix_ns = u128::try_from(unix_ns).unwrap_or(0);
     let (stats_flushed, stats_max_age_ms) = context.freshness.of(record.stats_flushed);
-    let killed = context.kill_witness.then_some(record.killed);
+    // Unknown where no witness is attached, or where it may have missed this OOM.
+    let killed = (context.kill_witness && record.armed).then_some(record.killed);
     let limit_counter = oom.and_then(|c| c.limit_counter);
     let oom_cgroup_level = oom.and_then(|c| c.level);
     let oom_cgroup = oom

@@ -280,6 +280,10 @@ fn a_victim_marked_without_the_witness_seeing_a_kill_was_exiting() {
     };
     let unknown = build_kill(&ev, &blind, &mut CgroupPaths::new(None));
     assert_eq!((unknown.killed, unknown.not_killed_reason), (None, None));
+    // Nor when the OOM began before the witness was attached (an agent starting mid-OOM).
+    ev.flags |= flags::UNARMED;
+    let early = build_kill(&ev, &context(), &mut CgroupPaths::new(None));
+    assert_eq!((early.killed, early.not_killed_reason), (None, None));
 }
 
 #[test]

@@ -47,6 +47,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const EVENTS: &str = "EVENTS";
 const SAMPLES: &str = "SAMPLES";
 const COUNTERS: &str = "COUNTERS";
+const ARMED: &str = "ARMED";
 const CGROUP_COUNTERS: &str = "CGROUP_COUNTERS";
 const LAYOUT: &str = "LAYOUT";
 const CHARGE_CONFIG: &str = "CHARGE_CONFIG";
@@ -293,6 +294,14 @@ impl Probes {
         };
         let attachments = walker.into_attachments();
         let mut links = std::mem::take(&mut loader.links);
+        // Every program attached: an OOM that begins from now on meets the whole set (one that
+        // began earlier is reported with flags::UNARMED, its witness not to be trusted).
+        let mut armed: aya::maps::Array<&mut MapData, u32> =
+            aya::maps::Array::try_from(ebpf.map_mut(ARMED).ok_or(ProbeError::MissingMap(ARMED))?)
+                .map_err(|source| map_error(ARMED, source))?;
+        armed
+            .set(0, 1, 0)
+            .map_err(|source| map_error(ARMED, source))?;
         if pin_state.is_none() {
             let (held, pinned) = pin::pin_generation(&options.pin.dir, &ebpf, links);
             links = held;
