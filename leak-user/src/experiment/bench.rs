@@ -419,39 +419,44 @@ fn kill_latency(
     Ok((to_kills, to_metrics))
 }
 
-/// Polls /kills and /metrics until the kill in `cgroup` shows on both; returns the kill's
-/// kernel timestamp and when each endpoint first showed it (CLOCK_BOOTTIME).
+/// Polls /metrics (on a thread of its own) and /kills (that cgroup's, newest only) until the
+/// kill in `cgroup` shows on both; returns the kill's kernel timestamp and when each endpoint
+/// first showed it (CLOCK_BOOTTIME). Each poll runs as often as it is answered, so that
+/// neither waits for the other: what is measured is the agent, not the poll loop.
 fn watch_for_kill(addr: SocketAddr, cgroup: &str) -> Result<(u64, u64, u64), LabError> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let label = format!("cgroup=\"{cgroup}\"");
-    let mut on_kills: Option<(u64, u64)> = None;
-    let mut on_metrics: Option<u64> = None;
-    while Instant::now() < deadline {
-        if on_kills.is_none() {
-            let kills = harness::kills(addr, "?limit=8")?;
-            let now = boot_ns();
-            if let Some(kill) = kills.iter().find(|k| k.cgroup == cgroup) {
-                on_kills = Some((kill.boot_ns, now));
-            }
-        }
-        if on_metrics.is_none() {
+    let metrics = std::thread::spawn(move || -> Result<Option<u64>, LabError> {
+        while Instant::now() < deadline {
             let body = http_get(addr, "/metrics")?.body;
             let now = boot_ns();
             if body
                 .lines()
                 .any(|line| line.starts_with("leak_oom_kills_total{") && line.contains(&label))
             {
-                on_metrics = Some(now);
+                return Ok(Some(now));
             }
+            std::thread::sleep(Duration::from_micros(200));
         }
-        if let (Some((kill, seen_kills)), Some(seen_metrics)) = (on_kills, on_metrics) {
-            return Ok((kill, seen_kills, seen_metrics));
-        }
-        std::thread::sleep(Duration::from_micros(500));
+        Ok(None)
+    });
+    let query = format!("?cgroup={cgroup}&limit=1");
+    let mut on_kills: Option<(u64, u64)> = None;
+    while on_kills.is_none() && Instant::now() < deadline {
+        let kills = harness::kills(addr, &query)?;
+        let now = boot_ns();
+        on_kills = kills.first().map(|kill| (kill.boot_ns, now));
+        std::thread::sleep(Duration::from_micros(200));
     }
-    Err(LabError::Run(format!(
-        "the kill in {cgroup} never showed up"
-    )))
+    let on_metrics = metrics
+        .join()
+        .map_err(|_| LabError::Run("the /metrics poll panicked".into()))??;
+    match (on_kills, on_metrics) {
+        (Some((kill, seen_kills)), Some(seen_metrics)) => Ok((kill, seen_kills, seen_metrics)),
+        _ => Err(LabError::Run(format!(
+            "the kill in {cgroup} never showed up"
+        ))),
+    }
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchResult, LabError> {
