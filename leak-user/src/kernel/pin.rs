@@ -263,8 +263,15 @@ impl Previous {
     /// old generations; returns their ring buffers to drain and what their programs counted.
     pub fn retire(self) -> Retired {
         let mut retired = Retired::default();
-        for generation in self.generations {
+        for mut generation in self.generations {
             let count = generation.links.len();
+            // The victim report first: once it is gone the old set reports nothing more, so no
+            // kill in flight is reported by a set whose kill witness or `oom_control` hook was
+            // detached under it (a real kill read as a mark without one). This agent's own
+            // set, attached whole, reports it.
+            generation
+                .links
+                .sort_by_key(|(program, _)| !program.starts_with("mark_victim"));
             for (program, link) in generation.links {
                 // Removing the pin and dropping the last descriptor detaches the program.
                 match link.unpin() {
