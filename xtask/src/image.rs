@@ -131,8 +131,8 @@ impl fmt::Display for Image {
 pub fn build(arch: Arch) -> Result<Image> {
     if !bootstrap::is_root() {
         bail!(
-            "cargo xtask image runs buildah as root (rootful, its storage under target/image): \
-             run it as root, e.g. `sudo env PATH=\"$PATH\" cargo xtask image`"
+            "cargo xtask image runs buildah rootful, its storage under target/image: run it as \
+             root"
         );
     }
     bootstrap::debian_packages(&[("buildah", "buildah")])?;
