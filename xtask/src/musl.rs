@@ -266,13 +266,13 @@ pub fn check_static(elf: &[u8], arch: Arch) -> Result<&'static str> {
     let entries = usize::from(u16_at(56)?);
     let mut linking = "static";
     for index in 0..entries {
-        let header = program_headers + index * entry_size;
+        let header = program_headers.saturating_add(index.saturating_mul(entry_size));
         match u32_at(header)? {
             PT_INTERP => bail!("it asks for a dynamic loader (PT_INTERP): it is not static"),
             PT_DYNAMIC => {
                 let offset = usize::try_from(u64_at(header + 8)?)?;
                 let size = usize::try_from(u64_at(header + 32)?)?;
-                for entry in (offset..offset + size).step_by(16) {
+                for entry in (offset..offset.saturating_add(size)).step_by(16) {
                     match u64_at(entry)? {
                         0 => break,
                         DT_NEEDED => bail!("it needs shared libraries (DT_NEEDED)"),
