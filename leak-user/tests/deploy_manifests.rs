@@ -354,6 +354,122 @@ fn the_experiment_runs_both_workloads_under_128mi() {
     assert_eq!(with_file, 1, "one anonymous and one --file workload");
 }
 
+/// deploy/Dockerfile's instructions, each as (keyword, arguments): comments dropped, continued
+/// lines joined.
+fn dockerfile() -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut instructions = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || (line.is_empty() && pending.is_empty()) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(continued) => pending.push_str(continued),
+            None => {
+                pending.push_str(line);
+                let (keyword, arguments) = pending.split_once(' ').unwrap_or((&pending, ""));
+                instructions.push((keyword.to_uppercase(), arguments.trim().to_owned()));
+                pending.clear();
+            }
+        }
+    }
+    instructions
+}
+
+/// The image packages the static binary on an empty base, starts it the way the manifests'
+/// args expect, exposes their ports, and is never pulled from a registry by the kubelet (it is
+/// built and loaded on the node: `cargo xtask image`, README's Deploying).
+#[test]
+fn the_image_runs_what_the_manifests_ask() {
+    let instructions = dockerfile();
+    let all = |keyword: &str| -> Vec<&str> {
+        instructions
+            .iter()
+            .filter(|(k, _)| k == keyword)
+            .map(|(_, arguments)| arguments.as_str())
+            .collect()
+    };
+    assert_eq!(
+        all("FROM"),
+        ["scratch"],
+        "an empty base: nothing from a registry, no C library (the binary is static)"
+    );
+    let entrypoint: Vec<String> = match all("ENTRYPOINT").as_slice() {
+        [json] => serde_json::from_str(json).expect("ENTRYPOINT in exec form (a JSON array)"),
+        other => panic!("one ENTRYPOINT, not {other:?}"),
+    };
+    let [binary] = entrypoint.as_slice() else {
+        panic!("ENTRYPOINT runs the binary alone, the manifests' args follow: {entrypoint:?}");
+    };
+    let copies = all("COPY");
+    let [copy] = copies.as_slice() else {
+        panic!("one COPY, the binary: {copies:?}");
+    };
+    let (source, destination) = copy.rsplit_once(' ').expect("COPY SOURCE DESTINATION");
+    assert_eq!(
+        destination, binary,
+        "the ENTRYPOINT is the binary copied in"
+    );
+    // Each architecture's binary, as `cargo xtask image` leaves it, is copied and is sent in
+    // the build context.
+    let dockerignore =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.dockerignore"))
+            .expect(".dockerignore");
+    for arch in ["amd64", "arm64"] {
+        let staged = source.replace("${TARGETARCH:-amd64}", arch);
+        assert_eq!(staged, format!("target/image/{arch}/leak"), "COPY {source}");
+        assert!(
+            dockerignore
+                .lines()
+                .any(|line| line.strip_prefix('!') == Some(staged.as_str())),
+            ".dockerignore must let {staged} into the build context, on a `!` line of its own"
+        );
+    }
+    let cmd: Vec<String> = match all("CMD").as_slice() {
+        [json] => serde_json::from_str(json).expect("CMD in exec form"),
+        other => panic!("one CMD, not {other:?}"),
+    };
+    assert!(
+        matches!(
+            Cli::try_parse_from(std::iter::once("leak").chain(cmd.iter().map(String::as_str)))
+                .map(Cli::into_command),
+            Ok(Command::Trace(_))
+        ),
+        "the image alone runs the tracer: CMD {cmd:?}"
+    );
+    let exposed: Vec<u64> = all("EXPOSE")
+        .iter()
+        .flat_map(|ports| ports.split_whitespace())
+        .map(|port| port.parse().expect("EXPOSE PORT"))
+        .collect();
+    for (file, kind_name) in [
+        ("daemonset.yaml", "DaemonSet"),
+        ("workload.yaml", "Deployment"),
+    ] {
+        let docs = documents(file);
+        for workload in kind(&docs, kind_name) {
+            for container in workload["spec"]["template"]["spec"]["containers"]
+                .as_sequence()
+                .expect("containers")
+            {
+                assert_eq!(text(&container["image"]), "leak:latest", "{file}");
+                // `latest` defaults to Always, which would pull a local image from a registry.
+                assert!(
+                    ["IfNotPresent", "Never"].contains(&text(&container["imagePullPolicy"])),
+                    "{file}: the image is loaded on the node, never pulled"
+                );
+                for port in container["ports"].as_sequence().into_iter().flatten() {
+                    let port = port["containerPort"].as_u64().expect("containerPort");
+                    assert!(exposed.contains(&port), "{file}: the image exposes {port}");
+                }
+            }
+        }
+    }
+}
+
 /// Whether Debian's `promtool` can run; otherwise the test is reported skipped (it hides the
 /// rules' checks, so under CI=true that fails) and must return.
 fn have_promtool() -> bool {

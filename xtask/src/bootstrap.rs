@@ -161,6 +161,28 @@ fn rustup_components(toolchain: Option<&str>, wanted: &[&str], why: &str) -> Res
     run(&mut add)
 }
 
+/// Adds the targets of the toolchain running xtask (its standard library, prebuilt) that are
+/// missing.
+pub fn rustup_targets(wanted: &[&str], why: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("rustup is needed to add the standard library of other targets")?;
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|target| !installed.lines().any(|line| line.trim() == *target))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    say(format!(
+        "adding the rustup targets {} ({why})",
+        missing.join(", ")
+    ));
+    run(Command::new("rustup")
+        .args(["target", "add"])
+        .args(&missing))
+}
+
 /// rustfmt and clippy for the lint stage: on the toolchain running xtask for the workspace,
 /// and on nightly for the kernel programs (their clippy run needs `-Z build-std`).
 pub fn lint_tools() -> Result<()> {

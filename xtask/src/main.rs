@@ -4,8 +4,10 @@ mod bench;
 mod bootstrap;
 mod cpio;
 mod fuzz;
+mod image;
 mod kernels;
 mod lint;
+mod musl;
 mod run;
 mod test;
 mod vm;
@@ -25,6 +27,9 @@ enum Command {
     Run(run::Options),
     /// Run the whole test suite as CI does.
     Test(test::Options),
+    /// Build the agent's image offline with buildah: a static binary and an OCI archive per
+    /// architecture, target/image/leak-<arch>.oci.tar (run as root).
+    Image(image::Options),
     /// Benchmark the tracer: overhead per charge-path mode and kill-to-metrics latency.
     Bench(bench::Options),
     /// Run the end-to-end tests inside Debian kernels under QEMU, in every attach mode.
@@ -52,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(options),
         Command::Vm(options) => vm::run(options),
         Command::Bench(options) => bench::run(options),
+        Command::Image(options) => image::run(options),
         Command::Lint => lint::run_alone(),
         Command::Fuzz => fuzz::run_alone(),
         Command::Bootstrap => bootstrap::all(),
