@@ -35,6 +35,14 @@ fn counted(agent: &Agent, cgroup: &str) -> u64 {
     }
 }
 
+/// Leaks in `cgroup` until the kernel kills the leak; the agent's report of that kill.
+fn leak_until_reported(agent: &Agent, cgroup: &Cgroup) -> Kill {
+    let mut leaker = spawn_in(cgroup, FAST_ANON);
+    let pid = leaker.pid();
+    wait_for_oom_kill(&mut leaker, Duration::from_secs(120));
+    agent.wait_for_kill(pid)
+}
+
 /// The kill's figures are the kernel's, not the filesystem's: the limit exactly, a usage at it.
 fn check_kernel_figures(kill: &Kill, cgroup: &str) {
     assert_eq!(kill.cgroup, cgroup, "{kill:#?}");
@@ -110,10 +118,7 @@ fn an_unreadable_pod_log_tree_leaves_the_kill_unnamed() {
 
     let rootfs_arg = rootfs.path().to_string_lossy().into_owned();
     let mut agent = Agent::start(&["--rootfs", &rootfs_arg, "--charge-attach", "off"]);
-    let mut leaker = spawn_in(&container, FAST_ANON);
-    let pid = leaker.pid();
-    wait_for_oom_kill(&mut leaker, Duration::from_secs(120));
-    let kill = agent.wait_for_kill(pid);
+    let kill = leak_until_reported(&agent, &container);
     check_kernel_figures(&kill, &container.relative);
     assert_eq!(
         (
@@ -161,10 +166,7 @@ fn a_pin_directory_off_bpffs_runs_unpinned() {
     );
     let victim = Cgroup::with_limit(&hierarchy, "leak-e2e-pins-off-bpffs", LIMIT)
         .unwrap_or_else(|err| panic!("{err}"));
-    let mut leaker = spawn_in(&victim, FAST_ANON);
-    let pid = leaker.pid();
-    wait_for_oom_kill(&mut leaker, Duration::from_secs(120));
-    let kill = agent.wait_for_kill(pid);
+    let kill = leak_until_reported(&agent, &victim);
     check_kernel_figures(&kill, &victim.relative);
     assert!(agent.stop().success(), "{}", agent.log());
     assert!(
@@ -216,10 +218,7 @@ fn an_unmounted_tracefs_is_mounted_again() {
     );
     let victim = Cgroup::with_limit(&hierarchy, "leak-e2e-no-tracefs", LIMIT)
         .unwrap_or_else(|err| panic!("{err}"));
-    let mut leaker = spawn_in(&victim, FAST_ANON);
-    let pid = leaker.pid();
-    wait_for_oom_kill(&mut leaker, Duration::from_secs(120));
-    let kill = agent.wait_for_kill(pid);
+    let kill = leak_until_reported(&agent, &victim);
     check_kernel_figures(&kill, &victim.relative);
     assert!(agent.stop().success(), "{}", agent.log());
 }

@@ -264,6 +264,14 @@ fn an_agent_killed_in_a_storm_and_restarted_reports_every_kill_once() {
         .0
         .end(libc::SIGKILL)
         .unwrap_or_else(|err| panic!("{err}"));
+    // What the first agent stored, from the store itself: the second agent numbers after it.
+    let kept: u64 = rusqlite::Connection::open(state.path().join("kills.db"))
+        .and_then(|db| {
+            db.query_row("SELECT COALESCE(MAX(seq), 0) FROM kills", [], |row| {
+                row.get(0)
+            })
+        })
+        .expect("the first agent's store");
     std::thread::sleep(Duration::from_secs(1));
     let second = pinned_agent(&pins, &state, &ring);
     let children = storm.join().expect("the storm");
@@ -274,18 +282,6 @@ fn an_agent_killed_in_a_storm_and_restarted_reports_every_kill_once() {
     let kills = wait_for_kills(&second, &cgroups, total);
     assert_once_each(&kills, &kernel, &second);
     // What the second agent counted is what it served: /kills past the first agent's.
-    let kept = second
-        .log()
-        .lines()
-        .find_map(|line| {
-            line.split("(the newest #")
-                .nth(1)?
-                .split(')')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0);
     let counted: u64 = agent_kills_by_cgroup(&second)
         .iter()
         .filter(|(cgroup, _)| cgroups.contains(*cgroup))

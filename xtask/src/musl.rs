@@ -119,7 +119,6 @@ pub fn cargo_env(arch: Arch) -> Result<Vec<(String, OsString)>> {
 /// sets `bpf_target_arch` from the target: kprobe arguments are read from that
 /// architecture's `pt_regs`).
 pub fn build_leak(arch: Arch) -> Result<PathBuf> {
-    bootstrap::ebpf_toolchain()?;
     let env = cargo_env(arch)?;
     say(format!(
         "building leak (release, static) for {} ({})",
@@ -127,21 +126,7 @@ pub fn build_leak(arch: Arch) -> Result<PathBuf> {
         arch.target()
     ));
     let started = Instant::now();
-    bootstrap::run(
-        Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--package",
-                "leak-user",
-                "--bin",
-                "leak",
-            ])
-            .args(["--target", arch.target()])
-            .envs(env)
-            .current_dir(workspace_root())
-            .env("PATH", bootstrap::path_with_cargo_bin()),
-    )?;
+    crate::run::cargo_build_leak(Some(arch.target()), env)?;
     let binary = workspace_root()
         .join("target")
         .join(arch.target())

@@ -14,8 +14,18 @@ pub struct Options {
 }
 
 pub fn build_release() -> Result<std::path::PathBuf> {
-    bootstrap::ebpf_toolchain()?;
     say("building leak (release)");
+    cargo_build_leak(None, Vec::new())?;
+    Ok(bootstrap::workspace_root().join("target/release/leak"))
+}
+
+/// `cargo build --release` of the `leak` binary for `target` (this machine's when `None`),
+/// with `env` added to cargo's environment; it lands in `target/[<target>/]release/leak`.
+pub fn cargo_build_leak(
+    target: Option<&str>,
+    env: Vec<(String, std::ffi::OsString)>,
+) -> Result<()> {
+    bootstrap::ebpf_toolchain()?;
     bootstrap::run(
         Command::new(env!("CARGO"))
             .args([
@@ -26,10 +36,16 @@ pub fn build_release() -> Result<std::path::PathBuf> {
                 "--bin",
                 "leak",
             ])
+            .args(
+                target
+                    .map(|target| ["--target", target])
+                    .into_iter()
+                    .flatten(),
+            )
+            .envs(env)
             .current_dir(bootstrap::workspace_root())
             .env("PATH", bootstrap::path_with_cargo_bin()),
-    )?;
-    Ok(bootstrap::workspace_root().join("target/release/leak"))
+    )
 }
 
 pub fn run(options: Options) -> Result<()> {

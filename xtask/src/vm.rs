@@ -174,12 +174,7 @@ const TEST_TARGETS: &[&str] = &["oom_e2e", "k8s_e2e", "pin_e2e", "storm_e2e"];
 fn build_binaries() -> Result<Binaries> {
     let root = bootstrap::workspace_root();
     say("building leak and the end-to-end tests (release) for the VMs");
-    bootstrap::run(
-        Command::new(env!("CARGO"))
-            .args(["build", "--release", "-p", "leak-user", "--bin", "leak"])
-            .current_dir(&root)
-            .env("PATH", bootstrap::path_with_cargo_bin()),
-    )?;
+    crate::run::cargo_build_leak(None, Vec::new())?;
     let messages = output(
         Command::new(env!("CARGO"))
             .args(["test", "--release", "-p", "leak-user", "--no-run"])
