@@ -157,6 +157,11 @@ pub struct TraceArgs {
     /// containers (mount the host's at e.g. /host when running in a container).
     #[arg(long, default_value = "/", env = "LEAK_ROOTFS")]
     pub rootfs: PathBuf,
+    /// The container runtime's CRI socket, asked for the names of containers the log
+    /// directories do not name. Default: the first of containerd's, k3s's, CRI-O's and
+    /// cri-dockerd's sockets present under --rootfs; an empty value asks no runtime.
+    #[arg(long, env = "LEAK_CRI_SOCKET")]
+    pub cri_socket: Option<PathBuf>,
     /// How to attach the charge path (the timeline before kills, live series): auto walks
     /// fentry, kprobe, tp_btf, tracepoint; off disables it.
     #[arg(long, value_enum, default_value_t = ChargeAttach::Auto, env = "LEAK_CHARGE_ATTACH")]

@@ -25,6 +25,11 @@ async fn main() -> anyhow::Result<()> {
             max_kills: args.max_kills,
             ring_buffer_bytes: args.ring_buffer,
             btf: args.btf,
+            cri_socket: match args.cri_socket {
+                Some(path) if path.as_os_str().is_empty() => None,
+                Some(path) => Some(path),
+                None => leak_user::enrich::cri::default_socket(&args.rootfs),
+            },
             rootfs: args.rootfs,
             charge_attach: args.charge_attach.mode(),
             sample_interval: args.sample_interval,

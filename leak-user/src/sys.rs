@@ -82,3 +82,11 @@ fn kallsyms() -> &'static HashSet<String> {
 pub fn kallsyms_has(symbol: &str) -> bool {
     kallsyms().contains(symbol)
 }
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), in bytes.
+pub fn mem_total_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}

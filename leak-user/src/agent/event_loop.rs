@@ -20,7 +20,10 @@ use super::{
 };
 use crate::{
     decode::{decode_kill, decode_sample},
-    enrich::{kernel_kills, poll, Enricher},
+    enrich::{
+        cri::{self, Cri, CriNames},
+        kernel_kills, poll, Enricher,
+    },
     kernel::Probes,
     model::{
         kill::{Breakdown, KernelKillCounts, Kill, StatsFreshness},
@@ -331,12 +334,17 @@ pub(super) async fn run(
     };
     let mut poll_tick = tokio::time::interval(POLL_INTERVAL);
     let page_size = sys::page_size();
+    let cri = match &options.cri_socket {
+        Some(socket) => start_cri(socket).await,
+        None => None,
+    };
     let mut state = State {
         shared,
         writer: persistence.writer,
         enricher: Enricher::new(
             hierarchy.clone(),
             options.rootfs.clone(),
+            cri,
             page_size,
             probes.mode().as_str(),
             probes.kill_witness(),
@@ -489,4 +497,33 @@ fn log_kill(kill: &Kill) {
         kill.working_set_bytes,
         kill.inactive_file_bytes,
     );
+}
+
+/// The runtime that names containers the log directories do not. One call at start says
+/// whether it answers; if not, a warning, and lookups are still tried (it may come up later).
+async fn start_cri(socket: &std::path::Path) -> Option<CriNames> {
+    let answered = match Cri::connect(socket, cri::CALL_TIMEOUT).await {
+        Ok(mut cri) => cri.version().await,
+        Err(err) => Err(err),
+    };
+    match answered {
+        Ok(version) => log::info!(
+            "naming containers the log directories do not through {} {} (CRI {}) at {}",
+            version.runtime_name,
+            version.runtime_version,
+            version.runtime_api_version,
+            socket.display()
+        ),
+        Err(err) => log::warn!(
+            "{err}; containers the log directories do not name stay unnamed until it answers \
+             (--cri-socket chooses the socket, an empty value none)"
+        ),
+    }
+    match CriNames::start(socket.to_owned()) {
+        Ok(names) => Some(names),
+        Err(err) => {
+            log::warn!("{err}");
+            None
+        }
+    }
 }

@@ -32,6 +32,8 @@ pub struct TraceOptions {
     pub btf: PathBuf,
     /// Where the node's root filesystem is (`/`, or the host's mounted into a container).
     pub rootfs: PathBuf,
+    /// The runtime's CRI socket, for names the log directories do not give (`None`: none).
+    pub cri_socket: Option<PathBuf>,
     /// How to attach the charge path (`None`: off).
     pub charge_attach: Option<AttachMode>,
     /// At most one charge sample per cgroup and kind per this interval.

@@ -22,6 +22,9 @@
 //!
 //! A sandbox (pause) container's cgroup looks like any other container's; the path cannot tell
 //! it apart. It has no log, so [`K8sNames::lookup`] finds its pod but no container name.
+//!
+//! Where the log directories do not name a container (not mounted, rotated away, a runtime
+//! that writes none), the runtime is asked through its CRI socket ([`CriNames`]), once per id.
 
 use std::{
     collections::HashMap,
@@ -31,6 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::cri::CriNames;
 use crate::model::{
     kill::Kill,
     kubernetes::{
@@ -185,6 +189,9 @@ fn is_pod_uid(uid: &str) -> bool {
 /// How often a failed lookup may rescan the log directories.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the runtime may be asked about the same id it could not name.
+const CRI_RETRY_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Pods and containers remembered, each. A node runs at most a few hundred pods (the kubelet's
 /// `maxPods` defaults to 110), so this keeps thousands of finished ones nameable for a few MB;
 /// beyond it the least recently seen tenth is forgotten at once, so the sort runs rarely.
@@ -220,6 +227,9 @@ pub struct K8sNames {
     generation: u64,
     last_refresh: Option<Instant>,
     max_entries: usize,
+    cri: Option<CriNames>,
+    /// Ids the runtime could not name, and when it was last asked.
+    cri_unnamed: HashMap<String, Instant>,
 }
 
 impl K8sNames {
@@ -233,11 +243,19 @@ impl K8sNames {
             generation: 0,
             last_refresh: None,
             max_entries: MAX_ENTRIES,
+            cri: None,
+            cri_unnamed: HashMap::new(),
         };
         if let Err(err) = names.refresh() {
             log::debug!("{err}");
         }
         names
+    }
+
+    /// Asks `cri` for the names the log directories do not give.
+    pub fn with_cri(mut self, cri: CriNames) -> Self {
+        self.cri = Some(cri);
+        self
     }
 
     /// Rescans `/var/log/pods` and `/var/log/containers` under the rootfs. A missing directory
@@ -264,13 +282,72 @@ impl K8sNames {
         let may_refresh = self
             .last_refresh
             .is_none_or(|last| last.elapsed() >= REFRESH_INTERVAL);
-        if complete || !may_refresh {
+        if complete {
             return cached;
         }
-        if let Err(err) = self.refresh() {
-            log::debug!("{err}");
+        if may_refresh {
+            if let Err(err) = self.refresh() {
+                log::debug!("{err}");
+            }
         }
-        self.cached(identity)
+        let found = self.cached(identity);
+        if found.as_ref().is_some_and(|names| names.container.is_some()) {
+            return found;
+        }
+        self.ask_runtime(identity);
+        self.cached(identity).or(found)
+    }
+
+    /// Learns the names of the identity's container (or sandbox) from the runtime. The
+    /// container's own id is what the runtime knows; a pod-level cgroup has none.
+    fn ask_runtime(&mut self, identity: &CgroupIdentity) {
+        let (Some(cri), CgroupLevel::Container { container_id, .. }) =
+            (self.cri.as_mut(), &identity.level)
+        else {
+            return;
+        };
+        if self
+            .cri_unnamed
+            .get(container_id)
+            .is_some_and(|asked| asked.elapsed() < CRI_RETRY_INTERVAL)
+        {
+            return;
+        }
+        let Some(names) = cri.lookup(container_id) else {
+            if self.cri_unnamed.len() >= self.max_entries {
+                self.cri_unnamed.clear();
+            }
+            self.cri_unnamed.insert(container_id.clone(), Instant::now());
+            return;
+        };
+        self.cri_unnamed.remove(container_id);
+        let pod = PodName {
+            namespace: names.namespace.clone(),
+            pod: names.pod.clone(),
+        };
+        // The cgroup path's uid, not the runtime's: they agree for pods the kubelet made, and
+        // the path is what later lookups key on.
+        self.learn_pod(identity.pod_uid.clone(), pod);
+        match names.container {
+            Some(container) => {
+                self.containers.insert(
+                    container_id.clone(),
+                    Learned {
+                        value: ContainerName {
+                            namespace: names.namespace,
+                            pod: names.pod,
+                            container,
+                        },
+                        last_seen: self.generation,
+                    },
+                );
+            }
+            // A sandbox: its pod is named, and it is not asked about again.
+            None => {
+                self.cri_unnamed
+                    .insert(container_id.clone(), Instant::now());
+            }
+        }
     }
 
     fn cached(&self, identity: &CgroupIdentity) -> Option<PodNames> {

@@ -3,6 +3,7 @@
 //! process, the Kubernetes names from the node, and the timeline before death.
 
 pub mod cgroupfs;
+pub mod cri;
 pub mod dedup;
 pub mod kernel_kills;
 pub mod kill;
@@ -46,11 +47,13 @@ pub struct Enricher {
 
 impl Enricher {
     /// `memory` is the memory hierarchy's root directory and version, when one is mounted;
-    /// `rootfs` the node's root filesystem (for the kubelet's log directories); `kill_witness`
-    /// whether a kill witness is attached (the probes say so).
+    /// `rootfs` the node's root filesystem (for the kubelet's log directories); `cri` the
+    /// runtime that names what those do not; `kill_witness` whether a kill witness is attached
+    /// (the probes say so).
     pub fn new(
         memory: Option<(PathBuf, cgroupfs::Version)>,
         rootfs: PathBuf,
+        cri: Option<cri::CriNames>,
         page_size: u64,
         attach_mode: &str,
         kill_witness: bool,
@@ -58,6 +61,9 @@ impl Enricher {
         let mut names = K8sNames::new(rootfs);
         if let Err(err) = names.refresh() {
             log::warn!("{err}");
+        }
+        if let Some(cri) = cri {
+            names = names.with_cri(cri);
         }
         let cgroup_v2 = memory
             .as_ref()

@@ -3,8 +3,11 @@
 //! harness they share with the end-to-end tests.
 
 pub mod bench;
+pub mod containerd;
 pub mod demo;
 pub mod figure;
 pub mod harness;
+pub mod kubelet;
+pub mod pod_spec;
 pub mod tracer;
 pub mod workload;

@@ -124,9 +124,9 @@ impl WebConfig {
         }
         let headers = http.headers.into_iter().collect::<Vec<_>>();
         for (name, value) in &headers {
-            axum::http::HeaderName::try_from(name.as_str())
+            http::HeaderName::try_from(name.as_str())
                 .map_err(|_| invalid(format!("http_server_config.headers: bad name {name:?}")))?;
-            axum::http::HeaderValue::try_from(value.as_str()).map_err(|_| {
+            http::HeaderValue::try_from(value.as_str()).map_err(|_| {
                 invalid(format!("http_server_config.headers: bad value for {name}"))
             })?;
         }

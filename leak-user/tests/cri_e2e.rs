@@ -1,0 +1,361 @@
+//! The deployed form, run for real: the agent's image run by containerd and runc from
+//! `deploy/daemonset.yaml`, the experiment's pods from `deploy/workload.yaml`, driven through
+//! the CRI as the kubelet drives them (`leak_user::experiment::kubelet`), and real OOM kills
+//! in the pods' containers. The runtime's own word (CRI's ContainerStatus) and the kernel's
+//! counters are the ground truth the agent's `/kills` and `/metrics` are held to.
+//!
+//! Needs the images `cargo xtask test` builds: `$LEAK_TEST_IMAGE` (deploy/Dockerfile's, as an
+//! OCI archive) and `$LEAK_TEST_NODE_IMAGE` (busybox, the pods' sandbox and a shell).
+
+mod support;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use leak_user::{
+    enrich::{cgroupfs::MemoryHierarchy, cri::Cri},
+    enrich::cri::proto::ContainerStatus,
+    experiment::{
+        containerd::Containerd,
+        harness,
+        kubelet::Kubelet,
+        pod_spec::{self, Pod},
+    },
+    model::kill::Kill,
+};
+use support::*;
+
+/// The pods' sandbox image: busybox's `sleep` stands in for the pause container.
+const NODE_IMAGE: &str = "docker.io/library/leak-node-tools:latest";
+
+/// The kubelet's `--cgroup-root` for this node, so its `kubepods` never meets a real one.
+fn cgroup_root() -> String {
+    format!("/leak-e2e-node-{}", std::process::id())
+}
+
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file)
+}
+
+fn agent_pod() -> Pod {
+    pod_spec::read(&deploy("daemonset.yaml"), "DaemonSet", "leak").expect("the DaemonSet")
+}
+
+fn workload_pod(name: &str) -> Pod {
+    pod_spec::read(&deploy("workload.yaml"), "Deployment", name).expect("the Deployment")
+}
+
+/// The images, or a skip (hiding the whole stage: CI fails it).
+fn images() -> Option<(PathBuf, PathBuf)> {
+    let image = std::env::var_os("LEAK_TEST_IMAGE").map(PathBuf::from);
+    let node = std::env::var_os("LEAK_TEST_NODE_IMAGE").map(PathBuf::from);
+    match (image, node) {
+        (Some(image), Some(node)) if image.is_file() && node.is_file() => Some((image, node)),
+        _ => {
+            skip_test(
+                "$LEAK_TEST_IMAGE and $LEAK_TEST_NODE_IMAGE name no image archives: run through \
+                 `cargo xtask test`, which builds them",
+                SkipKind::HidesFeature,
+            );
+            None
+        }
+    }
+}
+
+/// A node: containerd, the kubelet stand-in, and the host state it changed, undone on drop in
+/// the right order (pods, then containerd, then the host).
+struct Node {
+    runtime: tokio::runtime::Runtime,
+    kubelet: Option<Kubelet>,
+    containerd: Option<Containerd>,
+    hierarchy: MemoryHierarchy,
+    dir: PathBuf,
+    bpffs_made_shared: bool,
+    pins_before: bool,
+}
+
+impl Node {
+    fn start(hierarchy: MemoryHierarchy, name: &str) -> Option<Self> {
+        let (image, node_image) = images()?;
+        let dir = disk_dir().join(format!("{name}-{}", std::process::id()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let containerd = Containerd::start(&dir.join("containerd"), NODE_IMAGE)
+            .unwrap_or_else(|err| panic!("{err}"));
+        containerd.import(&image).unwrap_or_else(|err| panic!("{err}"));
+        containerd
+            .import(&node_image)
+            .unwrap_or_else(|err| panic!("{err}"));
+        let cri = runtime
+            .block_on(Cri::connect(containerd.socket(), Duration::from_secs(30)))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let kubelet = Kubelet::new(
+            cri,
+            dir.join("root"),
+            hierarchy.clone(),
+            &cgroup_root(),
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        // A Bidirectional mount needs a shared host mount, as systemd makes every mount.
+        let bpffs_made_shared = !is_shared_mount(Path::new("/sys/fs/bpf"));
+        if bpffs_made_shared {
+            run(Command::new("mount").args(["--make-shared", "/sys/fs/bpf"]));
+        }
+        Some(Self {
+            runtime,
+            kubelet: Some(kubelet),
+            containerd: Some(containerd),
+            hierarchy,
+            dir,
+            bpffs_made_shared,
+            pins_before: Path::new(leak_user::kernel::pin::DEFAULT_PIN_DIR).exists(),
+        })
+    }
+
+    fn kubelet(&mut self) -> &mut Kubelet {
+        self.kubelet.as_mut().expect("the kubelet")
+    }
+
+    fn run_pod(&mut self, pod: Pod) -> usize {
+        let kubelet = self.kubelet.as_mut().expect("the kubelet");
+        self.runtime
+            .block_on(kubelet.run_pod(pod))
+            .unwrap_or_else(|err| panic!("{err}\n{}", self.containerd_log()))
+    }
+
+    fn start_container(&mut self, pod: usize, container: &str) -> String {
+        let kubelet = self.kubelet.as_mut().expect("the kubelet");
+        self.runtime
+            .block_on(kubelet.start_container(pod, container))
+            .unwrap_or_else(|err| panic!("{err}\n{}", self.containerd_log()))
+    }
+
+    /// Waits for the container to exit (the leaking ones take ~16 s to fill 128 MiB).
+    fn wait_exited(&mut self, id: &str) -> ContainerStatus {
+        let kubelet = self.kubelet.as_mut().expect("the kubelet");
+        self.runtime
+            .block_on(kubelet.wait_exited(id, Duration::from_secs(120)))
+            .unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    fn status(&mut self, id: &str) -> ContainerStatus {
+        let kubelet = self.kubelet.as_mut().expect("the kubelet");
+        self.runtime
+            .block_on(kubelet.status(id))
+            .unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    fn containerd_log(&self) -> String {
+        self.containerd
+            .as_ref()
+            .map(|c| c.log())
+            .unwrap_or_default()
+    }
+
+    /// The agent pod's address on the node's bridge.
+    fn agent_addr(&self, pod: usize) -> SocketAddr {
+        let ip = self.kubelet.as_ref().expect("kubelet").pods()[pod]
+            .ip
+            .clone()
+            .expect("the agent pod has an address");
+        format!("{ip}:9750").parse().expect("an address")
+    }
+
+    /// The container's log (what it printed), as the kubelet keeps it.
+    fn log(&self, pod: usize, container: &str, attempt: usize) -> String {
+        let kubelet = self.kubelet.as_ref().expect("kubelet");
+        let pod = &kubelet.pods()[pod];
+        let dir = kubelet
+            .host_path("/var/log/pods")
+            .join(format!("{}_{}_{}", pod.namespace, pod.name, pod.uid));
+        fs::read_to_string(dir.join(container).join(format!("{attempt}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut kubelet) = self.kubelet.take() {
+            self.runtime.block_on(kubelet.remove_all());
+        }
+        drop(self.containerd.take());
+        if self.bpffs_made_shared {
+            let _ = Command::new("mount")
+                .args(["--make-private", "/sys/fs/bpf"])
+                .status();
+        }
+        // The agent pinned its probes on the host's bpffs, as deployed; a node that had no
+        // pins before gets none left behind.
+        if !self.pins_before {
+            let _ = Command::new(leak_bin()).arg("unpin").output();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = &self.hierarchy;
+    }
+}
+
+fn is_shared_mount(point: &Path) -> bool {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        fields.get(4).map(Path::new) == Some(point)
+            && fields.iter().skip(6).take_while(|f| **f != "-").any(|f| f.starts_with("shared:"))
+    })
+}
+
+fn run(command: &mut Command) {
+    let status = command.status().expect("run a command");
+    assert!(status.success(), "{command:?}: {status}");
+}
+
+/// Waits until the agent answers `/healthz`, or fails with its log.
+fn wait_for_agent(node: &Node, pod: usize, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if harness::http_get(addr, "/healthz").is_ok_and(|r| r.status == 200) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "the agent pod never answered /healthz on {addr}; its log:\n{}",
+        node.log(pod, "leak", 0)
+    );
+}
+
+/// The agent's kill of container `id`, waited for.
+fn kill_of(addr: SocketAddr, id: &str, node: &Node, agent: usize) -> Kill {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kills = harness::kills(addr, "").unwrap_or_default();
+        if let Some(kill) = kills.into_iter().find(|kill| {
+            kill.kubernetes
+                .as_ref()
+                .and_then(|k| k.container_id.as_deref())
+                == Some(id)
+        }) {
+            return kill;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent reported no kill in container {id}; its log:\n{}",
+            node.log(agent, "leak", 0)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `leak_oom_kills_total` summed over the series of one pod's container.
+fn kills_counted(metrics: &str, pod: &str, container: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("leak_oom_kills_total{"))
+        .filter(|line| {
+            let has = |label: &str, value: &str| {
+                [",", "{"]
+                    .iter()
+                    .any(|before| line.contains(&format!("{before}{label}=\"{value}\"")))
+            };
+            has("pod", pod) && has("container", container)
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn expect_named(kill: &Kill, namespace: &str, pod: &str, container: &str) {
+    assert_eq!(
+        (
+            kill.names.namespace.as_str(),
+            kill.names.pod.as_str(),
+            kill.names.container.as_str()
+        ),
+        (namespace, pod, container),
+        "{kill:#?}"
+    );
+}
+
+/// The DaemonSet's agent in its container names both experiment pods' kills, their restarts'
+/// too, and a child killed in a container that keeps running.
+#[test]
+fn the_daemonset_reports_the_workloads_kills() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut node) = Node::start(hierarchy, "leak-e2e-cri") else {
+        return;
+    };
+    let agent = node.run_pod(agent_pod());
+    let addr = node.agent_addr(agent);
+    wait_for_agent(&node, agent, addr);
+
+    let anon = node.run_pod(workload_pod("leak-anon"));
+    let file = node.run_pod(workload_pod("leak-file"));
+    let mut first_ids = Vec::new();
+    for (pod, container) in [(anon, "leak-anon"), (file, "leak-file")] {
+        let id = node.kubelet().pods()[pod]
+            .container_id(container)
+            .expect("started")
+            .to_owned();
+        let status = node.wait_exited(&id);
+        assert_eq!(status.reason, "OOMKilled", "{status:#?}");
+        assert_eq!(status.exit_code, 137, "{status:#?}");
+        first_ids.push((pod, container, id));
+    }
+    for (pod, container, id) in &first_ids {
+        let kill = kill_of(addr, id, &node, agent);
+        let running = &node.kubelet().pods()[*pod];
+        expect_named(&kill, "leak-demo", &running.name, container);
+        assert_eq!(kill.main_process, Some(true), "{kill:#?}");
+        assert_eq!(kill.victim_comm.as_deref(), Some("leak"), "{kill:#?}");
+        let kubernetes = kill.kubernetes.as_ref().expect("kubernetes");
+        assert_eq!(kubernetes.pod_uid, running.uid);
+        assert_eq!(kill.limit_bytes, Some(128 << 20), "{kill:#?}");
+        assert!(
+            kill.cgroup.starts_with(&running.cgroup),
+            "{} is not under the pod's cgroup {}",
+            kill.cgroup,
+            running.cgroup
+        );
+    }
+    // The page-cache pod: usage reached the limit while page cache filled part of it, and the
+    // kill came only when the working set got there.
+    let file_kill = kill_of(addr, &first_ids[1].2, &node, agent);
+    let story = file_kill.story.as_ref().expect("a story");
+    let usage_ms = story
+        .usage_at_limit_ms_before_kill
+        .unwrap_or_else(|| panic!("usage never at the limit: {file_kill:#?}"));
+    let working_set_ms = story
+        .working_set_at_limit_ms_before_kill
+        .unwrap_or_else(|| panic!("working set never at the limit: {file_kill:#?}"));
+    assert!(usage_ms > working_set_ms, "{story:#?}");
+    assert!(story.peak_page_cache_bytes.unwrap_or(0) > 0, "{story:#?}");
+
+    // The kubelet restarts each: the next attempt's kill carries the same names.
+    for (pod, container, first) in &first_ids {
+        let next = node.start_container(*pod, container);
+        assert_ne!(&next, first);
+        let status = node.wait_exited(&next);
+        assert_eq!(status.reason, "OOMKilled", "{status:#?}");
+        let kill = kill_of(addr, &next, &node, agent);
+        let name = node.kubelet().pods()[*pod].name.clone();
+        expect_named(&kill, "leak-demo", &name, container);
+        assert_eq!(kill.main_process, Some(true), "{kill:#?}");
+    }
+
+    let metrics = harness::http_get(addr, "/metrics").expect("/metrics").body;
+    for (pod, container, _) in &first_ids {
+        let name = &node.kubelet().pods()[*pod].name;
+        assert_eq!(
+            kills_counted(&metrics, name, container),
+            2.0,
+            "kills of {name}/{container}:\n{metrics}"
+        );
+    }
+}
