@@ -154,7 +154,10 @@ pub struct TraceArgs {
     #[arg(long, default_value = VMLINUX_BTF)]
     pub btf: PathBuf,
     /// The node's root filesystem, where /var/log/pods and /var/log/containers name pods and
-    /// containers (mount the host's at e.g. /host when running in a container).
+    /// containers (mount the host's at e.g. /host when running in a container). Anything but
+    /// `/` says the agent's own root is not the node's: it then refuses to start without the
+    /// node's cgroup tree, log directories (or a CRI socket), and, where it keeps them, a
+    /// state directory and pins that outlive it.
     #[arg(long, default_value = "/", env = "LEAK_ROOTFS")]
     pub rootfs: PathBuf,
     /// The container runtime's CRI socket, asked for the names of containers the log

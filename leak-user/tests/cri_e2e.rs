@@ -18,13 +18,13 @@ use std::{
 };
 
 use leak_user::{
+    enrich::cri::proto::{ContainerState, ContainerStatus},
     enrich::{cgroupfs::MemoryHierarchy, cri::Cri},
-    enrich::cri::proto::ContainerStatus,
     experiment::{
         containerd::Containerd,
         harness,
         kubelet::Kubelet,
-        pod_spec::{self, Pod},
+        pod_spec::{self, Container, EnvVar, Pod, PodSpec, Resources},
     },
     model::kill::Kill,
 };
@@ -39,7 +39,9 @@ fn cgroup_root() -> String {
 }
 
 fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file)
 }
 
 fn agent_pod() -> Pod {
@@ -48,6 +50,35 @@ fn agent_pod() -> Pod {
 
 fn workload_pod(name: &str) -> Pod {
     pod_spec::read(&deploy("workload.yaml"), "Deployment", name).expect("the Deployment")
+}
+
+/// A pod whose container is a shell that runs a leaking child, then sleeps on.
+fn shell_pod() -> Pod {
+    let limit = serde_yaml::Value::String("64Mi".into());
+    Pod {
+        namespace: "leak-e2e".into(),
+        workload: "leak-shell".into(),
+        metadata: Default::default(),
+        spec: PodSpec {
+            containers: vec![Container {
+                name: "shell".into(),
+                image: NODE_IMAGE.into(),
+                command: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "/usr/local/bin/leak workload --chunk 1MiB --interval 10ms --listen off; \
+                     echo child ended $?; exec sleep 2147483647"
+                        .into(),
+                ],
+                resources: Resources {
+                    requests: [("memory".to_owned(), limit.clone())].into(),
+                    limits: [("memory".to_owned(), limit)].into(),
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    }
 }
 
 /// The images, or a skip (hiding the whole stage: CI fails it).
@@ -73,7 +104,6 @@ struct Node {
     runtime: tokio::runtime::Runtime,
     kubelet: Option<Kubelet>,
     containerd: Option<Containerd>,
-    hierarchy: MemoryHierarchy,
     dir: PathBuf,
     bpffs_made_shared: bool,
     pins_before: bool,
@@ -89,20 +119,17 @@ impl Node {
             .expect("a tokio runtime");
         let containerd = Containerd::start(&dir.join("containerd"), NODE_IMAGE)
             .unwrap_or_else(|err| panic!("{err}"));
-        containerd.import(&image).unwrap_or_else(|err| panic!("{err}"));
+        containerd
+            .import(&image)
+            .unwrap_or_else(|err| panic!("{err}"));
         containerd
             .import(&node_image)
             .unwrap_or_else(|err| panic!("{err}"));
         let cri = runtime
             .block_on(Cri::connect(containerd.socket(), Duration::from_secs(30)))
             .unwrap_or_else(|err| panic!("{err}"));
-        let kubelet = Kubelet::new(
-            cri,
-            dir.join("root"),
-            hierarchy.clone(),
-            &cgroup_root(),
-        )
-        .unwrap_or_else(|err| panic!("{err}"));
+        let kubelet = Kubelet::new(cri, dir.join("root"), hierarchy.clone(), &cgroup_root())
+            .unwrap_or_else(|err| panic!("{err}"));
         // A Bidirectional mount needs a shared host mount, as systemd makes every mount.
         let bpffs_made_shared = !is_shared_mount(Path::new("/sys/fs/bpf"));
         if bpffs_made_shared {
@@ -112,7 +139,6 @@ impl Node {
             runtime,
             kubelet: Some(kubelet),
             containerd: Some(containerd),
-            hierarchy,
             dir,
             bpffs_made_shared,
             pins_before: Path::new(leak_user::kernel::pin::DEFAULT_PIN_DIR).exists(),
@@ -196,7 +222,6 @@ impl Drop for Node {
             let _ = Command::new(leak_bin()).arg("unpin").output();
         }
         let _ = fs::remove_dir_all(&self.dir);
-        let _ = &self.hierarchy;
     }
 }
 
@@ -205,7 +230,11 @@ fn is_shared_mount(point: &Path) -> bool {
     mountinfo.lines().any(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
         fields.get(4).map(Path::new) == Some(point)
-            && fields.iter().skip(6).take_while(|f| **f != "-").any(|f| f.starts_with("shared:"))
+            && fields
+                .iter()
+                .skip(6)
+                .take_while(|f| **f != "-")
+                .any(|f| f.starts_with("shared:"))
     })
 }
 
@@ -349,6 +378,39 @@ fn the_daemonset_reports_the_workloads_kills() {
         assert_eq!(kill.main_process, Some(true), "{kill:#?}");
     }
 
+    // A shell whose child leaks: the child is killed, the container keeps running, and the
+    // runtime reports nothing; the agent reports the kill, not of the main process.
+    let shell = node.run_pod(shell_pod());
+    let shell_id = node.kubelet().pods()[shell]
+        .container_id("shell")
+        .expect("started")
+        .to_owned();
+    let kill = kill_of(addr, &shell_id, &node, agent);
+    let shell_name = node.kubelet().pods()[shell].name.clone();
+    expect_named(&kill, "leak-e2e", &shell_name, "shell");
+    assert_eq!(kill.main_process, Some(false), "{kill:#?}");
+    assert_eq!(kill.victim_comm.as_deref(), Some("leak"), "{kill:#?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log(shell, "shell", 0).contains("child ended 137") {
+        assert!(
+            Instant::now() < deadline,
+            "the shell never saw its child killed: {}",
+            node.log(shell, "shell", 0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The container never terminated, so the kubelet reports no OOMKilled: it reads a
+    // container's reason only once it has exited. (containerd 1.6 does set `reason:
+    // OOMKilled` on the running container when any of its processes is OOM-killed; a kubelet
+    // never shows it, and neither does kube-state-metrics, which reads the pod's status.)
+    let status = node.status(&shell_id);
+    assert_eq!(status.state(), ContainerState::Running, "{status:#?}");
+    assert_eq!(
+        (status.exit_code, status.finished_at),
+        (0, 0),
+        "{status:#?}"
+    );
+
     let metrics = harness::http_get(addr, "/metrics").expect("/metrics").body;
     for (pod, container, _) in &first_ids {
         let name = &node.kubelet().pods()[*pod].name;
@@ -358,4 +420,134 @@ fn the_daemonset_reports_the_workloads_kills() {
             "kills of {name}/{container}:\n{metrics}"
         );
     }
+}
+
+/// The DaemonSet's pod without one of its mounts: the agent stops at once, naming the mount,
+/// for every mount the DaemonSet has (deploy/daemonset.yaml keeps only those it needs).
+#[test]
+fn the_agent_names_each_mount_the_daemonset_would_miss() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut node) = Node::start(hierarchy, "leak-e2e-cri-mounts") else {
+        return;
+    };
+    let whole = agent_pod();
+    let mounts = whole.spec.containers[0].volume_mounts.clone();
+    assert!(mounts.len() >= 4, "{mounts:?}");
+    let mut runs = Vec::new();
+    for mount in &mounts {
+        let mut pod = agent_pod();
+        pod.workload = format!("leak-without-{}", mount.name);
+        pod.spec.containers[0]
+            .volume_mounts
+            .retain(|m| m.name != mount.name);
+        pod.spec.containers[0].env.push(EnvVar {
+            name: "RUST_LOG".into(),
+            value: "info,leak_user::agent=debug".into(),
+        });
+        let index = node.run_pod(pod);
+        let id = node.kubelet().pods()[index]
+            .container_id("leak")
+            .expect("started")
+            .to_owned();
+        runs.push((mount.clone(), index, id));
+    }
+    let mut figures = Vec::new();
+    let mut failures = Vec::new();
+    for (mount, index, id) in runs {
+        let status = node.wait_exited(&id);
+        let log = node.log(index, "leak", 0);
+        // It stopped before loading anything: no probe of its was ever attached.
+        if status.exit_code == 0
+            || !log.contains("misses the node's files it needs")
+            || !log.contains(&mount.mount_path)
+            || log.contains("attach mode")
+        {
+            failures.push(format!(
+                "without the {} volume the agent exited {} without naming {} first:\n{log}",
+                mount.name, status.exit_code, mount.mount_path
+            ));
+        }
+        figures.push(format!("{} exit {}", mount.name, status.exit_code));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    harness::report_figure(
+        &current_test(),
+        &format!(
+            "the agent without each DaemonSet mount: {}",
+            figures.join(", ")
+        ),
+    );
+}
+
+/// With the log directories gone, the agent names a container through the runtime's CRI
+/// socket; a socket that is not there is a warning, and the kill is served unnamed.
+#[test]
+fn the_runtime_names_containers_the_logs_do_not() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut node) = Node::start(hierarchy, "leak-e2e-cri-names") else {
+        return;
+    };
+    let empty = TempDir::new("leak-e2e-cri-empty-rootfs").unwrap_or_else(|err| panic!("{err}"));
+    let socket = node
+        .containerd
+        .as_ref()
+        .expect("containerd")
+        .socket()
+        .to_string_lossy()
+        .into_owned();
+    let rootfs = empty.path().to_string_lossy().into_owned();
+    let named = Agent::start(&["--rootfs", &rootfs, "--cri-socket", &socket]);
+    let refused = Agent::start(&[
+        "--rootfs",
+        &rootfs,
+        "--cri-socket",
+        "/nonexistent/leak-e2e/cri.sock",
+    ]);
+    let pod = node.run_pod(workload_pod("leak-anon"));
+    let id = node.kubelet().pods()[pod]
+        .container_id("leak-anon")
+        .expect("started")
+        .to_owned();
+    let status = node.wait_exited(&id);
+    assert_eq!(status.reason, "OOMKilled", "{status:#?}");
+    let is_ours = |kill: &Kill| {
+        kill.kubernetes
+            .as_ref()
+            .and_then(|k| k.container_id.as_deref())
+            == Some(id.as_str())
+    };
+    let kill = named
+        .0
+        .wait_for_kill("the container's kill", Duration::from_secs(30), is_ours)
+        .unwrap_or_else(|err| panic!("{err}\n{}", named.log()));
+    let pod_name = node.kubelet().pods()[pod].name.clone();
+    expect_named(&kill, "leak-demo", &pod_name, "leak-anon");
+    assert!(
+        named
+            .log()
+            .contains("naming containers the log directories do not through containerd"),
+        "{}",
+        named.log()
+    );
+    let unnamed = refused
+        .0
+        .wait_for_kill("the container's kill", Duration::from_secs(30), is_ours)
+        .unwrap_or_else(|err| panic!("{err}\n{}", refused.log()));
+    expect_named(&unnamed, "", "", "");
+    assert_eq!(
+        unnamed.kubernetes.as_ref().map(|k| k.pod_uid.as_str()),
+        Some(node.kubelet().pods()[pod].uid.as_str()),
+        "the cgroup path still gives the pod's uid"
+    );
+    assert!(
+        refused.log().contains("/nonexistent/leak-e2e/cri.sock"),
+        "{}",
+        refused.log()
+    );
 }

@@ -45,9 +45,10 @@ struct HostPath {
     propagation: Option<&'static str>,
 }
 
-/// Every host path the agent reads (or writes). `/proc` is the host's through `hostPID`
-/// (enrich/procfs.rs reads victims' entries), not a mount; the kernel's log (/dev/kmsg) is read
-/// by the tests only.
+/// Every host path the agent reads (or writes) that a privileged container lacks. `/proc` is
+/// the host's through `hostPID` (enrich/procfs.rs reads victims' entries), not a mount; the
+/// kernel's sysfs (with /sys/kernel/btf) is every privileged container's own; tracefs the agent
+/// mounts itself (kernel/mod.rs); the kernel's log (/dev/kmsg) is read by the tests only.
 const HOST_PATHS: &[HostPath] = &[
     HostPath {
         host: "/var/lib/leak",
@@ -68,34 +69,10 @@ const HOST_PATHS: &[HostPath] = &[
         propagation: Some("Bidirectional"),
     },
     HostPath {
-        host: "/sys/kernel/btf",
-        read_by: "kernel/layout (struct layouts from /sys/kernel/btf/vmlinux)",
-        under_rootfs: false,
-        required: true,
-        writable: false,
-        propagation: None,
-    },
-    HostPath {
         host: "/sys/fs/cgroup",
         read_by: "enrich/cgroupfs.rs and enrich/poll.rs (cgroup paths, limits, memory.stat)",
         under_rootfs: false,
         required: true,
-        writable: false,
-        propagation: None,
-    },
-    HostPath {
-        host: "/sys/kernel/tracing",
-        read_by: "kernel/mod.rs (classic tracepoints' format files)",
-        under_rootfs: false,
-        required: true,
-        writable: false,
-        propagation: None,
-    },
-    HostPath {
-        host: "/sys/kernel/debug",
-        read_by: "kernel/mod.rs (tracefs under debugfs, where nothing is at /sys/kernel/tracing)",
-        under_rootfs: false,
-        required: false,
         writable: false,
         propagation: None,
     },
@@ -235,7 +212,7 @@ fn daemonset_has_privileges_mounts_probes_and_resources() {
         }
         mounted.push(host);
     }
-    // The btf flag's default points into the BTF mount.
+    // The btf flag's default points into the kernel's sysfs, which the container has.
     assert!(
         trace.btf.starts_with("/sys/kernel/btf"),
         "--btf {}",

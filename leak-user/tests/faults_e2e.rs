@@ -100,14 +100,11 @@ fn an_unreadable_pod_log_tree_leaves_the_kill_unnamed() {
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let rootfs = TempDir::new("leak-e2e-rootfs-unreadable").unwrap_or_else(|err| panic!("{err}"));
-    fs::create_dir_all(rootfs.path().join("var/log")).expect("mkdir var/log");
-    // Not a directory: every read of it fails (root reads through permissions, not this).
-    fs::write(rootfs.path().join("var/log/pods"), "not a directory").expect("var/log/pods");
-    fs::set_permissions(
-        rootfs.path().join("var/log/pods"),
-        fs::Permissions::from_mode(0o000),
-    )
-    .expect("chmod");
+    // Both log directories are there when the agent starts (it refuses to start without
+    // them, cri_e2e checks that); /var/log/pods breaks while it runs.
+    for dir in ["var/log/pods", "var/log/containers"] {
+        fs::create_dir_all(rootfs.path().join(dir)).expect("mkdir the log directories");
+    }
     let node = cgroup(&hierarchy, "leak-e2e-node-unreadable");
     let kubepods = child(&node, "kubepods");
     let pod = child(&kubepods, "pod4b1c9e52-8d0f-4c7a-9e3b-2f6a1d5c8e70");
@@ -118,6 +115,12 @@ fn an_unreadable_pod_log_tree_leaves_the_kill_unnamed() {
 
     let rootfs_arg = rootfs.path().to_string_lossy().into_owned();
     let mut agent = Agent::start(&["--rootfs", &rootfs_arg, "--charge-attach", "off"]);
+    // Not a directory any more: every read of it fails (root reads through permissions, not
+    // this).
+    let pods = rootfs.path().join("var/log/pods");
+    fs::remove_dir(&pods).expect("rmdir var/log/pods");
+    fs::write(&pods, "not a directory").expect("var/log/pods");
+    fs::set_permissions(&pods, fs::Permissions::from_mode(0o000)).expect("chmod");
     let kill = leak_until_reported(&agent, &container);
     check_kernel_figures(&kill, &container.relative);
     assert_eq!(

@@ -20,8 +20,16 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages the test suite uses: `promtool` (lint of /metrics) and the `prometheus`
 /// server (a real scrape, on the host and inside every test VM), and the tools that take
 /// Debian kernel packages apart.
-pub const TEST_PACKAGES: [(&str, &str); 8] = [
+pub const TEST_PACKAGES: [(&str, &str); 14] = [
     ("prometheus", "prometheus"),
+    // The container stage: the runtime a node runs, its network plugins, and the busybox the
+    // pods' sandbox image is made of.
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("/bin/busybox", "busybox-static"),
+    ("ip", "iproute2"),
     ("promtool", "prometheus"),
     // The web configuration's TLS and basic auth, tested with certificates made on the spot.
     ("openssl", "openssl"),

@@ -39,6 +39,10 @@ pub struct Options {
     /// Architecture to build for; repeat it, or say `all` (default: this machine's).
     #[arg(long = "arch", value_enum)]
     archs: Vec<ArchOption>,
+    /// Also build the container tests' node tools image (amd64) and print the environment
+    /// that runs those tests by hand (`cargo test --release --test cri_e2e`).
+    #[arg(long)]
+    node_tools: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -80,6 +84,14 @@ pub fn run(options: Options) -> Result<()> {
     for arch in options.archs()? {
         let image = build(arch)?;
         println!("{image}");
+        if options.node_tools && arch == Arch::Amd64 {
+            let tools = build_node_tools(&image.binary)?;
+            println!(
+                "export LEAK_TEST_IMAGE={} LEAK_TEST_NODE_IMAGE={}",
+                image.archive.display(),
+                tools.display()
+            );
+        }
     }
     Ok(())
 }
@@ -88,6 +100,8 @@ pub fn run(options: Options) -> Result<()> {
 pub struct Image {
     pub arch: Arch,
     pub archive: PathBuf,
+    /// The static binary the image holds.
+    pub binary: PathBuf,
     archive_bytes: u64,
     reference: String,
     platform: String,
@@ -153,6 +167,67 @@ pub fn build(arch: Arch) -> Result<Image> {
         started.elapsed()
     ));
     inspect(arch, &archive)
+}
+
+/// The pods' sandbox image of the container tests, and their shell: busybox (the static one
+/// Debian packages), its applets linked in /bin, `leak` at the same place as in the agent's
+/// image, and a long sleep as the command, standing in for the pause image a registry would
+/// give. Built like the agent's; written to target/image/leak-node-tools-amd64.oci.tar.
+pub const NODE_TOOLS_IMAGE: &str = "docker.io/library/leak-node-tools:latest";
+
+pub fn build_node_tools(leak: &Path) -> Result<PathBuf> {
+    bootstrap::debian_packages(&[("buildah", "buildah"), ("busybox", "busybox-static")])?;
+    let busybox = PathBuf::from("/bin/busybox");
+    let linking = musl::check_static(
+        &fs::read(&busybox).with_context(|| format!("reading {}", busybox.display()))?,
+        Arch::Amd64,
+    )
+    .with_context(|| {
+        format!(
+            "{} is not a static amd64 binary: install Debian's busybox-static",
+            busybox.display()
+        )
+    })?;
+    let images = workspace_root().join("target/image");
+    let context = Scratch::new(images.join("node-tools-context"))?;
+    fs::create_dir_all(context.join("bin"))?;
+    fs::copy(&busybox, context.join("bin/busybox"))?;
+    fs::copy(leak, context.join("leak"))?;
+    fs::write(
+        context.join("Containerfile"),
+        format!(
+            "FROM scratch\n\
+             COPY bin/busybox /bin/busybox\n\
+             RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+             COPY leak {BINARY_IN_IMAGE}\n\
+             CMD [\"/bin/sleep\", \"2147483647\"]\n"
+        ),
+    )?;
+    let archive = images.join("leak-node-tools-amd64.oci.tar");
+    let storage = BuildahStorage::new(Arch::Amd64)?;
+    say(format!(
+        "building {NODE_TOOLS_IMAGE} (busybox, {linking}, and leak) with buildah"
+    ));
+    bootstrap::run(
+        storage
+            .command()
+            .args(["bud", "--quiet", "--platform", "linux/amd64", "--tag"])
+            .arg(NODE_TOOLS_IMAGE)
+            .arg(&*context),
+    )?;
+    if archive.exists() {
+        fs::remove_file(&archive)?;
+    }
+    bootstrap::run(
+        storage
+            .command()
+            .args(["push", "--quiet", NODE_TOOLS_IMAGE])
+            .arg(format!(
+                "oci-archive:{}:{NODE_TOOLS_IMAGE}",
+                archive.display()
+            )),
+    )?;
+    Ok(archive)
 }
 
 /// A directory of its own, emptied when made and removed when dropped, on an error too.
@@ -430,6 +505,10 @@ fn inspect(arch: Arch, archive: &Path) -> Result<Image> {
     Ok(Image {
         arch,
         archive: archive.to_path_buf(),
+        binary: workspace_root()
+            .join("target/image")
+            .join(arch.name())
+            .join("leak"),
         archive_bytes: fs::metadata(archive)?.len(),
         reference,
         platform,

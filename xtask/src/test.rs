@@ -2,7 +2,7 @@
 
 use std::{
     io::BufRead as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -11,7 +11,9 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::{
     bootstrap::{self, say},
-    fuzz, kernels, lint, vm,
+    fuzz, image, kernels, lint,
+    musl::Arch,
+    vm,
 };
 
 /// Kernels whose BTF the layout resolver is tested against, besides the running one: before
@@ -261,7 +263,29 @@ fn account(run: &Run, skips: &[Skip], ci: bool) -> (Totals, Vec<String>) {
     (totals, report)
 }
 
-fn host_tests(options: &Options, btf_dir: &Path, totals: &mut Totals) -> Result<()> {
+/// The images the container tests run (leak-user/tests/cri_e2e.rs): the agent's, from
+/// deploy/Dockerfile around the static binary, and the pods' sandbox and shell image.
+struct Images {
+    agent: PathBuf,
+    node_tools: PathBuf,
+}
+
+fn build_images() -> Result<Images> {
+    let agent = image::build(Arch::Amd64)?;
+    say(agent.to_string());
+    let node_tools = image::build_node_tools(&agent.binary)?;
+    Ok(Images {
+        agent: agent.archive,
+        node_tools,
+    })
+}
+
+fn host_tests(
+    options: &Options,
+    btf_dir: &Path,
+    images: &Images,
+    totals: &mut Totals,
+) -> Result<()> {
     let skip_log = bootstrap::cache_dir().join("host-test-skips.log");
     std::fs::create_dir_all(bootstrap::cache_dir())?;
     std::fs::write(&skip_log, "")?;
@@ -273,6 +297,8 @@ fn host_tests(options: &Options, btf_dir: &Path, totals: &mut Totals) -> Result<
         .current_dir(bootstrap::workspace_root())
         .env("PATH", bootstrap::path_with_cargo_bin())
         .env("LEAK_TEST_BTF_DIR", btf_dir)
+        .env("LEAK_TEST_IMAGE", &images.agent)
+        .env("LEAK_TEST_NODE_IMAGE", &images.node_tools)
         .env(SKIP_LOG_ENV, &skip_log)
         .env(FIGURES_ENV, &figures);
     if !options.filter.is_empty() {
@@ -343,7 +369,10 @@ fn run_stages(stages: &mut Stages, options: &Options, totals: &mut Totals) -> Re
         }
         Ok(dir)
     })?;
-    stages.time("cargo test", || host_tests(options, &btf_dir, totals))?;
+    let images = stages.time("container images (agent, node tools)", build_images)?;
+    stages.time("cargo test", || {
+        host_tests(options, &btf_dir, &images, totals)
+    })?;
     stages.time("VM kernels (5.10.0-30, 5.10, 6.1, 6.12, newest)", || {
         let settings = vm::Settings {
             k8s: true,

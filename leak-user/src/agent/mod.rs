@@ -3,9 +3,15 @@
 //! every probe.
 
 mod event_loop;
+mod node_check;
 mod persist;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use log::{error, info, warn};
 use tokio::sync::watch;
@@ -73,6 +79,11 @@ pub enum TraceError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     WebConfig(#[from] WebConfigError),
+    #[error(
+        "running in a container, the agent misses the node's files it needs (see \
+         deploy/daemonset.yaml):\n- {0}"
+    )]
+    NodeMounts(String),
 }
 
 pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
@@ -95,6 +106,21 @@ pub async fn run(options: TraceOptions) -> Result<(), TraceError> {
             None
         }
     };
+
+    // --rootfs says the agent's own root is not the node's (a container): stop at once if
+    // the node's files it needs were not mounted in.
+    if options.rootfs != Path::new("/") {
+        let missing = node_check::missing(&node_check::Needs {
+            hierarchy: hierarchy.as_ref(),
+            rootfs: &options.rootfs,
+            cri_socket: options.cri_socket.as_deref(),
+            state_dir: options.state_dir.as_deref(),
+            pin_dir: options.pin.pin.then_some(options.pin.dir.as_path()),
+        });
+        if !missing.is_empty() {
+            return Err(TraceError::NodeMounts(missing.join("\n- ")));
+        }
+    }
 
     let mut probes = Probes::load(&LoadOptions {
         attach: options.attach,

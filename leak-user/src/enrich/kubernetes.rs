@@ -230,6 +230,8 @@ pub struct K8sNames {
     cri: Option<CriNames>,
     /// Ids the runtime could not name, and when it was last asked.
     cri_unnamed: HashMap<String, Instant>,
+    /// Why the last rescan failed, already warned about.
+    refresh_failing: Option<String>,
 }
 
 impl K8sNames {
@@ -245,6 +247,7 @@ impl K8sNames {
             max_entries: MAX_ENTRIES,
             cri: None,
             cri_unnamed: HashMap::new(),
+            refresh_failing: None,
         };
         if let Err(err) = names.refresh() {
             log::debug!("{err}");
@@ -286,12 +289,24 @@ impl K8sNames {
             return cached;
         }
         if may_refresh {
-            if let Err(err) = self.refresh() {
-                log::debug!("{err}");
+            // A tree that breaks while the agent runs (unmounted, unreadable) is worth one
+            // warning, not one per kill.
+            match self.refresh() {
+                Ok(()) => self.refresh_failing = None,
+                Err(err) => {
+                    let text = err.to_string();
+                    if self.refresh_failing.as_deref() != Some(text.as_str()) {
+                        log::warn!("{text}; kills stay unnamed until it can be read");
+                        self.refresh_failing = Some(text);
+                    }
+                }
             }
         }
         let found = self.cached(identity);
-        if found.as_ref().is_some_and(|names| names.container.is_some()) {
+        if found
+            .as_ref()
+            .is_some_and(|names| names.container.is_some())
+        {
             return found;
         }
         self.ask_runtime(identity);
@@ -317,7 +332,8 @@ impl K8sNames {
             if self.cri_unnamed.len() >= self.max_entries {
                 self.cri_unnamed.clear();
             }
-            self.cri_unnamed.insert(container_id.clone(), Instant::now());
+            self.cri_unnamed
+                .insert(container_id.clone(), Instant::now());
             return;
         };
         self.cri_unnamed.remove(container_id);

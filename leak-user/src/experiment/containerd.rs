@@ -160,9 +160,8 @@ impl Drop for Containerd {
 }
 
 fn which(tool: &str) -> Result<(), LabError> {
-    let found = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
     match found {
         true => Ok(()),
         false => Err(LabError::Run(format!(
@@ -251,7 +250,11 @@ fn kill_processes_mentioning(needle: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();

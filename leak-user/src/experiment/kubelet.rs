@@ -23,14 +23,13 @@ use crate::enrich::{
     cgroupfs::{MemoryHierarchy, Version},
     cri::{
         proto::{
-            ContainerConfig, ContainerMetadata, ContainerRequest, ContainerState,
-            ContainerStatus, ContainerStatusResponse, CreateContainerRequest,
-            CreateContainerResponse, Empty, ImageSpec, KeyValue, LinuxContainerConfig,
-            LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-            LinuxSandboxSecurityContext, Mount, MountPropagation, NamespaceMode,
-            NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxRequest,
-            PodSandboxStatusResponse, RunPodSandboxRequest, RunPodSandboxResponse,
-            StopContainerRequest,
+            ContainerConfig, ContainerMetadata, ContainerRequest, ContainerState, ContainerStatus,
+            ContainerStatusResponse, CreateContainerRequest, CreateContainerResponse, Empty,
+            ImageSpec, KeyValue, LinuxContainerConfig, LinuxContainerResources,
+            LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+            Mount, MountPropagation, NamespaceMode, NamespaceOption, PodSandboxConfig,
+            PodSandboxMetadata, PodSandboxRequest, PodSandboxStatusResponse, RunPodSandboxRequest,
+            RunPodSandboxResponse, StopContainerRequest,
         },
         Cri, CriError,
     },
@@ -383,10 +382,15 @@ impl Kubelet {
             }),
             command: spec.command.clone(),
             args: spec.args.clone(),
-            envs: vec![KeyValue {
+            envs: std::iter::once(KeyValue {
                 key: "HOSTNAME".into(),
                 value: pod.name.clone(),
-            }],
+            })
+            .chain(spec.env.iter().map(|var| KeyValue {
+                key: var.name.clone(),
+                value: var.value.clone(),
+            }))
+            .collect(),
             mounts,
             labels,
             annotations: HashMap::from([(
@@ -457,11 +461,7 @@ impl Kubelet {
             None | Some("None") => MountPropagation::Private,
             Some("HostToContainer") => MountPropagation::HostToContainer,
             Some("Bidirectional") => MountPropagation::Bidirectional,
-            Some(other) => {
-                return Err(LabError::Run(format!(
-                    "unknown mountPropagation {other}"
-                )))
-            }
+            Some(other) => return Err(LabError::Run(format!("unknown mountPropagation {other}"))),
         };
         Ok(Mount {
             container_path: mount.mount_path.clone(),
@@ -611,7 +611,7 @@ fn oom_score_adj(
         None => 0,
     };
     let capacity = crate::sys::mem_total_bytes().unwrap_or(u64::MAX).max(1);
-    let adj = 1000 - i64::try_from(1000u128 * u128::from(request) / u128::from(capacity))
-        .unwrap_or(1000);
+    let adj =
+        1000 - i64::try_from(1000u128 * u128::from(request) / u128::from(capacity)).unwrap_or(1000);
     Ok(adj.clamp(3, 999))
 }

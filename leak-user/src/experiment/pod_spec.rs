@@ -101,11 +101,21 @@ pub struct Container {
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
+    pub env: Vec<EnvVar>,
+    #[serde(default)]
     pub resources: Resources,
     #[serde(default)]
     pub security_context: SecurityContext,
     #[serde(default)]
     pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// An environment variable with a literal value (`valueFrom` is not read).
+#[derive(Clone, Debug, Deserialize)]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -168,12 +178,11 @@ pub fn read(path: &Path, kind: &str, name: &str) -> Result<Pod, PodSpecError> {
         source,
     })?;
     for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(document).map_err(|source| {
-            PodSpecError::Parse {
+        let value =
+            serde_yaml::Value::deserialize(document).map_err(|source| PodSpecError::Parse {
                 path: shown.clone(),
                 source,
-            }
-        })?;
+            })?;
         if value.get("kind").and_then(serde_yaml::Value::as_str) != Some(kind) {
             continue;
         }
@@ -285,7 +294,10 @@ mod tests {
         assert!(!agent.volume_mounts.is_empty());
         for mount in &agent.volume_mounts {
             assert!(
-                pod.spec.volumes.iter().any(|volume| volume.name == mount.name),
+                pod.spec
+                    .volumes
+                    .iter()
+                    .any(|volume| volume.name == mount.name),
                 "{} has no volume",
                 mount.name
             );

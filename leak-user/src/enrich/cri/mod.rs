@@ -272,7 +272,10 @@ impl CriNames {
         match answer {
             Ok(Ok(names)) => {
                 if self.failing {
-                    log::info!("the container runtime at {} answers again", self.path.display());
+                    log::info!(
+                        "the container runtime at {} answers again",
+                        self.path.display()
+                    );
                     self.failing = false;
                 }
                 names
