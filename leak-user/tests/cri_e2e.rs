@@ -106,6 +106,8 @@ struct Node {
     containerd: Option<Containerd>,
     dir: PathBuf,
     bpffs_made_shared: bool,
+    /// Nothing was mounted at /sys/fs/bpf: the node's bpffs was mounted for the run.
+    bpffs_mounted: bool,
     pins_before: bool,
 }
 
@@ -130,8 +132,14 @@ impl Node {
             .unwrap_or_else(|err| panic!("{err}"));
         let kubelet = Kubelet::new(cri, dir.join("root"), hierarchy.clone(), &cgroup_root())
             .unwrap_or_else(|err| panic!("{err}"));
-        // A Bidirectional mount needs a shared host mount, as systemd makes every mount.
-        let bpffs_made_shared = !is_shared_mount(Path::new("/sys/fs/bpf"));
+        // The node's bpffs, as systemd mounts it; and a Bidirectional mount needs a shared
+        // host mount, as systemd makes every mount.
+        let bpffs = Path::new("/sys/fs/bpf");
+        let bpffs_mounted = mount_point(bpffs).is_none();
+        if bpffs_mounted {
+            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
+        }
+        let bpffs_made_shared = !mount_point(bpffs).is_some_and(|shared| shared);
         if bpffs_made_shared {
             run(Command::new("mount").args(["--make-shared", "/sys/fs/bpf"]));
         }
@@ -141,6 +149,7 @@ impl Node {
             containerd: Some(containerd),
             dir,
             bpffs_made_shared,
+            bpffs_mounted,
             pins_before: Path::new(leak_user::kernel::pin::DEFAULT_PIN_DIR).exists(),
         })
     }
@@ -211,31 +220,38 @@ impl Drop for Node {
             self.runtime.block_on(kubelet.remove_all());
         }
         drop(self.containerd.take());
-        if self.bpffs_made_shared {
-            let _ = Command::new("mount")
-                .args(["--make-private", "/sys/fs/bpf"])
-                .status();
-        }
         // The agent pinned its probes on the host's bpffs, as deployed; a node that had no
         // pins before gets none left behind.
         if !self.pins_before {
             let _ = Command::new(leak_bin()).arg("unpin").output();
         }
+        if self.bpffs_made_shared {
+            let _ = Command::new("mount")
+                .args(["--make-private", "/sys/fs/bpf"])
+                .status();
+        }
+        if self.bpffs_mounted {
+            let _ = Command::new("umount").arg("/sys/fs/bpf").status();
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
-fn is_shared_mount(point: &Path) -> bool {
+/// Whether `point` is a mount point, and if so whether it is shared (the last mount there).
+fn mount_point(point: &Path) -> Option<bool> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        fields.get(4).map(Path::new) == Some(point)
-            && fields
+    mountinfo
+        .lines()
+        .map(|line| line.split(' ').collect::<Vec<&str>>())
+        .filter(|fields| fields.get(4).map(Path::new) == Some(point))
+        .map(|fields| {
+            fields
                 .iter()
                 .skip(6)
                 .take_while(|f| **f != "-")
                 .any(|f| f.starts_with("shared:"))
-    })
+        })
+        .last()
 }
 
 fn run(command: &mut Command) {
