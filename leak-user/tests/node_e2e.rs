@@ -6,14 +6,17 @@
 //! OOM-killed. The host has no `/var/log/pods` of those pods, so the names on `/kills` can only
 //! come from the node container's root, read through `/proc/<pid>/root`. Then the node
 //! container dies: an agent that learned its names while it ran still names kills in it, one
-//! started after serves them unnamed; so does an agent facing a node without a log tree.
+//! started after serves them unnamed; so does an agent facing a node without a log tree. And
+//! the DaemonSet's agent, in its container (hostPID), names them the same way.
 //!
-//! Needs `$LEAK_TEST_NODE_IMAGE` (busybox: the sandboxes and the node's shell), as cri_e2e.
+//! Needs `$LEAK_TEST_NODE_IMAGE` (busybox: the sandboxes and the node's shell), as cri_e2e, and
+//! for the DaemonSet `$LEAK_TEST_IMAGE` (deploy/Dockerfile's).
 
 mod support;
 
 use std::{
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -33,7 +36,12 @@ use leak_user::{
             Cri,
         },
     },
-    experiment::{containerd::Containerd, harness::report_figure},
+    experiment::{
+        containerd::Containerd,
+        harness::{self, report_figure},
+        kubelet::Kubelet,
+        pod_spec,
+    },
     model::kill::Kill,
 };
 use support::*;
@@ -41,22 +49,31 @@ use support::*;
 /// The sandboxes' image and the node's: busybox, its default command a long sleep.
 const NODE_IMAGE: &str = "docker.io/library/leak-node-tools:latest";
 
+const NODE_IMAGE_ENV: &str = "LEAK_TEST_NODE_IMAGE";
+const AGENT_IMAGE_ENV: &str = "LEAK_TEST_IMAGE";
+
 const LIMIT: u64 = 32 << 20;
 const FAST: &str = "--interval 1ms --chunk 1MiB --listen off";
 
-/// The node image, or a skip (hiding the feature: CI fails it).
-fn node_image() -> Option<PathBuf> {
-    match std::env::var_os("LEAK_TEST_NODE_IMAGE").map(PathBuf::from) {
-        Some(image) if image.is_file() => Some(image),
-        _ => {
-            skip_test(
-                "$LEAK_TEST_NODE_IMAGE names no image archive: run through `cargo xtask test`, \
-                 which builds it",
-                SkipKind::HidesFeature,
-            );
-            None
+/// The image archives `variables` name, or a skip (hiding the feature: CI fails it).
+fn images(variables: &[&str]) -> Option<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for variable in variables {
+        match std::env::var_os(variable).map(PathBuf::from) {
+            Some(image) if image.is_file() => found.push(image),
+            _ => {
+                skip_test(
+                    &format!(
+                        "${variable} names no image archive: run through `cargo xtask test`, \
+                         which builds it"
+                    ),
+                    SkipKind::HidesFeature,
+                );
+                return None;
+            }
         }
     }
+    Some(found)
 }
 
 fn random_hex() -> String {
@@ -120,6 +137,10 @@ struct NodeContainer {
 struct Runtime {
     tokio: tokio::runtime::Runtime,
     cri: Cri,
+    /// The kubelet stand-in, for the DaemonSet's pod.
+    kubelet: Option<Kubelet>,
+    bpffs_made_shared: bool,
+    pins_before: bool,
     containerd: Option<Containerd>,
     hierarchy: MemoryHierarchy,
     parent: String,
@@ -128,8 +149,9 @@ struct Runtime {
 }
 
 impl Runtime {
-    fn start(hierarchy: &MemoryHierarchy, name: &str) -> Option<Self> {
-        let image = node_image()?;
+    /// Containerd with the images of `variables` imported.
+    fn start(hierarchy: &MemoryHierarchy, name: &str, variables: &[&str]) -> Option<Self> {
+        let images = images(variables)?;
         let dir = disk_dir().join(format!("{name}-{}", std::process::id()));
         let tokio = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -137,15 +159,20 @@ impl Runtime {
             .expect("a tokio runtime");
         let containerd = Containerd::start(&dir.join("containerd"), NODE_IMAGE)
             .unwrap_or_else(|err| panic!("{err}"));
-        containerd
-            .import(&image)
-            .unwrap_or_else(|err| panic!("{err}"));
+        for image in &images {
+            containerd
+                .import(image)
+                .unwrap_or_else(|err| panic!("{err}"));
+        }
         let cri = tokio
             .block_on(Cri::connect(containerd.socket(), Duration::from_secs(30)))
             .unwrap_or_else(|err| panic!("{err}"));
         Some(Self {
             tokio,
             cri,
+            kubelet: None,
+            bpffs_made_shared: false,
+            pins_before: Path::new(leak_user::kernel::pin::DEFAULT_PIN_DIR).exists(),
             containerd: Some(containerd),
             hierarchy: hierarchy.clone(),
             parent: format!("/leak-e2e-docker-{}", std::process::id()),
@@ -281,6 +308,56 @@ impl Runtime {
         NodeContainer { cgroup, pid }
     }
 
+    /// Runs deploy/daemonset.yaml's pod through the kubelet stand-in (its pods under a cgroup
+    /// root of their own) and waits until its agent answers; its address.
+    fn run_agent_pod(&mut self) -> SocketAddr {
+        let cri = self
+            .tokio
+            .block_on(Cri::connect(self.cri.path(), Duration::from_secs(30)))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let cgroup_root = format!("/leak-e2e-k8s-{}", std::process::id());
+        let kubelet = Kubelet::new(
+            cri,
+            self.dir.join("root"),
+            self.hierarchy.clone(),
+            &cgroup_root,
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        let kubelet = self.kubelet.insert(kubelet);
+        // A Bidirectional mount needs a shared host mount, as systemd makes every mount.
+        self.bpffs_made_shared = !is_shared_mount(Path::new("/sys/fs/bpf"));
+        if self.bpffs_made_shared {
+            run(Command::new("mount").args(["--make-shared", "/sys/fs/bpf"]));
+        }
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+        let template =
+            pod_spec::read(&manifest, "DaemonSet", "leak").unwrap_or_else(|err| panic!("{err}"));
+        let pod = self
+            .tokio
+            .block_on(kubelet.run_pod(template))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let running = &kubelet.pods()[pod];
+        let ip = running.ip.clone().expect("the agent pod has an address");
+        let addr: SocketAddr = format!("{ip}:9750").parse().expect("an address");
+        let log = kubelet
+            .host_path("/var/log/pods")
+            .join(format!(
+                "{}_{}_{}",
+                running.namespace, running.name, running.uid
+            ))
+            .join("leak/0.log");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !harness::http_get(addr, "/healthz").is_ok_and(|r| r.status == 200) {
+            assert!(
+                Instant::now() < deadline,
+                "the agent pod never answered /healthz on {addr}; its log:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        addr
+    }
+
     fn cgroup_dir(&self, relative: &str) -> PathBuf {
         self.hierarchy.root.join(relative.trim_start_matches('/'))
     }
@@ -323,8 +400,39 @@ fn node_processes(dir: &Path) -> Vec<u32> {
     pids
 }
 
+fn is_shared_mount(point: &Path) -> bool {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        fields.get(4).map(Path::new) == Some(point)
+            && fields
+                .iter()
+                .skip(6)
+                .take_while(|f| **f != "-")
+                .any(|f| f.starts_with("shared:"))
+    })
+}
+
+fn run(command: &mut Command) {
+    let status = command.status().expect("run a command");
+    assert!(status.success(), "{command:?}: {status}");
+}
+
 impl Drop for Runtime {
     fn drop(&mut self) {
+        if let Some(mut kubelet) = self.kubelet.take() {
+            self.tokio.block_on(kubelet.remove_all());
+            // The DaemonSet's agent pinned its probes on the host's bpffs, as deployed; a host
+            // that had no pins before gets none left behind.
+            if !self.pins_before {
+                let _ = Command::new(leak_bin()).arg("unpin").output();
+            }
+        }
+        if self.bpffs_made_shared {
+            let _ = Command::new("mount")
+                .args(["--make-private", "/sys/fs/bpf"])
+                .status();
+        }
         for sandbox in std::mem::take(&mut self.sandboxes) {
             for method in ["StopPodSandbox", "RemovePodSandbox"] {
                 let call = self.cri.call::<_, Empty>(
@@ -466,7 +574,7 @@ fn an_agent_on_the_host_names_the_pods_of_a_node_container() {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut runtime) = Runtime::start(&hierarchy, "leak-e2e-node") else {
+    let Some(mut runtime) = Runtime::start(&hierarchy, "leak-e2e-node", &[NODE_IMAGE_ENV]) else {
         return;
     };
     let pods = [
@@ -567,7 +675,8 @@ fn a_node_container_without_a_log_tree_leaves_its_kills_unnamed() {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut runtime) = Runtime::start(&hierarchy, "leak-e2e-bare-node") else {
+    let Some(mut runtime) = Runtime::start(&hierarchy, "leak-e2e-bare-node", &[NODE_IMAGE_ENV])
+    else {
         return;
     };
     let node = runtime.run_node("bare", "true");
@@ -585,4 +694,53 @@ fn a_node_container_without_a_log_tree_leaves_its_kills_unnamed() {
     expect_unnamed(&agent.wait_for_kill_in(&cgroup.container.relative), &pod);
     assert_eq!(agent.get("/healthz").0, 200, "{}", agent.log());
     assert!(agent.stop().success(), "{}", agent.log());
+}
+
+/// The DaemonSet's agent, in its container with the host's pid namespace and `--rootfs /host`
+/// (the kubelet stand-in's node, which never ran these pods), names a kill in a pod of the node
+/// container from that container's root, as the agent on the host does.
+#[test]
+fn the_daemonsets_agent_names_the_pods_of_a_node_container() {
+    let Some(hierarchy) = privileged() else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut runtime) = Runtime::start(
+        &hierarchy,
+        "leak-e2e-daemonset-node",
+        &[NODE_IMAGE_ENV, AGENT_IMAGE_ENV],
+    ) else {
+        return;
+    };
+    let pod = PodLog::new("cart-7d9f8b", "cart-api");
+    let node = runtime.run_node("node", &pod.shell());
+    let kubepods = Kubepods::under(&hierarchy, &node);
+    let cgroup = kubepods.pod(&pod);
+    let addr = runtime.run_agent_pod();
+    let mut victim = spawn_command_as_init_in(&cgroup.container, {
+        let mut command = Command::new(leak_bin());
+        command.arg("workload").args(FAST.split(' '));
+        command
+    });
+    wait_for_oom_kill(&mut victim, Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kill = loop {
+        let kills = harness::kills(addr, "").unwrap_or_default();
+        if let Some(kill) = kills
+            .into_iter()
+            .find(|kill| kill.cgroup == cgroup.container.relative)
+        {
+            break kill;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent pod reported no kill in {}",
+            cgroup.container.relative
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    expect_named(&kill, &pod);
+    drop(victim);
+    drop(cgroup);
+    drop(kubepods);
 }
