@@ -18,7 +18,9 @@
 //!
 //! `[prefix]` is anything above (`/docker/<id>` for minikube, `/system.slice/docker-<id>.scope`
 //! for kind, `/kubelet` for a kubelet `--cgroup-root`). Where several `kubepods` components
-//! appear (a cluster running inside a pod) the innermost one names the pod.
+//! appear (a cluster running inside a pod) the innermost one names the pod. The prefix also
+//! tells the node: one run as a container keeps its log directories in that container's root
+//! filesystem ([`super::node`]).
 //!
 //! A sandbox (pause) container's cgroup looks like any other container's; the path cannot tell
 //! it apart. It has no log, so [`K8sNames::lookup`] finds its pod but no container name.
@@ -57,12 +59,29 @@ pub enum K8sError {
 /// Reads the pod and container out of a memory cgroup path; `None` for cgroups that are not a
 /// pod's or inside one (system services, the QoS-level `kubepods` cgroups themselves).
 pub fn parse_cgroup_path(path: &str) -> Option<CgroupIdentity> {
+    locate(path).map(|(_, _, identity)| identity)
+}
+
+/// Where the pod's `kubepods` cgroup sits: the path above it (`/docker/<id>`; empty when it is
+/// at the hierarchy's root) and its own name; `None` where [`parse_cgroup_path`] finds no pod.
+pub fn kubepods_parent(path: &str) -> Option<(String, &str)> {
+    let (components, start, _) = locate(path)?;
+    let prefix = match start {
+        0 => String::new(),
+        _ => format!("/{}", components[..start].join("/")),
+    };
+    Some((prefix, components[start]))
+}
+
+/// The path's components, where the pod's `kubepods` component is, and the pod.
+fn locate(path: &str) -> Option<(Vec<&str>, usize, CgroupIdentity)> {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     // Innermost first: a kind cluster inside a pod has the outer pod's components above it,
     // and the kill belongs to the inner one.
-    (0..components.len())
+    let (start, identity) = (0..components.len())
         .rev()
-        .find_map(|start| parse_from_kubepods(&components[start..]))
+        .find_map(|start| Some((start, parse_from_kubepods(&components[start..])?)))?;
+    Some((components, start, identity))
 }
 
 /// Parses `components` if the first one is the kubelet's top-level `kubepods` cgroup.
@@ -221,7 +240,8 @@ struct ContainerName {
 /// Entries outlive their files, so a kill is named after its container was removed.
 #[derive(Debug)]
 pub struct K8sNames {
-    rootfs: PathBuf,
+    /// `None` while there is no file system to read (a node container that is gone).
+    rootfs: Option<PathBuf>,
     pods: HashMap<String, Learned<PodName>>,
     containers: HashMap<String, Learned<ContainerName>>,
     generation: u64,
@@ -238,8 +258,18 @@ impl K8sNames {
     /// Scans once; a directory that cannot be read is retried on later misses (call
     /// [`K8sNames::refresh`] to see why it failed).
     pub fn new(rootfs: PathBuf) -> Self {
-        let mut names = Self {
-            rootfs,
+        let mut names = Self::unrooted();
+        names.rootfs = Some(rootfs);
+        if let Err(err) = names.refresh() {
+            log::debug!("{err}");
+        }
+        names
+    }
+
+    /// Names with nothing to read yet ([`K8sNames::set_rootfs`] gives the root); not scanned.
+    pub fn unrooted() -> Self {
+        Self {
+            rootfs: None,
             pods: HashMap::new(),
             containers: HashMap::new(),
             generation: 0,
@@ -248,11 +278,12 @@ impl K8sNames {
             cri: None,
             cri_unnamed: HashMap::new(),
             refresh_failing: None,
-        };
-        if let Err(err) = names.refresh() {
-            log::debug!("{err}");
         }
-        names
+    }
+
+    /// Where the next refreshes read; what was learned is kept.
+    pub fn set_rootfs(&mut self, rootfs: Option<PathBuf>) {
+        self.rootfs = rootfs;
     }
 
     /// Asks `cri` for the names the log directories do not give.
@@ -278,17 +309,10 @@ impl K8sNames {
     /// no log gives the pod with `container: None`: most likely the sandbox.
     pub fn lookup(&mut self, identity: &CgroupIdentity) -> Option<PodNames> {
         let cached = self.cached(identity);
-        let complete = match (&identity.level, &cached) {
-            (CgroupLevel::Container { .. }, Some(names)) => names.container.is_some(),
-            (_, found) => found.is_some(),
-        };
-        let may_refresh = self
-            .last_refresh
-            .is_none_or(|last| last.elapsed() >= REFRESH_INTERVAL);
-        if complete {
+        if complete(identity, &cached) {
             return cached;
         }
-        if may_refresh {
+        if self.refresh_due() {
             // A tree that breaks while the agent runs (unmounted, unreadable) is worth one
             // warning, not one per kill.
             match self.refresh() {
@@ -311,6 +335,23 @@ impl K8sNames {
         }
         self.ask_runtime(identity);
         self.cached(identity).or(found)
+    }
+
+    /// Whether the names of `identity` are known, all of them; no lookup of it would rescan.
+    pub fn knows(&self, identity: &CgroupIdentity) -> bool {
+        complete(identity, &self.cached(identity))
+    }
+
+    /// Whether a lookup that misses would rescan now (at most once a second).
+    pub fn refresh_due(&self) -> bool {
+        self.last_refresh
+            .is_none_or(|last| last.elapsed() >= REFRESH_INTERVAL)
+    }
+
+    /// Lets the next lookup that misses rescan at once.
+    #[cfg(test)]
+    pub(super) fn expire_refresh(&mut self) {
+        self.last_refresh = None;
     }
 
     /// Learns the names of the identity's container (or sandbox) from the runtime. The
@@ -387,7 +428,9 @@ impl K8sNames {
 
     /// `/var/log/pods/<namespace>_<pod>_<uid>/`: one directory per pod the kubelet has run.
     fn scan_pod_log_dirs(&mut self) -> Result<(), K8sError> {
-        let dir = self.rootfs.join("var/log/pods");
+        let Some(dir) = self.rootfs.as_ref().map(|root| root.join("var/log/pods")) else {
+            return Ok(());
+        };
         for name in list_dir(&dir)? {
             if let Some((uid, pod)) = parse_pod_log_dir(&name) {
                 self.learn_pod(uid, pod);
@@ -401,7 +444,13 @@ impl K8sNames {
     /// that ties a container id to a name. The target also gives the pod's uid when
     /// `/var/log/pods` itself is not mounted; it need not exist, only the link is read.
     fn scan_container_log_links(&mut self) -> Result<(), K8sError> {
-        let dir = self.rootfs.join("var/log/containers");
+        let Some(dir) = self
+            .rootfs
+            .as_ref()
+            .map(|root| root.join("var/log/containers"))
+        else {
+            return Ok(());
+        };
         for name in list_dir(&dir)? {
             let Some((id, container)) = parse_container_log_name(&name) else {
                 continue;
@@ -437,6 +486,15 @@ impl K8sNames {
     fn evict_least_recently_seen(&mut self) {
         evict_least_recently_seen(&mut self.pods, self.max_entries);
         evict_least_recently_seen(&mut self.containers, self.max_entries);
+    }
+}
+
+/// Whether `found` names all that `identity` can be named: a container-level cgroup its
+/// container too.
+pub fn complete(identity: &CgroupIdentity, found: &Option<PodNames>) -> bool {
+    match (&identity.level, found) {
+        (CgroupLevel::Container { .. }, Some(names)) => names.container.is_some(),
+        (_, found) => found.is_some(),
     }
 }
 
@@ -516,15 +574,21 @@ fn parse_container_log_name(name: &str) -> Option<(String, ContainerName)> {
     ))
 }
 
-/// Fills a kill's Kubernetes names from its cgroup paths; kills outside Kubernetes keep empty
-/// names.
-pub fn attribute(kill: &mut Kill, names: &mut K8sNames) {
+/// Fills a kill's Kubernetes names from its cgroup paths, each named by `names` (given the
+/// path and what it says); kills outside Kubernetes keep empty names.
+pub fn attribute(
+    kill: &mut Kill,
+    mut names: impl FnMut(&str, &CgroupIdentity) -> Option<PodNames>,
+) {
     let Some(identity) = parse_cgroup_path(&kill.cgroup) else {
         return;
     };
-    let found = names.lookup(&identity);
-    let oom_identity = kill.oom_cgroup.as_deref().and_then(parse_cgroup_path);
-    let oom_names = oom_identity.as_ref().and_then(|oom| names.lookup(oom));
+    let found = names(&kill.cgroup, &identity);
+    let oom_cgroup = kill.oom_cgroup.as_deref();
+    let oom_identity = oom_cgroup.and_then(parse_cgroup_path);
+    let oom_names = oom_cgroup
+        .zip(oom_identity.as_ref())
+        .and_then(|(path, oom)| names(path, oom));
     if let Some(found) = found {
         kill.names = found.into();
     }

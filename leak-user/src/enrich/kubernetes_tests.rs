@@ -184,6 +184,47 @@ fn innermost_pod_wins_when_clusters_nest() {
 }
 
 #[test]
+fn kubepods_parent_is_the_path_above_the_pods_kubepods() {
+    let node = "1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90a";
+    let kind = format!("/system.slice/docker-{node}.scope/kubelet.slice");
+    let nested = format!("/kubepods/burstable/pod{UID}/{OTHER_ID}/kubelet");
+    for (path, prefix, kubepods) in [
+        (format!("/kubepods/burstable/pod{UID}/{ID}"), "", "kubepods"),
+        (
+            format!("/kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice"),
+            "",
+            "kubepods.slice",
+        ),
+        (
+            format!("/docker/{node}/kubepods/pod{UID}/{ID}/init.scope"),
+            &*format!("/docker/{node}"),
+            "kubepods",
+        ),
+        (
+            format!(
+                "{kind}/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/\
+                 kubelet-kubepods-burstable-pod{UID_SYSTEMD}.slice/cri-containerd-{ID}.scope"
+            ),
+            &*kind,
+            "kubelet-kubepods.slice",
+        ),
+        (
+            format!("{nested}/kubepods/besteffort/pod{UID}/{ID}"),
+            &*nested,
+            "kubepods",
+        ),
+    ] {
+        assert_eq!(
+            kubepods_parent(&path),
+            Some((prefix.to_owned(), kubepods)),
+            "{path}"
+        );
+    }
+    assert_eq!(kubepods_parent("/docker/kubepods/burstable"), None);
+    assert_eq!(kubepods_parent("/system.slice/sshd.service"), None);
+}
+
+#[test]
 fn static_pod_uids_are_plain_hex() {
     let uid = "6d4e8c3c0e8b7f1a3f9a2b1c0d9e8f7a";
     let found = parse(&format!("/kubepods/burstable/pod{uid}/{ID}"));

@@ -8,6 +8,7 @@ pub mod dedup;
 pub mod kernel_kills;
 pub mod kill;
 pub mod kubernetes;
+pub mod node;
 pub mod poll;
 pub mod procfs;
 
@@ -27,12 +28,13 @@ use self::{
     dedup::VictimDedup,
     kill::{assemble, KillContext},
     kubernetes::K8sNames,
+    node::NodeNames,
 };
 
 /// The state enrichment keeps between records.
 pub struct Enricher {
     paths: CgroupPaths,
-    names: K8sNames,
+    names: NodeNames,
     dedup: VictimDedup,
     page_size: u64,
     attach_mode: String,
@@ -47,9 +49,9 @@ pub struct Enricher {
 
 impl Enricher {
     /// `memory` is the memory hierarchy's root directory and version, when one is mounted;
-    /// `rootfs` the node's root filesystem (for the kubelet's log directories); `cri` the
-    /// runtime that names what those do not; `kill_witness` whether a kill witness is attached
-    /// (the probes say so).
+    /// `rootfs` the node's root filesystem (for the kubelet's log directories; nodes run as
+    /// containers are read through their processes' roots); `cri` the runtime that names what
+    /// those do not; `kill_witness` whether a kill witness is attached (the probes say so).
     pub fn new(
         memory: Option<(PathBuf, cgroupfs::Version)>,
         rootfs: PathBuf,
@@ -68,13 +70,15 @@ impl Enricher {
         let cgroup_v2 = memory
             .as_ref()
             .map(|(_, version)| *version == cgroupfs::Version::V2);
+        let memory_root = memory.map(|(root, _)| root);
+        let proc_root = PathBuf::from("/proc");
         Self {
-            paths: CgroupPaths::new(memory.map(|(root, _)| root)),
-            names,
+            paths: CgroupPaths::new(memory_root.clone()),
+            names: NodeNames::new(names, memory_root, proc_root.clone()),
             dedup: VictimDedup::default(),
             page_size,
             attach_mode: attach_mode.to_owned(),
-            proc_root: PathBuf::from("/proc"),
+            proc_root,
             seq: 0,
             last_attribution: None,
             cgroup_v2,
@@ -132,7 +136,9 @@ impl Enricher {
             );
             return None;
         }
-        kubernetes::attribute(&mut kill, &mut self.names);
+        kubernetes::attribute(&mut kill, |path, identity| {
+            self.names.lookup(path, identity)
+        });
         self.attach_timelines(&mut kill, timelines);
         Some(kill)
     }
@@ -165,7 +171,7 @@ impl Enricher {
     pub fn cgroup_labels(&mut self, id: u64) -> Option<CgroupLabels> {
         let path = self.paths.lookup(id)?;
         let names = kubernetes::parse_cgroup_path(&path)
-            .and_then(|identity| self.names.lookup(&identity))
+            .and_then(|identity| self.names.lookup(&path, &identity))
             .map(Into::into)
             .unwrap_or_default();
         Some(CgroupLabels {
