@@ -242,8 +242,9 @@ fn mount_point(point: &Path) -> Option<bool> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     mountinfo
         .lines()
+        .rev()
         .map(|line| line.split(' ').collect::<Vec<&str>>())
-        .filter(|fields| fields.get(4).map(Path::new) == Some(point))
+        .find(|fields| fields.get(4).map(Path::new) == Some(point))
         .map(|fields| {
             fields
                 .iter()
@@ -251,7 +252,6 @@ fn mount_point(point: &Path) -> Option<bool> {
                 .take_while(|f| **f != "-")
                 .any(|f| f.starts_with("shared:"))
         })
-        .last()
 }
 
 fn run(command: &mut Command) {

@@ -546,9 +546,13 @@ mod tests {
     fn arch_options_add_up_without_repeats() {
         let options = Options {
             archs: vec![ArchOption::Arm64, ArchOption::All, ArchOption::Amd64],
+            node_tools: false,
         };
         assert_eq!(options.archs().ok(), Some(vec![Arch::Arm64, Arch::Amd64]));
-        let default = Options { archs: Vec::new() };
+        let default = Options {
+            archs: Vec::new(),
+            node_tools: false,
+        };
         assert_eq!(default.archs().ok(), Arch::host().map(|arch| vec![arch]));
     }
 

@@ -91,11 +91,12 @@ pub fn missing(needs: &Needs<'_>) -> Vec<String> {
 fn is_hierarchy_root(dir: &Path) -> bool {
     let inode = fs::metadata(dir).map(|m| m.ino());
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // The last mount at `dir` is the one in view.
     let mount_root = mountinfo
         .lines()
+        .rev()
         .filter(|line| line.split(' ').nth(4).map(Path::new) == Some(dir))
-        .filter_map(|line| line.split(' ').nth(3))
-        .last()
+        .find_map(|line| line.split(' ').nth(3))
         .map(str::to_owned);
     log::debug!(
         "{}: inode {inode:?}, mount root {mount_root:?}",
