@@ -39,6 +39,9 @@ pub struct Kernel {
     pub root: PathBuf,
     pub vmlinuz: PathBuf,
     pub btf: PathBuf,
+    /// The kernel's build configuration (`boot/config-<release>`), when the package ships it
+    /// (7.x's split packages do not).
+    pub config: Option<PathBuf>,
 }
 
 /// The private apt folder: this machine's architecture's, as before arm64 kernels were
@@ -282,11 +285,13 @@ pub fn fetch_arch(arch: Arch, series: &str) -> Result<Kernel> {
         .with_context(|| format!("{release} has no BTF (built without CONFIG_DEBUG_INFO_BTF)"))?;
         fs::write(&btf, section)?;
     }
+    let config = root.join("boot").join(format!("config-{release}"));
     Ok(Kernel {
         release,
         root,
         vmlinuz,
         btf,
+        config: config.is_file().then_some(config),
     })
 }
 

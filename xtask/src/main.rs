@@ -3,7 +3,9 @@
 mod bench;
 mod bootstrap;
 mod cpio;
+mod debs;
 mod fuzz;
+mod guest;
 mod image;
 mod kernels;
 mod lint;
