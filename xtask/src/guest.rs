@@ -63,14 +63,6 @@ pub fn console(arch: Arch) -> &'static str {
     }
 }
 
-/// Hard limit for one kernel's boot and tests when none is given, in seconds.
-pub fn default_timeout(arch: Arch) -> u64 {
-    match arch {
-        Arch::Amd64 => 1500,
-        Arch::Arm64 => 5400,
-    }
-}
-
 /// Builds (release) and gathers everything the initramfs of `arch` carries, after installing
 /// what is missing.
 pub fn prepare(arch: Arch) -> Result<Guest> {
