@@ -795,8 +795,9 @@ fn exiting_victim_with(hierarchy: &MemoryHierarchy, attach: &str) {
         stdin.write_all(b"go\n").expect("start dd");
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    // `D` in write(2) (syscall 1 on x86_64).
-    while task_state(pid) != Some(('D', "1".to_owned())) {
+    // `D` in write(2): this architecture's number (1 on x86_64, 64 on aarch64).
+    let write = libc::SYS_write.to_string();
+    while task_state(pid) != Some(('D', write.clone())) {
         assert!(
             Instant::now() < deadline,
             "dd never slept in its write: {:?}",

@@ -1,7 +1,7 @@
 //! Debian's cloud kernels: resolve a series (5.10, 6.1, 6.12 ...) to the newest
-//! `linux-image-*-cloud-amd64` package of the suites that carry it, through a private apt
-//! configuration (the system's sources are never touched), download it, cache it, and extract
-//! the kernel image and its BTF.
+//! `linux-image-*-cloud-<arch>` package (amd64 or arm64) of the suites that carry it, through a
+//! private apt configuration (the system's sources are never touched), download it, cache it,
+//! and extract the kernel image and its BTF.
 
 use std::{
     fs,
@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bootstrap::{self, cache_dir, output, say};
+use crate::{
+    bootstrap::{self, cache_dir, output, say},
+    musl::Arch,
+};
 
 /// Suites searched for kernels, oldest first.
 const SUITES: &[(&str, &str)] = &[
@@ -36,15 +39,23 @@ pub struct Kernel {
     pub root: PathBuf,
     pub vmlinuz: PathBuf,
     pub btf: PathBuf,
+    /// The kernel's build configuration (`boot/config-<release>`), when the package ships it
+    /// (7.x's split packages do not).
+    pub config: Option<PathBuf>,
 }
 
-fn apt_dir() -> PathBuf {
-    cache_dir().join("apt")
+/// The private apt folder: this machine's architecture's, as before arm64 kernels were
+/// fetched, and one per other architecture.
+fn apt_dir(arch: Arch) -> PathBuf {
+    match Arch::host() == Some(arch) {
+        true => cache_dir().join("apt"),
+        false => cache_dir().join(format!("apt-{}", arch.name())),
+    }
 }
 
-fn apt_options() -> Vec<String> {
-    let dir = apt_dir();
-    vec![
+fn apt_options(arch: Arch) -> Vec<String> {
+    let dir = apt_dir(arch);
+    let mut options = vec![
         format!(
             "-oDir::Etc::SourceList={}",
             dir.join("sources.list").display()
@@ -54,14 +65,27 @@ fn apt_options() -> Vec<String> {
         format!("-oDir::Cache={}", dir.join("cache").display()),
         "-oAPT::Sandbox::User=root".into(),
         "-qq".into(),
-    ]
+    ];
+    if Arch::host() != Some(arch) {
+        // Another architecture's lists, and an empty package status: the host's packages,
+        // of its own architecture, are nothing to this apt.
+        options.extend([
+            format!("-oAPT::Architecture={}", arch.name()),
+            format!("-oAPT::Architectures={}", arch.name()),
+            format!("-oDir::State::status={}", dir.join("status").display()),
+        ]);
+    }
+    options
 }
 
 /// Writes the private sources list and updates its package lists (once per day).
-fn apt_update() -> Result<()> {
-    let dir = apt_dir();
+fn apt_update(arch: Arch) -> Result<()> {
+    let dir = apt_dir(arch);
     fs::create_dir_all(dir.join("lists").join("partial"))?;
     fs::create_dir_all(dir.join("cache").join("archives").join("partial"))?;
+    if Arch::host() != Some(arch) {
+        fs::write(dir.join("status"), "")?;
+    }
     let sources: String = SUITES
         .iter()
         .map(|(uri, suite)| format!("deb [signed-by={KEYRING}] {uri} {suite} main\n"))
@@ -79,10 +103,17 @@ fn apt_update() -> Result<()> {
         bootstrap::debian_packages(&[("true", "debian-archive-keyring")])?;
     }
     fs::write(&list, sources)?;
-    say("updating the private apt lists for Debian's kernel suites");
+    say(format!(
+        "updating the private apt lists for Debian's {} kernel suites",
+        arch.name()
+    ));
     // One suite failing (sid moving under us, a mirror hiccup) leaves the others' lists in
     // place: carry on with them, and try again next time.
-    match bootstrap::run(Command::new("apt-get").args(apt_options()).arg("update")) {
+    match bootstrap::run(
+        Command::new("apt-get")
+            .args(apt_options(arch))
+            .arg("update"),
+    ) {
         Ok(()) => fs::write(stamp, "")?,
         Err(err) => say(format!(
             "apt-get update of the kernel suites failed ({err:#}); using the lists it fetched"
@@ -95,12 +126,17 @@ fn apt_update() -> Result<()> {
 /// sid carry the newest): a kernel always there, whichever versions the archive holds today.
 pub const NEWEST: &str = "newest";
 
-/// `linux-image-<series>.<...>-cloud-amd64` package names, excluding debug and unsigned ones.
-fn matches_series(package: &str, series: &str) -> bool {
+/// The end of `arch`'s cloud kernel package names.
+fn flavour(arch: Arch) -> String {
+    format!("-cloud-{}", arch.name())
+}
+
+/// `linux-image-<series>.<...>-cloud-<arch>` package names, excluding debug and unsigned ones.
+fn matches_series(package: &str, series: &str, arch: Arch) -> bool {
     let Some(rest) = package.strip_prefix("linux-image-") else {
         return false;
     };
-    let Some(version) = rest.strip_suffix("-cloud-amd64") else {
+    let Some(version) = rest.strip_suffix(&flavour(arch)) else {
         return false;
     };
     if series == NEWEST {
@@ -121,11 +157,11 @@ fn matches_series(package: &str, series: &str) -> bool {
 }
 
 /// Sorts Debian versions with `dpkg --compare-versions` semantics, good enough for ABI names.
-fn version_key(package: &str) -> Vec<u64> {
+fn version_key(package: &str, arch: Arch) -> Vec<u64> {
     // Only the version part: the `64` of `amd64` is not a version number.
     let version = package
         .trim_start_matches("linux-image-")
-        .trim_end_matches("-cloud-amd64");
+        .trim_end_matches(&flavour(arch));
     version
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|part| part.parse().ok())
@@ -133,20 +169,21 @@ fn version_key(package: &str) -> Vec<u64> {
 }
 
 /// The newest cloud kernel package of `series`.
-fn newest_package(series: &str) -> Result<String> {
+fn newest_package(series: &str, arch: Arch) -> Result<String> {
     let names = output(
         Command::new("apt-cache")
-            .args(apt_options())
+            .args(apt_options(arch))
             .args(["pkgnames", "linux-image-"]),
     )?;
     let mut candidates: Vec<&str> = names
         .lines()
-        .filter(|p| matches_series(p, series))
+        .filter(|p| matches_series(p, series, arch))
         .collect();
-    candidates.sort_by_key(|p| version_key(p));
+    candidates.sort_by_key(|p| version_key(p, arch));
     candidates.last().map(|p| (*p).to_owned()).with_context(|| {
         format!(
-            "no linux-image-{series}*-cloud-amd64 in {}",
+            "no linux-image-{series}*{} in {}",
+            flavour(arch),
             SUITES
                 .iter()
                 .map(|(_, s)| *s)
@@ -156,13 +193,22 @@ fn newest_package(series: &str) -> Result<String> {
     })
 }
 
-/// Downloads (or reuses) and unpacks the newest kernel of `series`, and extracts its BTF.
+/// Downloads (or reuses) and unpacks the newest amd64 kernel of `series`, and extracts its BTF.
 pub fn fetch(series: &str) -> Result<Kernel> {
+    fetch_arch(Arch::Amd64, series)
+}
+
+/// Downloads (or reuses) and unpacks the newest `arch` kernel of `series`, and extracts its BTF.
+pub fn fetch_arch(arch: Arch, series: &str) -> Result<Kernel> {
     bootstrap::debian_packages(&[("dpkg-deb", "dpkg"), ("xz", "xz-utils"), ("zstd", "zstd")])?;
     let kernels = cache_dir().join("kernels");
     fs::create_dir_all(&kernels)?;
-    let pinned = kernels.join(format!("{series}.package"));
-    let package = match apt_update().and_then(|()| newest_package(series)) {
+    // The last package fetched for the series, for working offline.
+    let pinned = match Arch::host() == Some(arch) {
+        true => kernels.join(format!("{series}.package")),
+        false => kernels.join(format!("{series}-{}.package", arch.name())),
+    };
+    let package = match apt_update(arch).and_then(|()| newest_package(series, arch)) {
         Ok(package) => {
             fs::write(&pinned, &package)?;
             package
@@ -185,7 +231,7 @@ pub fn fetch(series: &str) -> Result<Kernel> {
         say(format!("downloading {package}"));
         bootstrap::run(
             Command::new("apt-get")
-                .args(apt_options())
+                .args(apt_options(arch))
                 .args(["download", &package])
                 .current_dir(&download),
         )?;
@@ -207,7 +253,7 @@ pub fn fetch(series: &str) -> Result<Kernel> {
             say(format!("downloading {}", parts.join(" ")));
             bootstrap::run(
                 Command::new("apt-get")
-                    .args(apt_options())
+                    .args(apt_options(arch))
                     .arg("download")
                     .args(&parts)
                     .current_dir(&download),
@@ -229,17 +275,23 @@ pub fn fetch(series: &str) -> Result<Kernel> {
     let btf = kernels.join(format!("{release}.btf"));
     if !btf.exists() {
         say(format!("extracting BTF from {}", vmlinuz.display()));
-        let vmlinux = decompress_bzimage(&vmlinuz)?;
-        let section = elf_section(&vmlinux, ".BTF").with_context(|| {
-            format!("{release} has no .BTF section (built without CONFIG_DEBUG_INFO_BTF)")
-        })?;
+        let section = match arch {
+            Arch::Amd64 => {
+                let vmlinux = decompress_bzimage(&vmlinuz)?;
+                elf_section(&vmlinux, ".BTF").map(<[u8]>::to_vec)
+            }
+            Arch::Arm64 => arm64_btf(&arm64_image(&vmlinuz)?),
+        }
+        .with_context(|| format!("{release} has no BTF (built without CONFIG_DEBUG_INFO_BTF)"))?;
         fs::write(&btf, section)?;
     }
+    let config = root.join("boot").join(format!("config-{release}"));
     Ok(Kernel {
         release,
         root,
         vmlinuz,
         btf,
+        config: config.is_file().then_some(config),
     })
 }
 
@@ -324,6 +376,59 @@ pub fn decompress_bzimage(path: &Path) -> Result<Vec<u8>> {
     Ok(result.stdout)
 }
 
+/// An arm64 kernel `Image`: Debian ships it as is (6.1, 6.12), or gzip-compressed.
+fn arm64_image(path: &Path) -> Result<Vec<u8>> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let image = match bytes.starts_with(&[0x1f, 0x8b]) {
+        true => output_bytes(Command::new("gzip").arg("-dc").arg(path))?,
+        false => bytes,
+    };
+    // The arm64 boot header: its magic, "ARM\x64", at offset 56.
+    if image.get(56..60) != Some(b"ARM\x64") {
+        bail!("{} is not an arm64 kernel Image", path.display());
+    }
+    Ok(image)
+}
+
+fn output_bytes(command: &mut Command) -> Result<Vec<u8>> {
+    let result = command
+        .output()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !result.status.success() {
+        bail!("{command:?} failed with {}", result.status);
+    }
+    Ok(result.stdout)
+}
+
+/// The kernel's BTF inside a raw `Image`, which keeps no section headers: the `.BTF` section
+/// is where a BTF header (magic 0xeb9f, version 1, 24 bytes, types right after it, strings
+/// right after the types) describes a blob that fits, and whose string table starts and ends
+/// with a NUL; the largest such blob, as the kernel's BTF is megabytes.
+fn arm64_btf(image: &[u8]) -> Option<Vec<u8>> {
+    const HEADER: [u8; 12] = [0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0];
+    let u32_at = |at: usize| -> Option<usize> {
+        let bytes = image.get(at..at.checked_add(4)?)?;
+        usize::try_from(u32::from_le_bytes(bytes.try_into().ok()?)).ok()
+    };
+    let blob = |at: usize| -> Option<&[u8]> {
+        let (type_len, str_off, str_len) = (u32_at(at + 12)?, u32_at(at + 16)?, u32_at(at + 20)?);
+        if str_off != type_len || str_len == 0 {
+            return None;
+        }
+        let strings = at.checked_add(24)?.checked_add(str_off)?;
+        let end = strings.checked_add(str_len)?;
+        let table = image.get(strings..end)?;
+        (table.first() == Some(&0) && table.last() == Some(&0)).then(|| &image[at..end])
+    };
+    image
+        .windows(HEADER.len())
+        .enumerate()
+        .filter(|(_, window)| *window == HEADER)
+        .filter_map(|(at, _)| blob(at))
+        .max_by_key(|blob| blob.len())
+        .map(<[u8]>::to_vec)
+}
+
 /// The contents of section `name` of a little-endian ELF64 file.
 pub fn elf_section<'a>(elf: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let u16_at = |at: usize| {
@@ -387,39 +492,105 @@ mod tests {
 
     #[test]
     fn matches_series_names() {
-        assert!(matches_series("linux-image-5.10.0-46-cloud-amd64", "5.10"));
+        assert!(matches_series(
+            "linux-image-5.10.0-46-cloud-amd64",
+            "5.10",
+            Arch::Amd64
+        ));
         assert!(matches_series(
             "linux-image-7.3.4+deb13-cloud-amd64",
-            NEWEST
+            NEWEST,
+            Arch::Amd64
         ));
-        assert!(!matches_series("linux-image-cloud-amd64", NEWEST));
-        assert!(!matches_series("linux-image-6.1-cloud-amd64", NEWEST));
+        assert!(!matches_series(
+            "linux-image-cloud-amd64",
+            NEWEST,
+            Arch::Amd64
+        ));
+        assert!(!matches_series(
+            "linux-image-6.1-cloud-amd64",
+            NEWEST,
+            Arch::Amd64
+        ));
         assert!(matches_series(
             "linux-image-6.12.48+deb13-cloud-amd64",
-            "6.12"
+            "6.12",
+            Arch::Amd64
         ));
         assert!(matches_series(
             "linux-image-6.12.12+bpo-cloud-amd64",
-            "6.12"
+            "6.12",
+            Arch::Amd64
         ));
-        assert!(!matches_series("linux-image-6.1.0-57-cloud-amd64", "6.12"));
+        assert!(!matches_series(
+            "linux-image-6.1.0-57-cloud-amd64",
+            "6.12",
+            Arch::Amd64
+        ));
         assert!(!matches_series(
             "linux-image-6.12.48+deb13-cloud-amd64-dbg",
-            "6.12"
+            "6.12",
+            Arch::Amd64
         ));
         assert!(!matches_series(
             "linux-image-6.1.0-57-cloud-amd64-unsigned",
-            "6.1"
+            "6.1",
+            Arch::Amd64
         ));
-        assert!(!matches_series("linux-image-cloud-amd64", "6.1"));
+        assert!(!matches_series(
+            "linux-image-cloud-amd64",
+            "6.1",
+            Arch::Amd64
+        ));
         assert!(matches_series(
             "linux-image-5.10.0-30-cloud-amd64",
-            "5.10.0-30"
+            "5.10.0-30",
+            Arch::Amd64
         ));
         assert!(!matches_series(
             "linux-image-5.10.0-30-cloud-amd64",
-            "5.10.0-3"
+            "5.10.0-3",
+            Arch::Amd64
         ));
+    }
+
+    #[test]
+    fn arm64_kernels_by_their_flavour() {
+        assert!(matches_series(
+            "linux-image-6.1.0-57-cloud-arm64",
+            "6.1",
+            Arch::Arm64
+        ));
+        assert!(!matches_series(
+            "linux-image-6.1.0-57-cloud-amd64",
+            "6.1",
+            Arch::Arm64
+        ));
+        assert!(!matches_series(
+            "linux-image-6.1.0-57-cloud-arm64",
+            "6.1",
+            Arch::Amd64
+        ));
+        assert_eq!(
+            version_key("linux-image-6.12.117+deb13-cloud-arm64", Arch::Arm64),
+            [6, 12, 117, 13]
+        );
+    }
+
+    #[test]
+    fn finds_the_btf_blob_in_a_raw_image() {
+        // A BTF header, 4 bytes of types, 3 of strings ("\0a\0"), inside other bytes; and a
+        // header whose strings do not start with a NUL, which is not BTF.
+        let mut btf = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0];
+        for field in [4u32, 4, 3] {
+            btf.extend(field.to_le_bytes());
+        }
+        btf.extend([1, 2, 3, 4, 0, b'a', 0]);
+        let mut fake = btf.clone();
+        fake[28] = b'x';
+        let image = [&[7u8; 100][..], &fake, &[0; 9], &btf, &[5; 50]].concat();
+        assert_eq!(arm64_btf(&image), Some(btf));
+        assert_eq!(arm64_btf(&image[..150]), None);
     }
 
     #[test]
@@ -429,7 +600,7 @@ mod tests {
             "linux-image-6.1.0-57-cloud-amd64",
             "linux-image-6.1.0-10-cloud-amd64",
         ];
-        names.sort_by_key(|p| version_key(p));
+        names.sort_by_key(|p| version_key(p, Arch::Amd64));
         assert_eq!(names.last(), Some(&"linux-image-6.1.0-57-cloud-amd64"));
     }
 }

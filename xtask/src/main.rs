@@ -3,7 +3,9 @@
 mod bench;
 mod bootstrap;
 mod cpio;
+mod debs;
 mod fuzz;
+mod guest;
 mod image;
 mod kernels;
 mod lint;
@@ -46,6 +48,9 @@ enum Command {
     Bootstrap,
     /// Download Debian kernel packages for SERIES (e.g. 5.10, 6.1) and extract their BTF.
     KernelBtf {
+        /// The kernels' architecture.
+        #[arg(long, value_enum, default_value_t = musl::Arch::Amd64)]
+        arch: musl::Arch,
         #[arg(required = true)]
         series: Vec<String>,
     },
@@ -61,9 +66,9 @@ fn main() -> anyhow::Result<()> {
         Command::Lint => lint::run_alone(),
         Command::Fuzz => fuzz::run_alone(),
         Command::Bootstrap => bootstrap::all(),
-        Command::KernelBtf { series } => {
+        Command::KernelBtf { arch, series } => {
             for series in series {
-                let kernel = kernels::fetch(&series)?;
+                let kernel = kernels::fetch_arch(arch, &series)?;
                 println!("{}: {}", kernel.release, kernel.btf.display());
             }
             Ok(())

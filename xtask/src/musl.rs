@@ -13,7 +13,10 @@ use std::{ffi::OsString, fs, path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bootstrap::{self, cache_dir, output, say, workspace_root};
+use crate::{
+    bootstrap::{self, output, say, workspace_root},
+    debs,
+};
 
 /// Debian packages for building another architecture's C: the compiler, the archiver cc-rs
 /// needs for its static libraries (the host's GNU `ar` writes no symbol index for foreign
@@ -51,7 +54,7 @@ impl Arch {
     }
 
     /// The name Rust, the kernel (`uname -m`) and musl's include folder use.
-    fn machine(self) -> &'static str {
+    pub fn machine(self) -> &'static str {
         match self {
             Self::Amd64 => "x86_64",
             Self::Arm64 => "aarch64",
@@ -146,62 +149,17 @@ pub fn mebibytes(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1 << 20)
 }
 
-/// musl's C headers for `arch`, from Debian's `musl-dev` of that architecture: apt reads the
-/// system's sources but keeps its lists, cache and (empty) package status under target/xtask,
-/// so the host's apt state and architectures are left alone.
+/// musl's C headers for `arch`, from Debian's `musl-dev` of that architecture, unpacked (never
+/// installed).
 fn musl_headers(arch: Arch) -> Result<PathBuf> {
-    let dir = cache_dir().join("musl").join(arch.name());
-    let root = dir.join("root");
+    let root = debs::unpacked(arch, "musl-dev")?;
     let include = root
         .join("usr/include")
         .join(format!("{}-linux-musl", arch.machine()));
-    if include.join("stdio.h").exists() {
-        return Ok(include);
-    }
-    let apt = dir.join("apt");
-    fs::create_dir_all(apt.join("lists/partial"))?;
-    fs::create_dir_all(apt.join("cache/archives/partial"))?;
-    let status = apt.join("status");
-    fs::write(&status, "")?;
-    let options: Vec<OsString> = [
-        format!("-oAPT::Architecture={}", arch.name()),
-        format!("-oAPT::Architectures={}", arch.name()),
-        format!("-oDir::State::Lists={}", apt.join("lists").display()),
-        format!("-oDir::Cache={}", apt.join("cache").display()),
-        format!("-oDir::State::status={}", status.display()),
-        "-oAPT::Sandbox::User=root".into(),
-        "-qq".into(),
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .collect();
-    say(format!(
-        "downloading Debian's musl-dev for {} (the C headers SQLite and ring compile against)",
-        arch.name()
-    ));
-    bootstrap::run(Command::new("apt-get").args(&options).arg("update"))?;
-    let download = dir.join("download");
-    let _ = fs::remove_dir_all(&download);
-    fs::create_dir_all(&download)?;
-    bootstrap::run(
-        Command::new("apt-get")
-            .args(&options)
-            .arg("download")
-            .arg(format!("musl-dev:{}", arch.name()))
-            .current_dir(&download),
-    )?;
-    let deb = fs::read_dir(&download)?
-        .flatten()
-        .map(|entry| entry.path())
-        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
-        .context("apt-get download musl-dev produced no .deb")?;
-    let _ = fs::remove_dir_all(&root);
-    bootstrap::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-    let _ = fs::remove_dir_all(&download);
     if !include.join("stdio.h").exists() {
         bail!(
-            "{} has no {}: did Debian move musl's headers?",
-            deb.display(),
+            "Debian's musl-dev for {} has no {}: did Debian move musl's headers?",
+            arch.name(),
             include.join("stdio.h").display()
         );
     }

@@ -1,5 +1,6 @@
 //! `cargo xtask vm`: the end-to-end tests inside Debian's real kernels under QEMU, once per
-//! attach mode, on cgroup v2, with a virtio disk for the page-cache scenario.
+//! attach mode, on cgroup v2, with a virtio disk for the page-cache scenario; amd64 kernels, or
+//! arm64 ones on QEMU's `virt` board (see [`guest`](crate::guest)).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -14,16 +15,38 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bootstrap::{self, output, say},
+    bootstrap::{self, say},
     cpio::Archive,
+    guest::{self, Guest},
     kernels::{self, Kernel},
+    musl::Arch,
 };
 
-/// Every attach mode; `auto` must choose fentry on kernels that allow it.
-pub const ALL_MODES: &str = "auto,fentry,kprobe,tp_btf,tracepoint";
 /// The suite's modes: `auto` must choose fentry on every suite kernel (the tests check what
 /// it chose), so its cell is the fentry cell and fentry is not run twice.
 pub const SUITE_MODES: &str = "auto,kprobe,tp_btf,tracepoint";
+/// What each attach mode needs from the kernel's build, in `auto`'s order, by the options of
+/// its configuration (`boot/config-<release>`). This is the VMs' own account, apart from the
+/// agent's table: by default a kernel runs the modes its configuration offers, `auto` must
+/// choose the first, and the agent must refuse the others. fentry on a kernel function needs
+/// the ftrace direct calls its trampoline is called through: x86 since 5.5, arm64 since 6.4
+/// (Debian's arm64 6.1 has none, its 6.12 has them).
+const MODE_NEEDS: &[(&str, &[&str])] = &[
+    (
+        "fentry",
+        &[
+            "CONFIG_BPF_JIT",
+            "CONFIG_DEBUG_INFO_BTF",
+            "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS",
+        ],
+    ),
+    ("kprobe", &["CONFIG_KPROBES", "CONFIG_KPROBE_EVENTS"]),
+    ("tp_btf", &["CONFIG_DEBUG_INFO_BTF"]),
+    (
+        "tracepoint",
+        &["CONFIG_TRACEPOINTS", "CONFIG_EVENT_TRACING"],
+    ),
+];
 /// `oom_e2e` tests whose subject does not depend on the attach mode (the demo, the HTTP
 /// server, the unprivileged refusal): run in a kernel's first cell only.
 const ONCE_PER_KERNEL: &[&str] = &[
@@ -39,13 +62,20 @@ pub struct Options {
     /// Debian cloud kernel series to boot (5.10, 6.1, 6.12 ...); repeat for several.
     #[arg(long = "kernel", required = true)]
     kernels: Vec<String>,
-    /// Attach modes to test, comma-separated.
-    #[arg(long, default_value = ALL_MODES)]
-    modes: String,
-    /// The mode `auto` must pick on these kernels.
-    #[arg(long, default_value = "fentry")]
-    expect_auto: String,
-    /// Hard limit for one kernel's boot and tests, in seconds.
+    /// The kernels' and the binaries' architecture: amd64, or arm64 (emulated on QEMU's `virt`
+    /// board, with static musl builds of leak and the tests).
+    #[arg(long, value_enum, default_value_t = Arch::Amd64)]
+    arch: Arch,
+    /// Attach modes to test, comma-separated [default: auto and every mode the kernel's
+    /// configuration offers; the agent must refuse the others].
+    #[arg(long)]
+    modes: Option<String>,
+    /// The mode `auto` must pick on these kernels [default: the first the kernel's
+    /// configuration offers, of fentry, kprobe, tp_btf, tracepoint].
+    #[arg(long)]
+    expect_auto: Option<String>,
+    /// Hard limit for one kernel's boot and tests, in seconds (arm64 under TCG takes about as
+    /// long as amd64: 6.12 with --restart 837 s).
     #[arg(long, default_value_t = 1500)]
     timeout: u64,
     /// Skip the Kubernetes-layout tests.
@@ -80,22 +110,95 @@ pub struct Outcome {
     pub detail: String,
     /// `leak bench`'s JSON, for the bench line.
     pub bench: Option<serde_json::Value>,
+    /// From the end of the one before (or the init's start) to its result, as the console
+    /// showed them.
+    pub seconds: Option<f64>,
+}
+
+/// A kernel's attach modes by its configuration.
+#[derive(Debug, PartialEq, Eq)]
+struct Offer {
+    /// The modes it offers, in `auto`'s order.
+    modes: Vec<&'static str>,
+    /// The modes it lacks, each with the options it lacks.
+    lacks: Vec<(&'static str, Vec<&'static str>)>,
+}
+
+impl Offer {
+    /// From the text of a kernel's configuration.
+    fn from_config(config: &str) -> Self {
+        let set: HashSet<&str> = config
+            .lines()
+            .filter_map(|line| line.strip_suffix("=y"))
+            .collect();
+        let mut offer = Offer {
+            modes: Vec::new(),
+            lacks: Vec::new(),
+        };
+        for (mode, needs) in MODE_NEEDS {
+            let missing: Vec<&str> = needs.iter().copied().filter(|o| !set.contains(o)).collect();
+            match missing.is_empty() {
+                true => offer.modes.push(mode),
+                false => offer.lacks.push((mode, missing)),
+            }
+        }
+        offer
+    }
+
+    /// Of `kernel`: every mode when its package ships no configuration (7.x's split packages),
+    /// which every Debian kernel so far offered; a wrong guess fails the run, it hides nothing.
+    fn of(kernel: &Kernel) -> Result<Self> {
+        match &kernel.config {
+            Some(path) => Ok(Self::from_config(
+                &fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+            )),
+            None => {
+                say(format!(
+                    "{} ships no kernel configuration: expecting every attach mode",
+                    kernel.release
+                ));
+                Ok(Self {
+                    modes: MODE_NEEDS.iter().map(|(mode, _)| *mode).collect(),
+                    lacks: Vec::new(),
+                })
+            }
+        }
+    }
 }
 
 pub fn run(options: Options) -> Result<()> {
-    let settings = Settings {
-        k8s: !options.no_k8s,
-        bench: false,
-        restart_on: match options.restart {
-            true => options.kernels.clone(),
-            false => Vec::new(),
-        },
-        modes: options.modes,
-        expect_auto: options.expect_auto,
-        timeout: Duration::from_secs(options.timeout),
-        filter: options.filter,
-    };
-    let outcomes = run_kernels(&options.kernels, &settings)?;
+    kernel_filter(&options.filter)?;
+    let arch = options.arch;
+    let guest = guest::prepare(arch)?;
+    let mut outcomes = Vec::new();
+    for series in &options.kernels {
+        let kernel = kernels::fetch_arch(arch, series)?;
+        let offer = Offer::of(&kernel)?;
+        let first = offer.modes.first().copied().unwrap_or("none");
+        let settings = Settings {
+            k8s: !options.no_k8s,
+            bench: false,
+            restart_on: match options.restart {
+                true => options.kernels.clone(),
+                false => Vec::new(),
+            },
+            modes: options.modes.clone().unwrap_or_else(|| {
+                std::iter::once("auto")
+                    .chain(offer.modes.iter().copied())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+            expect_auto: options.expect_auto.clone().unwrap_or(first.to_owned()),
+            timeout: Duration::from_secs(options.timeout),
+            filter: options.filter.clone(),
+        };
+        // Modes chosen by hand are the caller's to judge.
+        let refuse = match options.modes {
+            Some(_) => Vec::new(),
+            None => offer.lacks,
+        };
+        outcomes.extend(run_kernel(&kernel, &guest, &settings, series, &refuse));
+    }
     report(&outcomes)
 }
 
@@ -104,10 +207,14 @@ pub fn report(outcomes: &[Outcome]) -> Result<()> {
     say("VM results:");
     for outcome in outcomes {
         eprintln!(
-            "  {:<26} {:<11} {}{}",
+            "  {:<26} {:<11} {} {:>7}{}",
             outcome.kernel,
             outcome.mode,
             if outcome.passed { "PASS" } else { "FAIL" },
+            outcome
+                .seconds
+                .map(|s| format!("{s:.0} s"))
+                .unwrap_or_default(),
             if outcome.detail.is_empty() {
                 String::new()
             } else {
@@ -122,114 +229,45 @@ pub fn report(outcomes: &[Outcome]) -> Result<()> {
     Ok(())
 }
 
+/// Boots each amd64 kernel of `series` with the same settings.
 pub fn run_kernels(series: &[String], settings: &Settings) -> Result<Vec<Outcome>> {
     kernel_filter(&settings.filter)?;
-    bootstrap::ebpf_toolchain()?;
-    bootstrap::debian_packages(&[
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("busybox", "busybox-static"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("prometheus", "prometheus"),
-        ("promtool", "prometheus"),
-    ])?;
-    let binaries = build_binaries()?;
+    let guest = guest::prepare(Arch::Amd64)?;
     let mut outcomes = Vec::new();
     for series in series {
         let kernel = kernels::fetch(series)?;
-        let started = Instant::now();
-        let restart = settings.restart_on.contains(series);
-        let result = boot(&kernel, &binaries, settings, restart);
-        say(format!(
-            "{}: {:.1} s in the VM",
-            kernel.release,
-            started.elapsed().as_secs_f64()
-        ));
-        match result {
-            Ok(mut results) => outcomes.append(&mut results),
-            Err(err) => outcomes.push(Outcome {
-                kernel: kernel.release.clone(),
-                mode: "boot".into(),
-                passed: false,
-                detail: format!("{err:#}"),
-                bench: None,
-            }),
-        }
+        outcomes.extend(run_kernel(&kernel, &guest, settings, series, &[]));
     }
     Ok(outcomes)
 }
 
-struct Binaries {
-    leak: PathBuf,
-    /// The end-to-end test executables by target name (`oom_e2e`, `k8s_e2e`).
-    tests: Vec<(String, PathBuf)>,
-}
-
-/// Debian's `prometheus` package's commands the tests run, copied into the initramfs.
-const PROMETHEUS_TOOLS: &[&str] = &["prometheus", "promtool"];
-
-/// The end-to-end test targets the VMs run.
-const TEST_TARGETS: &[&str] = &["oom_e2e", "k8s_e2e", "pin_e2e", "storm_e2e"];
-
-/// The agent and the end-to-end test binary, release builds.
-fn build_binaries() -> Result<Binaries> {
-    let root = bootstrap::workspace_root();
-    say("building leak and the end-to-end tests (release) for the VMs");
-    crate::run::cargo_build_leak(None, Vec::new())?;
-    let messages = output(
-        Command::new(env!("CARGO"))
-            .args(["test", "--release", "-p", "leak-user", "--no-run"])
-            .args(TEST_TARGETS.iter().flat_map(|target| ["--test", target]))
-            .args(["--message-format", "json"])
-            .current_dir(&root)
-            .env("PATH", bootstrap::path_with_cargo_bin()),
-    )?;
-    let artifacts: Vec<serde_json::Value> = messages
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .filter(|m: &serde_json::Value| m["reason"] == "compiler-artifact")
-        .collect();
-    let mut tests = Vec::new();
-    for target in TEST_TARGETS {
-        let executable = artifacts
-            .iter()
-            .filter(|m| m["target"]["name"] == *target)
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .with_context(|| format!("cargo did not report the {target} test executable"))?;
-        tests.push(((*target).to_owned(), executable));
-    }
-    Ok(Binaries {
-        leak: root.join("target/release/leak"),
-        tests,
+/// Boots `kernel` (of `series`, as given) and runs its cells; `refuse` are the modes the agent
+/// must refuse there, with the configuration options the kernel lacks for them.
+fn run_kernel(
+    kernel: &Kernel,
+    guest: &Guest,
+    settings: &Settings,
+    series: &str,
+    refuse: &[(&str, Vec<&str>)],
+) -> Vec<Outcome> {
+    let started = Instant::now();
+    let restart = settings.restart_on.iter().any(|s| s == series);
+    let result = boot(kernel, guest, settings, restart, refuse);
+    say(format!(
+        "{}: {:.1} s in the VM",
+        kernel.release,
+        started.elapsed().as_secs_f64()
+    ));
+    result.unwrap_or_else(|err| {
+        vec![Outcome {
+            kernel: kernel.release.clone(),
+            mode: "boot".into(),
+            passed: false,
+            detail: format!("{err:#}"),
+            bench: None,
+            seconds: None,
+        }]
     })
-}
-
-/// The shared libraries a dynamic executable loads, from `ldd`.
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let result = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("cannot start ldd")?;
-    let text = String::from_utf8_lossy(&result.stdout);
-    if !result.status.success() {
-        if text.contains("not a dynamic executable") {
-            return Ok(Vec::new());
-        }
-        bail!(
-            "ldd {} failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&result.stderr).trim()
-        );
-    }
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let path = match line.split_once("=>") {
-                Some((_, right)) => right.split_whitespace().next(),
-                None => line.split_whitespace().next(),
-            }?;
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
 }
 
 /// Module files to load, dependencies first. The package has no `modules.dep` (depmod runs at
@@ -324,9 +362,10 @@ fn module_bytes(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The VM's init. It reports on the console, one line each, for vm.rs to read:
-/// `LEAK-EXPECT <binary> <cell> <n>` before a test binary runs (`n`: the tests that binary
-/// lists for the filters, less the ignored ones), `LEAK-SKIP-LOG <line>` for every line the
-/// tests appended to the skip log, `LEAK-VM-RESULT <cell> pass|fail` after it, and
+/// `LEAK-VM kernel ...` when it starts, `LEAK-EXPECT <binary> <cell> <n>` before a test binary
+/// runs (`n`: the tests that binary lists for the filters, less the ignored ones),
+/// `LEAK-SKIP-LOG <line>` for every line the tests appended to the skip log,
+/// `LEAK-VM-RESULT <cell> pass|fail` after it (and after each refusal, cell `no-<mode>`), and
 /// `LEAK-VM-DONE` at the end. The filters come comma-separated in `leak.filter=` (checked in
 /// [`kernel_filter`]: no space, comma or shell metacharacter), so splitting them unquoted is
 /// safe.
@@ -375,6 +414,23 @@ for mode in $modes; do
   filters="$all_filters ONCE_PER_KERNEL_SKIPS"
 done
 filters=$all_filters
+# A mode the kernel's configuration lacks: the agent must refuse it when it is forced, for the
+# OOM hook and for the charge path, exiting with the error that names it (the exit alone could
+# be a crash, or the time limit on an agent that attached after all).
+for mode in $(arg refuse | tr ',' ' '); do
+  result=pass
+  for flags in "--attach $mode --charge-attach off" "--charge-attach $mode"; do
+    echo "LEAK-VM leak trace $flags: must be refused"
+    timeout 120 /bin/leak trace $flags --no-pin --state-dir= --listen 127.0.0.1:9799 > /tmp/refusal 2>&1
+    status=$?
+    sed 's/^/LEAK-VM   /' /tmp/refusal
+    if [ $status -eq 0 ] || ! grep -q "attach mode \`$mode\` is not available on this kernel" /tmp/refusal; then
+      echo "LEAK-VM leak trace $flags was not refused (exit status $status)"
+      result=fail
+    fi
+  done
+  echo "LEAK-VM-RESULT no-$mode $result"
+done
 if [ "$(arg k8s)" = 1 ]; then
   run_tests k8s_e2e k8s CI=true LEAK_BIN=/bin/leak
 fi
@@ -396,7 +452,7 @@ sync
 poweroff -f
 "#;
 
-fn initramfs(kernel: &Kernel, binaries: &Binaries, path: &Path) -> Result<()> {
+fn initramfs(kernel: &Kernel, guest: &Guest, path: &Path) -> Result<()> {
     let mut archive = Archive::new();
     for dir in [
         "proc",
@@ -413,32 +469,20 @@ fn initramfs(kernel: &Kernel, binaries: &Binaries, path: &Path) -> Result<()> {
     }
     archive.char_device("/dev/console", 5, 1);
     archive.char_device("/dev/null", 1, 3);
-    archive.file("/bin/busybox", 0o755, &fs::read(which("busybox")?)?);
+    archive.file("/bin/busybox", 0o755, &fs::read(&guest.busybox)?);
     let skips: Vec<String> = ONCE_PER_KERNEL
         .iter()
         .map(|test| format!("--skip {test}"))
         .collect();
     let init = INIT.replace("ONCE_PER_KERNEL_SKIPS", &skips.join(" "));
     archive.file("/init", 0o755, init.as_bytes());
-    archive.file("/bin/leak", 0o755, &fs::read(&binaries.leak)?);
-    let mut libraries: Vec<PathBuf> = shared_libraries(&binaries.leak)?;
-    for (name, path) in &binaries.tests {
+    archive.file("/bin/leak", 0o755, &fs::read(&guest.leak)?);
+    for (name, path) in &guest.tests {
         archive.file(&format!("/tests/{name}"), 0o755, &fs::read(path)?);
-        libraries.extend(shared_libraries(path)?);
     }
-    // Debian's Prometheus server and promtool (installed above), at their host paths, so the
-    // scrape test and the /metrics lint run for real in every VM.
-    for tool in PROMETHEUS_TOOLS {
-        let path = which(tool)?;
-        let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        archive.file(&path.to_string_lossy(), 0o755, &bytes);
-        libraries.extend(shared_libraries(&path)?);
-    }
-    libraries.sort();
-    libraries.dedup();
-    for library in libraries {
-        let bytes = fs::read(&library).with_context(|| format!("reading {}", library.display()))?;
-        archive.file(&library.to_string_lossy(), 0o755, &bytes);
+    for (target, path) in &guest.files {
+        let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        archive.file(target, 0o755, &bytes);
     }
     let mut load = String::new();
     for (index, module) in module_load_order(kernel)?.iter().enumerate() {
@@ -455,23 +499,19 @@ fn initramfs(kernel: &Kernel, binaries: &Binaries, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn which(command: &str) -> Result<PathBuf> {
-    let path = output(Command::new("sh").args(["-c", &format!("command -v {command}")]))?;
-    Ok(PathBuf::from(path.trim()))
-}
-
 /// Boots one kernel, streams its console with the kernel's name as prefix, and collects one
 /// result per attach mode.
 fn boot(
     kernel: &Kernel,
-    binaries: &Binaries,
+    guest: &Guest,
     settings: &Settings,
     restart: bool,
+    refuse: &[(&str, Vec<&str>)],
 ) -> Result<Vec<Outcome>> {
     let work = bootstrap::cache_dir().join("vm").join(&kernel.release);
     fs::create_dir_all(&work)?;
     let initrd = work.join("initramfs.cpio");
-    initramfs(kernel, binaries, &initrd)?;
+    initramfs(kernel, guest, &initrd)?;
     let disk = work.join("disk.img");
     let _ = fs::remove_file(&disk);
     fs::File::create(&disk)?.set_len(512 << 20)?;
@@ -480,8 +520,9 @@ fn boot(
     // A soft lockup panics (ends the run at once instead of at the time limit), and the panic
     // replays the whole kernel log, so the hung CPUs' stacks (below loglevel 4) reach the console.
     let mut append = format!(
-        "console=ttyS0 panic=-1 oops=panic softlockup_panic=1 panic_print=0x20 loglevel=4 \
+        "console={} panic=-1 oops=panic softlockup_panic=1 panic_print=0x20 loglevel=4 \
          leak.modes={} leak.expect_auto={} leak.k8s={} leak.bench={} leak.restart={}",
+        guest::console(guest.arch),
         settings.modes,
         settings.expect_auto,
         u8::from(settings.k8s),
@@ -491,7 +532,11 @@ fn boot(
     if let Some(filter) = kernel_filter(&settings.filter)? {
         append.push_str(&format!(" leak.filter={filter}"));
     }
-    // x86's COMMAND_LINE_SIZE; a longer line would be cut silently.
+    if !refuse.is_empty() {
+        let modes: Vec<&str> = refuse.iter().map(|(mode, _)| *mode).collect();
+        append.push_str(&format!(" leak.refuse={}", modes.join(",")));
+    }
+    // COMMAND_LINE_SIZE of x86 and arm64; a longer line would be cut silently.
     if append.len() >= 2048 {
         bail!(
             "the kernel command line would be {} bytes (at most 2047): fewer filters",
@@ -499,8 +544,10 @@ fn boot(
         );
     }
     say(format!("booting {} under QEMU (TCG)", kernel.release));
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2G"])
+    let (qemu, _) = guest::qemu(guest.arch);
+    let mut child = Command::new(qemu)
+        .args(guest::machine(guest.arch))
+        .args(["-smp", "2", "-m", "2G"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
@@ -513,7 +560,7 @@ fn boot(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("cannot start qemu-system-x86_64")?;
+        .with_context(|| format!("cannot start {qemu}"))?;
     let (tx, rx) = mpsc::channel::<String>();
     for stream in [
         child
@@ -586,6 +633,7 @@ fn boot(
             passed: false,
             detail: failure,
             bench: None,
+            seconds: None,
         });
     } else if !done {
         outcomes.push(Outcome {
@@ -594,11 +642,28 @@ fn boot(
             passed: false,
             detail: "the VM stopped before finishing its tests".into(),
             bench: None,
+            seconds: None,
         });
+    }
+    for outcome in &mut outcomes {
+        let lacks = refuse
+            .iter()
+            .find(|(mode, _)| outcome.mode.strip_prefix("no-") == Some(*mode));
+        if let Some((mode, options)) = lacks {
+            let why = format!(
+                "{mode} forced is refused; the kernel lacks {}",
+                options.join(", ")
+            );
+            outcome.detail = match outcome.detail.is_empty() {
+                true => why,
+                false => format!("{why}; {}", outcome.detail),
+            };
+        }
     }
     let expected = settings.modes.split(',').filter(|m| !m.is_empty()).count()
         + usize::from(settings.k8s)
-        + 2 * usize::from(restart);
+        + 2 * usize::from(restart)
+        + refuse.len();
     let reported = outcomes.iter().filter(|o| o.mode != "vm").count();
     if reported < expected && done {
         outcomes.push(Outcome {
@@ -607,6 +672,7 @@ fn boot(
             passed: false,
             detail: format!("{reported} of {expected} modes reported"),
             bench: None,
+            seconds: None,
         });
     }
     Ok(outcomes)
@@ -650,6 +716,9 @@ struct Console {
     /// `LEAK-SKIP` lines outside any cell.
     stray_skips: Vec<String>,
     done: bool,
+    /// When the VM started, and when the init started or the last cell ended.
+    started: Instant,
+    mark: Option<Instant>,
 }
 
 impl Console {
@@ -661,11 +730,21 @@ impl Console {
             bench: None,
             stray_skips: Vec::new(),
             done: false,
+            started: Instant::now(),
+            mark: None,
         }
     }
 
     /// Markers are searched anywhere in the line: kernel messages can be printed in front.
     fn line(&mut self, line: &str) {
+        if line.contains("LEAK-VM kernel ") && self.mark.is_none() {
+            say(format!(
+                "{}: the init started {:.1} s after QEMU",
+                self.kernel,
+                self.started.elapsed().as_secs_f64()
+            ));
+            self.mark = Some(Instant::now());
+        }
         if let Some(rest) = line.split("LEAK-EXPECT ").nth(1) {
             let mut parts = rest.split_whitespace();
             if let (Some(binary), Some(mode), Some(expected)) =
@@ -706,18 +785,22 @@ impl Console {
             let mut parts = rest.split_whitespace();
             if let (Some(mode), Some(status)) = (parts.next(), parts.next()) {
                 let cell = self.cell.take().filter(|cell| cell.mode == mode);
-                let (passed, detail) = if mode == "bench" {
+                // The bench and the refusals run no test binary.
+                let (passed, detail) = if mode == "bench" || mode.starts_with("no-") {
                     (status == "pass", String::new())
                 } else {
                     judge(cell.as_ref(), status == "pass")
                 };
+                let now = Instant::now();
                 self.outcomes.push(Outcome {
                     kernel: self.kernel.clone(),
                     mode: mode.to_owned(),
                     passed,
                     detail,
                     bench: (mode == "bench").then(|| self.bench.take()).flatten(),
+                    seconds: self.mark.map(|mark| (now - mark).as_secs_f64()),
                 });
+                self.mark = Some(now);
             }
         }
         if line.contains("LEAK-VM-DONE") {
@@ -733,6 +816,7 @@ impl Console {
                 passed: false,
                 detail: format!("a skip in a VM: {}", self.stray_skips.join(" | ")),
                 bench: None,
+                seconds: None,
             });
         }
         self.outcomes
@@ -829,6 +913,40 @@ mod tests {
         assert!(outcomes[1].detail.contains("names no test"));
         assert!(outcomes[2].detail.contains("2 skip(s)"));
         assert!(outcomes[3].detail.contains("no LEAK-EXPECT"));
+    }
+
+    #[test]
+    fn a_refusal_is_judged_by_its_result_alone() {
+        let outcomes = read(&[
+            "LEAK-VM kernel 6.1.0-57-cloud-arm64, modes: auto kprobe, filters: none",
+            "LEAK-VM-RESULT no-fentry pass",
+            "LEAK-VM-RESULT no-kprobe fail",
+        ]);
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes[0].passed && outcomes[0].detail.is_empty());
+        assert!(!outcomes[1].passed);
+        assert!(outcomes.iter().all(|o| o.seconds.is_some()));
+    }
+
+    #[test]
+    fn a_kernel_offers_the_modes_its_configuration_builds() {
+        let arm64_6_1 = "CONFIG_BPF_JIT=y\nCONFIG_DEBUG_INFO_BTF=y\nCONFIG_KPROBES=y\n\
+                         CONFIG_KPROBE_EVENTS=y\nCONFIG_TRACEPOINTS=y\nCONFIG_EVENT_TRACING=y\n\
+                         CONFIG_DYNAMIC_FTRACE_WITH_REGS=y\n\
+                         # CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS is not set\n";
+        let offer = Offer::from_config(arm64_6_1);
+        assert_eq!(offer.modes, ["kprobe", "tp_btf", "tracepoint"]);
+        assert_eq!(
+            offer.lacks,
+            [("fentry", vec!["CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS"])]
+        );
+        let with_direct_calls = format!("{arm64_6_1}CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS=y\n");
+        let offer = Offer::from_config(&with_direct_calls);
+        assert_eq!(offer.modes, ["fentry", "kprobe", "tp_btf", "tracepoint"]);
+        assert!(offer.lacks.is_empty());
+        // A module (`=m`) is not built in.
+        let offer = Offer::from_config(&with_direct_calls.replace("KPROBES=y", "KPROBES=m"));
+        assert_eq!(offer.lacks, [("kprobe", vec!["CONFIG_KPROBES"])]);
     }
 
     #[test]
