@@ -13,7 +13,6 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -28,10 +27,10 @@ use leak_user::{
     },
     model::kill::Kill,
 };
-use support::*;
-
-/// The pods' sandbox image: busybox's `sleep` stands in for the pause container.
-const NODE_IMAGE: &str = "docker.io/library/leak-node-tools:latest";
+use support::{
+    node::{images, wait_for_healthz, HostBpffs, AGENT_IMAGE_ENV, NODE_IMAGE, NODE_IMAGE_ENV},
+    *,
+};
 
 /// The kubelet's `--cgroup-root` for this node, so its `kubepods` never meets a real one.
 fn cgroup_root() -> String {
@@ -81,23 +80,6 @@ fn shell_pod() -> Pod {
     }
 }
 
-/// The images, or a skip (hiding the whole stage: CI fails it).
-fn images() -> Option<(PathBuf, PathBuf)> {
-    let image = std::env::var_os("LEAK_TEST_IMAGE").map(PathBuf::from);
-    let node = std::env::var_os("LEAK_TEST_NODE_IMAGE").map(PathBuf::from);
-    match (image, node) {
-        (Some(image), Some(node)) if image.is_file() && node.is_file() => Some((image, node)),
-        _ => {
-            skip_test(
-                "$LEAK_TEST_IMAGE and $LEAK_TEST_NODE_IMAGE name no image archives: run through \
-                 `cargo xtask test`, which builds them",
-                SkipKind::HidesFeature,
-            );
-            None
-        }
-    }
-}
-
 /// A node: containerd, the kubelet stand-in, and the host state it changed, undone on drop in
 /// the right order (pods, then containerd, then the host).
 struct Node {
@@ -105,15 +87,15 @@ struct Node {
     kubelet: Option<Kubelet>,
     containerd: Option<Containerd>,
     dir: PathBuf,
-    bpffs_made_shared: bool,
-    /// Nothing was mounted at /sys/fs/bpf: the node's bpffs was mounted for the run.
-    bpffs_mounted: bool,
-    pins_before: bool,
+    /// Dropped after the pods: the host's bpffs put back as it was.
+    host_bpffs: Option<HostBpffs>,
 }
 
 impl Node {
     fn start(hierarchy: MemoryHierarchy, name: &str) -> Option<Self> {
-        let (image, node_image) = images()?;
+        let [image, node_image] = images(&[AGENT_IMAGE_ENV, NODE_IMAGE_ENV])?
+            .try_into()
+            .expect("two images");
         let dir = disk_dir().join(format!("{name}-{}", std::process::id()));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -132,25 +114,12 @@ impl Node {
             .unwrap_or_else(|err| panic!("{err}"));
         let kubelet = Kubelet::new(cri, dir.join("root"), hierarchy.clone(), &cgroup_root())
             .unwrap_or_else(|err| panic!("{err}"));
-        // The node's bpffs, as systemd mounts it; and a Bidirectional mount needs a shared
-        // host mount, as systemd makes every mount.
-        let bpffs = Path::new("/sys/fs/bpf");
-        let bpffs_mounted = mount_point(bpffs).is_none();
-        if bpffs_mounted {
-            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
-        }
-        let bpffs_made_shared = !mount_point(bpffs).is_some_and(|shared| shared);
-        if bpffs_made_shared {
-            run(Command::new("mount").args(["--make-shared", "/sys/fs/bpf"]));
-        }
         Some(Self {
             runtime,
             kubelet: Some(kubelet),
             containerd: Some(containerd),
             dir,
-            bpffs_made_shared,
-            bpffs_mounted,
-            pins_before: Path::new(leak_user::kernel::pin::DEFAULT_PIN_DIR).exists(),
+            host_bpffs: Some(HostBpffs::prepare()),
         })
     }
 
@@ -220,58 +189,14 @@ impl Drop for Node {
             self.runtime.block_on(kubelet.remove_all());
         }
         drop(self.containerd.take());
-        // The agent pinned its probes on the host's bpffs, as deployed; a node that had no
-        // pins before gets none left behind.
-        if !self.pins_before {
-            let _ = Command::new(leak_bin()).arg("unpin").output();
-        }
-        if self.bpffs_made_shared {
-            let _ = Command::new("mount")
-                .args(["--make-private", "/sys/fs/bpf"])
-                .status();
-        }
-        if self.bpffs_mounted {
-            let _ = Command::new("umount").arg("/sys/fs/bpf").status();
-        }
+        drop(self.host_bpffs.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
-/// Whether `point` is a mount point, and if so whether it is shared (the last mount there).
-fn mount_point(point: &Path) -> Option<bool> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .lines()
-        .rev()
-        .map(|line| line.split(' ').collect::<Vec<&str>>())
-        .find(|fields| fields.get(4).map(Path::new) == Some(point))
-        .map(|fields| {
-            fields
-                .iter()
-                .skip(6)
-                .take_while(|f| **f != "-")
-                .any(|f| f.starts_with("shared:"))
-        })
-}
-
-fn run(command: &mut Command) {
-    let status = command.status().expect("run a command");
-    assert!(status.success(), "{command:?}: {status}");
-}
-
 /// Waits until the agent answers `/healthz`, or fails with its log.
 fn wait_for_agent(node: &Node, pod: usize, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if harness::http_get(addr, "/healthz").is_ok_and(|r| r.status == 200) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!(
-        "the agent pod never answered /healthz on {addr}; its log:\n{}",
-        node.log(pod, "leak", 0)
-    );
+    wait_for_healthz(addr, || node.log(pod, "leak", 0));
 }
 
 /// The agent's kill of container `id`, waited for.

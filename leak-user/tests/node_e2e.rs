@@ -44,37 +44,13 @@ use leak_user::{
     },
     model::kill::Kill,
 };
-use support::*;
-
-/// The sandboxes' image and the node's: busybox, its default command a long sleep.
-const NODE_IMAGE: &str = "docker.io/library/leak-node-tools:latest";
-
-const NODE_IMAGE_ENV: &str = "LEAK_TEST_NODE_IMAGE";
-const AGENT_IMAGE_ENV: &str = "LEAK_TEST_IMAGE";
+use support::{
+    node::{images, wait_for_healthz, HostBpffs, AGENT_IMAGE_ENV, NODE_IMAGE, NODE_IMAGE_ENV},
+    *,
+};
 
 const LIMIT: u64 = 32 << 20;
 const FAST: &str = "--interval 1ms --chunk 1MiB --listen off";
-
-/// The image archives `variables` name, or a skip (hiding the feature: CI fails it).
-fn images(variables: &[&str]) -> Option<Vec<PathBuf>> {
-    let mut found = Vec::new();
-    for variable in variables {
-        match std::env::var_os(variable).map(PathBuf::from) {
-            Some(image) if image.is_file() => found.push(image),
-            _ => {
-                skip_test(
-                    &format!(
-                        "${variable} names no image archive: run through `cargo xtask test`, \
-                         which builds it"
-                    ),
-                    SkipKind::HidesFeature,
-                );
-                return None;
-            }
-        }
-    }
-    Some(found)
-}
 
 fn random_hex() -> String {
     fs::read_to_string("/proc/sys/kernel/random/uuid")
@@ -139,8 +115,8 @@ struct Runtime {
     cri: Cri,
     /// The kubelet stand-in, for the DaemonSet's pod.
     kubelet: Option<Kubelet>,
-    bpffs_made_shared: bool,
-    pins_before: bool,
+    /// The host's bpffs, made ready for the DaemonSet's pod and put back after it.
+    host_bpffs: Option<HostBpffs>,
     containerd: Option<Containerd>,
     hierarchy: MemoryHierarchy,
     parent: String,
@@ -171,8 +147,7 @@ impl Runtime {
             tokio,
             cri,
             kubelet: None,
-            bpffs_made_shared: false,
-            pins_before: Path::new(leak_user::kernel::pin::DEFAULT_PIN_DIR).exists(),
+            host_bpffs: None,
             containerd: Some(containerd),
             hierarchy: hierarchy.clone(),
             parent: format!("/leak-e2e-docker-{}", std::process::id()),
@@ -324,11 +299,7 @@ impl Runtime {
         )
         .unwrap_or_else(|err| panic!("{err}"));
         let kubelet = self.kubelet.insert(kubelet);
-        // A Bidirectional mount needs a shared host mount, as systemd makes every mount.
-        self.bpffs_made_shared = !is_shared_mount(Path::new("/sys/fs/bpf"));
-        if self.bpffs_made_shared {
-            run(Command::new("mount").args(["--make-shared", "/sys/fs/bpf"]));
-        }
+        self.host_bpffs = Some(HostBpffs::prepare());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
         let template =
             pod_spec::read(&manifest, "DaemonSet", "leak").unwrap_or_else(|err| panic!("{err}"));
@@ -346,15 +317,7 @@ impl Runtime {
                 running.namespace, running.name, running.uid
             ))
             .join("leak/0.log");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !harness::http_get(addr, "/healthz").is_ok_and(|r| r.status == 200) {
-            assert!(
-                Instant::now() < deadline,
-                "the agent pod never answered /healthz on {addr}; its log:\n{}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_healthz(addr, || fs::read_to_string(&log).unwrap_or_default());
         addr
     }
 
@@ -400,39 +363,12 @@ fn node_processes(dir: &Path) -> Vec<u32> {
     pids
 }
 
-fn is_shared_mount(point: &Path) -> bool {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        fields.get(4).map(Path::new) == Some(point)
-            && fields
-                .iter()
-                .skip(6)
-                .take_while(|f| **f != "-")
-                .any(|f| f.starts_with("shared:"))
-    })
-}
-
-fn run(command: &mut Command) {
-    let status = command.status().expect("run a command");
-    assert!(status.success(), "{command:?}: {status}");
-}
-
 impl Drop for Runtime {
     fn drop(&mut self) {
         if let Some(mut kubelet) = self.kubelet.take() {
             self.tokio.block_on(kubelet.remove_all());
-            // The DaemonSet's agent pinned its probes on the host's bpffs, as deployed; a host
-            // that had no pins before gets none left behind.
-            if !self.pins_before {
-                let _ = Command::new(leak_bin()).arg("unpin").output();
-            }
         }
-        if self.bpffs_made_shared {
-            let _ = Command::new("mount")
-                .args(["--make-private", "/sys/fs/bpf"])
-                .status();
-        }
+        drop(self.host_bpffs.take());
         for sandbox in std::mem::take(&mut self.sandboxes) {
             for method in ["StopPodSandbox", "RemovePodSandbox"] {
                 let call = self.cri.call::<_, Empty>(

@@ -212,17 +212,24 @@ pub fn read(path: &Path, kind: &str, name: &str) -> Result<Pod, PodSpecError> {
     })
 }
 
-/// A memory quantity (`128Mi`, `1G`, `1048576`) in bytes.
-pub fn bytes(what: &str, value: &serde_yaml::Value) -> Result<u64, PodSpecError> {
+/// A quantity's text (YAML may give a number), and the error that it is not one.
+fn quantity(what: &str, value: &serde_yaml::Value) -> (String, impl Fn() -> PodSpecError) {
     let text = match value {
         serde_yaml::Value::Number(number) => number.to_string(),
         serde_yaml::Value::String(text) => text.clone(),
         other => format!("{other:?}"),
     };
-    let bad = || PodSpecError::Quantity {
-        what: what.into(),
-        value: text.clone(),
+    let (what, value) = (what.to_owned(), text.clone());
+    let bad = move || PodSpecError::Quantity {
+        what: what.clone(),
+        value: value.clone(),
     };
+    (text, bad)
+}
+
+/// A memory quantity (`128Mi`, `1G`, `1048576`) in bytes.
+pub fn bytes(what: &str, value: &serde_yaml::Value) -> Result<u64, PodSpecError> {
+    let (text, bad) = quantity(what, value);
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
@@ -245,15 +252,7 @@ pub fn bytes(what: &str, value: &serde_yaml::Value) -> Result<u64, PodSpecError>
 
 /// A CPU quantity (`50m`, `1`, `0.5`) in thousandths of a CPU.
 pub fn millicpus(what: &str, value: &serde_yaml::Value) -> Result<u64, PodSpecError> {
-    let text = match value {
-        serde_yaml::Value::Number(number) => number.to_string(),
-        serde_yaml::Value::String(text) => text.clone(),
-        other => format!("{other:?}"),
-    };
-    let bad = || PodSpecError::Quantity {
-        what: what.into(),
-        value: text.clone(),
-    };
+    let (text, bad) = quantity(what, value);
     if let Some(milli) = text.strip_suffix('m') {
         return milli.parse().map_err(|_| bad());
     }
